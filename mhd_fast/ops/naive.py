@@ -1,0 +1,46 @@
+"""The naive per-client loop: how peers compute the MHD loss, one client and head at a time.
+
+Built on ``torch.nn.functional.kl_div``. It is the baseline of the benchmarks and an
+independent check of the vectorized reference in the tests; nothing else calls it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import acc_dtype
+
+
+def _teacher_probs(teacher_rows: list[Tensor], tau: float, aggregate: str) -> Tensor:
+    """Candidates' rows [B, V] each -> the teacher distribution [B, V] of one client."""
+    probs = torch.stack([torch.softmax(t.to(acc_dtype(t)) / tau, dim=-1) for t in teacher_rows])  # [C, B, V]
+    conf = probs.amax(dim=-1)  # [C, B]
+    if aggregate == "max_confidence":
+        best = conf.argmax(dim=0)  # first max -> lowest candidate on ties
+        return probs[best, torch.arange(probs.shape[1])]
+    if aggregate == "mean":
+        return probs.mean(dim=0)
+    w = conf / conf.sum(dim=0, keepdim=True)
+    return (w.unsqueeze(-1) * probs).sum(dim=0)
+
+
+def distill_loop(student: Tensor, teacher: Tensor, adj: Tensor, *, tau: float = 1.0,
+                 include_self: bool = False, aggregate: str = "max_confidence") -> Tensor:
+    """student, teacher [N, G, B, V] -> loss [N, G, B] (fp32; fp64 for fp64 input), one client and group at a time."""
+    n, g_count, b, _ = student.shape
+    out = []
+    for i in range(n):
+        cands = [j for j in range(n) if (j == i and include_self) or (j != i and bool(adj[i, j]))]
+        per_group = []
+        for g in range(g_count):
+            if not cands:
+                per_group.append(torch.zeros(b, dtype=acc_dtype(student), device=student.device)
+                                 + 0 * student[i, g].sum())
+                continue
+            p = _teacher_probs([teacher[j, g] for j in cands], tau, aggregate)
+            log_q = F.log_softmax(student[i, g].to(p.dtype) / tau, dim=-1)
+            kl = F.kl_div(log_q, p, reduction="none").sum(dim=-1)
+            per_group.append((tau * tau * kl).to(acc_dtype(student)))
+        out.append(torch.stack(per_group))
+    return torch.stack(out)

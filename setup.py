@@ -1,0 +1,33 @@
+"""Builds mhd_fast._C from csrc/*.cpp with pybind11 and OpenMP (no torch at build time).
+
+The kernels are portable C++ compiled for the baseline ISA; hot loops carry AVX2/FMA clones
+selected at run time (no -march=native, so the wheel runs on any x86-64 / aarch64 machine).
+"""
+import glob
+import os
+import sys
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+
+compile_args = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+link_args = []
+if sys.platform != "win32":
+    compile_args += ["-fopenmp"]
+    link_args += ["-fopenmp"]
+
+ext_modules = []
+if sources:
+    ext_modules.append(
+        Pybind11Extension(
+            "mhd_fast._C",
+            sources,
+            cxx_std=17,
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+        )
+    )
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
