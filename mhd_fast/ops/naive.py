@@ -44,3 +44,37 @@ def distill_loop(student: Tensor, teacher: Tensor, adj: Tensor, *, tau: float = 
             per_group.append((tau * tau * kl).to(acc_dtype(student)))
         out.append(torch.stack(per_group))
     return torch.stack(out)
+
+
+def distill_topk_loop(student: Tensor, values: Tensor, indices: Tensor, lse: Tensor, adj: Tensor,
+                      *, tau: float = 1.0, include_self: bool = False) -> Tensor:
+    """max_confidence against top-k packets, one client and group at a time: the teacher is the
+    candidate with the largest exp(values[0] − lse); KL over the K sent classes plus one rest
+    bucket (SPEC §3). student [N, G, B, V], packets [N, G, B, K] -> loss [N, G, B]."""
+    n, g_count, b, v = student.shape
+    k = values.shape[-1]
+    out = []
+    for i in range(n):
+        cands = [j for j in range(n) if (j == i and include_self) or (j != i and bool(adj[i, j]))]
+        per_group = []
+        for g in range(g_count):
+            if not cands:
+                per_group.append(torch.zeros(b, dtype=acc_dtype(student), device=student.device)
+                                 + 0 * student[i, g].sum())
+                continue
+            dt = acc_dtype(student, values)
+            conf = torch.stack([values[j, g, :, 0].to(dt) - lse[j, g].to(dt) for j in cands])
+            best = torch.tensor(cands, device=student.device)[conf.argmax(dim=0)]  # [B]
+            rows = torch.arange(b, device=student.device)
+            p_sent = (values[best, g, rows].to(dt) - lse[best, g, rows].to(dt)[:, None]).exp()
+            q = F.softmax(student[i, g].to(dt) / tau, dim=-1)
+            q_sent = q.gather(-1, indices[best, g, rows].long())
+            if k < v:
+                p = torch.cat([p_sent, (1 - p_sent.sum(-1, keepdim=True)).clamp(min=0)], dim=-1)
+                q_b = torch.cat([q_sent, 1 - q_sent.sum(-1, keepdim=True)], dim=-1)
+            else:
+                p, q_b = p_sent, q_sent
+            kl = F.kl_div(q_b.log(), p, reduction="none").sum(dim=-1)
+            per_group.append((tau * tau * kl).to(dt))
+        out.append(torch.stack(per_group))
+    return torch.stack(out)
