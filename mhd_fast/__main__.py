@@ -1,0 +1,4 @@
+"""``python -m mhd_fast ...`` is ``mhd-fast ...``."""
+from .cli import main
+
+raise SystemExit(main())

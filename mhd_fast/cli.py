@@ -1,0 +1,144 @@
+"""The command line: ``mhd-fast run`` trains, ``mhd-fast graph`` describes a topology.
+
+    mhd-fast run [--config FILE] [--dataset ...] [--clients N] [--graph NAME] [--heads H]
+                 [--skew S | --dirichlet A] [--rounds R] [--topk K] [--method M] [--device D]
+                 [--seed S] [--out DIR] [--resume] ...
+    mhd-fast graph NAME --clients N [--seed S] [--graph-options k=2 ...]
+
+Every field of ``config.Config`` is a flag of ``run`` (``public_fraction`` ->
+``--public-fraction``); flags override the file, the file overrides the defaults. Bad input
+prints one line ``mhd-fast: error: ...`` naming the option and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import config as C
+
+PROG = "mhd-fast"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: 'mhd-fast: error: ...' and exit status 2, no usage dump."""
+
+    def error(self, message: str):  # noqa: D401  (argparse's hook)
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    """'k=2' -> ('k', 2); values are int, float, true/false or a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(raw)
+        except ValueError:
+            pass
+    if raw.lower() in ("true", "false"):
+        return key, raw.lower() == "true"
+    return key, raw
+
+
+def _int_or_none(text: str):
+    return None if text.lower() == "none" else int(text)
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per Config field; default None = not given (the file or the default stands)."""
+    for name in C.FIELDS:
+        flag = "--" + name.replace("_", "-")
+        kind = C.field_kind(name)
+        comment = f"(default: {getattr(C.Config(), name)!r})"
+        if kind is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                           help=comment)
+        elif kind is list:
+            p.add_argument(flag, dest=name, nargs="+", default=None, metavar="ARCH",
+                           help=f"one or more of mlp:W1xW2 / cnn:C1xC2-W1 {comment}")
+        elif kind is dict:
+            p.add_argument(flag, dest=name, nargs="+", type=_parse_option, default=None,
+                           metavar="KEY=VALUE", help=f"options of the topology {comment}")
+        elif kind is int and C.optional(name):
+            p.add_argument(flag, dest=name, type=_int_or_none, default=None, help=comment)
+        else:
+            p.add_argument(flag, dest=name, type=kind, default=None, help=comment)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description="Decentralized learning with multi-headed distillation: "
+               "batched simulation of many clients.")
+    sub = p.add_subparsers(dest="command", metavar="{run,graph}", parser_class=Parser)
+    run = sub.add_parser("run", help="train and evaluate (the digits default with no options)")
+    run.add_argument("--config", default=None, metavar="FILE", help="a TOML or YAML file of Config keys")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from OUT/checkpoint.pt (same options, same final metrics)")
+    _add_config_flags(run)
+    graph = sub.add_parser("graph", help="describe a topology: degrees, connectivity, spectral gap")
+    graph.add_argument("name", help="the topology (see the GRAPHS list of mhd_fast.topology)")
+    graph.add_argument("--clients", type=int, default=16, help="N (default: 16)")
+    graph.add_argument("--seed", type=int, default=0, help="seed of random topologies (default: 0)")
+    graph.add_argument("--graph-options", nargs="+", type=_parse_option, default=None,
+                       metavar="KEY=VALUE", help="options of the topology, e.g. k=2")
+    return p
+
+
+def _flags(args: argparse.Namespace) -> dict:
+    flags = {name: getattr(args, name) for name in C.FIELDS if getattr(args, name) is not None}
+    if "graph_options" in flags:
+        flags["graph_options"] = dict(flags["graph_options"])
+    return flags
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import metrics as M
+    from .train import run
+
+    cfg = C.load(args.config, _flags(args))
+    metrics = run(cfg, resume=args.resume)
+    fin = metrics["final"]
+    heads = "  ".join(f"{h}: private {fin['private_acc'][h]:.4f} shared {fin['shared_acc'][h]:.4f}"
+                      for h in fin["shared_acc"])
+    print(f"{cfg.name}: {heads}")
+    best = M.best_aux(fin["shared_acc"])
+    if best is not None:
+        print(f"best aux head {best[0]}: shared {best[1]:.4f} "
+              f"({100 * (best[1] - fin['shared_acc']['head0']):+.1f} points over head0)")
+    print(f"ensemble shared {fin['ensemble_shared_acc']:.4f}, bytes sent "
+          f"{M.human_bytes(fin['bytes_sent'])}; outputs in {cfg.out}")
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from .topology import describe, make_schedule
+
+    if args.clients < 1:
+        raise ValueError(f"--clients must be >= 1, got {args.clients}")
+    opts = dict(args.graph_options or [])
+    info = describe(make_schedule(args.name, args.clients, seed=args.seed, **opts))
+    print(f"graph {args.name}, {args.clients} clients" + (f", options {opts}" if opts else ""))
+    for key, value in info.items():
+        print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["run", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return cmd_run(args) if args.command == "run" else cmd_graph(args)
+    except (ValueError, TypeError) as e:
+        # TypeError: a topology given an option it does not take (its keyword arguments).
+        parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted (resume with --resume)\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""Private and shared accuracy per client and head (SPEC §4), their summaries, and the files a
+run leaves: metrics.json, metrics.csv, clients.csv, accuracy.png, bytes.png, report.md.
+
+Accuracies are in [0, 1]. For client i, head h, test rows t with labels y_t:
+    shared[i, h]  = mean_t correct[i, h, t]                           (the uniform test set)
+    private[i, h] = Σ_t d_i(y_t) · correct[i, h, t] / Σ_t d_i(y_t)     (d_i = client i's
+                    training label distribution: the test set re-weighted to its label mix)
+worst-10 %: the mean over the ceil(N / 10) clients with the lowest accuracy, per head.
+ensemble: the argmax of the mean over clients of softmax(head 0), on the test set.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+
+import torch
+from torch import Tensor
+
+
+def private_shared(correct: Tensor, y: Tensor, label_dist: Tensor) -> tuple[Tensor, Tensor]:
+    """correct [N, H1, T] bool, y [T] int64, label_dist [N, V] (rows sum to 1)
+    -> (private [N, H1], shared [N, H1]) float64 on the CPU."""
+    c = correct.to(torch.float64)
+    w = label_dist.to(torch.float64)[:, y]  # [N, T]: each test row weighted by the client's mix
+    private = torch.einsum("nt,nht->nh", w, c) / w.sum(dim=1, keepdim=True)
+    return private.cpu(), c.mean(dim=-1).cpu()
+
+
+def worst_fraction(acc: Tensor, fraction: float = 0.1) -> Tensor:
+    """acc [N, H1] -> [H1]: the mean over the ceil(fraction · N) lowest clients of each head."""
+    k = max(1, math.ceil(fraction * acc.shape[0]))
+    return acc.sort(dim=0).values[:k].mean(dim=0)
+
+
+def by_head(values: Tensor) -> dict[str, float]:
+    """[H1] -> {"head0": x, "head1": ...} as plain floats (JSON-ready)."""
+    return {f"head{h}": float(v) for h, v in enumerate(values.tolist())}
+
+
+def round_record(r: int, time_s: float, bytes_sent: int, private: Tensor, shared: Tensor,
+                 bytes_dense: int) -> dict:
+    """One entry of metrics.json's "rounds": per-head means over clients."""
+    return {"round": r, "time_s": time_s, "bytes_sent": bytes_sent, "bytes_dense": bytes_dense,
+            "private_acc": by_head(private.mean(0)), "shared_acc": by_head(shared.mean(0))}
+
+
+def final_record(private: Tensor, shared: Tensor, ensemble: float, bytes_sent: int,
+                 bytes_dense: int, bytes_per_edge: float) -> dict:
+    """metrics.json's "final": means over clients per head, worst-10 %, the main-head
+    ensemble and the bytes of the whole run (bytes_per_edge: the mean over directed edges)."""
+    return {"private_acc": by_head(private.mean(0)), "shared_acc": by_head(shared.mean(0)),
+            "worst10_private_acc": by_head(worst_fraction(private)),
+            "worst10_shared_acc": by_head(worst_fraction(shared)),
+            "ensemble_shared_acc": ensemble, "bytes_sent": bytes_sent,
+            "bytes_dense": bytes_dense, "bytes_per_edge": bytes_per_edge}
+
+
+def best_aux(shared_acc: dict[str, float]) -> tuple[str, float] | None:
+    """The aux head with the highest mean shared accuracy, or None without aux heads."""
+    aux = {h: v for h, v in shared_acc.items() if h != "head0"}
+    if not aux:
+        return None
+    head = max(aux, key=lambda h: (aux[h], -int(h[4:])))
+    return head, aux[head]
+
+
+# ---- files ---------------------------------------------------------------------------------
+
+def atomic_write(path: str, data: bytes | str) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rounds_csv(metrics: dict) -> str:
+    """One row per (round, head): round, time_s, bytes_sent, bytes_dense, head, private, shared."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["round", "time_s", "bytes_sent", "bytes_dense", "head", "private_acc", "shared_acc"])
+    for rec in metrics["rounds"]:
+        for head, priv in rec["private_acc"].items():
+            w.writerow([rec["round"], f"{rec['time_s']:.4f}", rec["bytes_sent"], rec["bytes_dense"],
+                        head, f"{priv:.6f}", f"{rec['shared_acc'][head]:.6f}"])
+    return buf.getvalue()
+
+
+def clients_csv(private: Tensor, shared: Tensor) -> str:
+    """One row per (client, head) of the final accuracies."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["client", "head", "private_acc", "shared_acc"])
+    for i in range(private.shape[0]):
+        for h in range(private.shape[1]):
+            w.writerow([i, f"head{h}", f"{float(private[i, h]):.6f}", f"{float(shared[i, h]):.6f}"])
+    return buf.getvalue()
+
+
+def plot(metrics: dict, out: str) -> list[str]:
+    """accuracy.png (mean private and shared accuracy per head vs round) and bytes.png
+    (cumulative bytes sent vs round, dense fp32 for comparison). Returns the file names."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    rounds = [rec["round"] for rec in metrics["rounds"]]
+    heads = list(metrics["rounds"][0]["shared_acc"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, title in ((axes[0], "private_acc", "private accuracy"),
+                           (axes[1], "shared_acc", "shared accuracy")):
+        for head in heads:
+            ax.plot(rounds, [rec[key][head] for rec in metrics["rounds"]], label=head)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean over clients")
+    axes[1].legend()
+    fig.suptitle(metrics["config"]["name"])
+    fig.tight_layout()
+    _save(fig, os.path.join(out, "accuracy.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    sent, dense, total_sent, total_dense = [], [], 0, 0
+    for rec in metrics["rounds"]:
+        total_sent += rec["bytes_sent"]
+        total_dense += rec["bytes_dense"]
+        sent.append(total_sent)
+        dense.append(total_dense)
+    ax.plot(rounds, sent, label="sent")
+    ax.plot(rounds, dense, "--", label="dense fp32")
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative bytes over all edges")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, os.path.join(out, "bytes.png"))
+    plt.close(fig)
+    return ["accuracy.png", "bytes.png"]
+
+
+def _save(fig, path: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write(path, buf.getvalue())
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def report_md(metrics: dict, graph_info: dict) -> str:
+    """A short human summary of a finished run."""
+    cfg, fin = metrics["config"], metrics["final"]
+    total_time = sum(rec["time_s"] for rec in metrics["rounds"])
+    lines = [f"# {cfg['name']}", "",
+             f"method **{cfg['method']}** on **{cfg['dataset']}**: {cfg['clients']} clients, "
+             f"partition {cfg['partition']}, graph {cfg['graph']} (spectral gap "
+             f"{graph_info.get('spectral_gap', float('nan')):.3f}), model {' + '.join(cfg['model'])}, "
+             f"{cfg['heads']} aux heads, {len(metrics['rounds'])} rounds x {cfg['steps_per_round']} steps.",
+             "", "| head | private acc | shared acc | worst-10% shared |", "|---|---|---|---|"]
+    for head in fin["shared_acc"]:
+        lines.append(f"| {head} | {fin['private_acc'][head]:.4f} | {fin['shared_acc'][head]:.4f} | "
+                     f"{fin['worst10_shared_acc'][head]:.4f} |")
+    lines += ["", f"- ensemble of all main heads, shared accuracy: {fin['ensemble_shared_acc']:.4f}"]
+    best = best_aux(fin["shared_acc"])
+    if best is not None:
+        head, acc = best
+        gain = acc - fin["shared_acc"]["head0"]
+        lines.append(f"- best aux head {head}: shared accuracy {acc:.4f}, "
+                     f"{100 * gain:+.1f} points over head0 (the MHD effect)")
+    lines += [f"- bytes sent: {human_bytes(fin['bytes_sent'])} in total "
+              f"(dense fp32 would be {human_bytes(fin['bytes_dense'])}), "
+              f"{human_bytes(fin['bytes_per_edge'])} per directed edge",
+              f"- training time: {total_time:.1f} s ({total_time / max(1, len(metrics['rounds'])):.3f} s per round)",
+              "", "Files: metrics.json, metrics.csv (per round and head), clients.csv (per client and head), "
+              "accuracy.png, bytes.png.", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(out: str, metrics: dict, private: Tensor, shared: Tensor, graph_info: dict) -> None:
+    """Every output file, each written atomically; metrics.json last, so that its presence
+    means the run finished."""
+    os.makedirs(out, exist_ok=True)
+    atomic_write(os.path.join(out, "metrics.csv"), rounds_csv(metrics))
+    atomic_write(os.path.join(out, "clients.csv"), clients_csv(private, shared))
+    plot(metrics, out)
+    atomic_write(os.path.join(out, "report.md"), report_md(metrics, graph_info))
+    atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1) + "\n")
