@@ -209,8 +209,11 @@ def read_idx(path: str) -> np.ndarray:
     Format: two zero bytes, a type code, the number of dimensions d, d big-endian uint32
     sizes, then the data in row-major order.
     """
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"data_dir: cannot read {path!r} ({e})") from None
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
@@ -284,7 +287,10 @@ def _read_cifar_batch(path: str, label_key: str, num_classes: int):
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+    except OSError as e:
+        raise ValueError(f"data_dir: cannot read {path!r} ({e})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError) as e:
         raise ValueError(f"data_dir: {path!r} is not a CIFAR python pickle batch ({e})") from None
     # Python-2 pickles have bytes keys; ones written from Python 3 may have str keys.
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in dict(batch).items()}
