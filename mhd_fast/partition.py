@@ -44,9 +44,7 @@ def partition(labels, num_clients: int, *, method: str = "skew", seed: int = 0,
     """
     y = _labels_array(labels)
     n = y.size
-    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) \
-            or num_clients < 1:
-        raise ValueError(f"num_clients must be a positive int, got {num_clients!r}")
+    _check_int("num_clients", num_clients, 1)
     if num_clients > n:
         raise ValueError(f"num_clients ({num_clients}) exceeds the number of samples ({n}); "
                          f"every client needs at least one")
@@ -116,7 +114,7 @@ def label_histogram(labels, parts, num_classes: int) -> Tensor:
     y = torch.as_tensor(_labels_array(labels))
     sizes = torch.tensor([len(p) for p in parts])
     owner = torch.repeat_interleave(torch.arange(len(parts)), sizes)
-    idx = torch.cat([torch.as_tensor(p, dtype=torch.int64) for p in parts]) if parts else \
+    idx = torch.cat([torch.as_tensor(p, dtype=torch.int64).cpu() for p in parts]) if parts else \
         torch.zeros(0, dtype=torch.int64)
     flat = owner * num_classes + y[idx]
     return torch.bincount(flat, minlength=len(parts) * num_classes).view(len(parts), num_classes)
