@@ -1,0 +1,523 @@
+"""A grid of runs from one TOML file: expanded, run (resumably, optionally in parallel) and
+summarised as mean ± std over seeds.
+
+    mhd-fast sweep CONFIG [--out DIR] [--quick] [--jobs J] [--threads T]
+
+The sweep file::
+
+    seeds = [0, 1, 2]              # every grid point runs once per seed
+    [base]                         # Config keys shared by every run (as in `mhd-fast run --config`)
+    dataset = "digits"
+    [across]                       # optional: axes crossed with every grid
+    dataset = ["digits", "fashion_mnist"]
+    [grid.heads]                   # one or more named grids; a list value is an axis,
+    heads = [1, 2, 4]              # a scalar a fixed override; each grid is the cartesian
+    [grid.topology]                # product of its axes
+    graph = ["ring", "complete"]
+    [quick]                        # optional: what --quick changes (tiny sizes for CI):
+    seeds = [0]                    # seeds, and tables merged key by key over
+    [quick.base]                   # base / across / grid.NAME
+    rounds = 2
+
+For list-valued Config keys (``model``) a grid axis is a list of lists (``model =
+[["mlp:32"], ["mlp:32", "mlp:128x64"]]``); in ``base`` or as a fixed override the list is the
+value itself. Grid points that resolve to the same Config (``method = "isolated"`` with any
+``heads``) are one run, listed under every grid that names it.
+
+Each run lives in ``OUT/NAME/sSEED`` where NAME joins the run's overrides of ``base``
+(``graph=ring,heads=4``; ``base`` when there are none). A run whose ``metrics.json`` is
+complete is skipped, a run with a checkpoint resumes from it (``run --resume``), so a killed
+sweep is continued by the same command. ``OUT/summary.json`` and ``OUT/summary.csv`` hold
+one row per grid point: its overrides and the mean, std (ddof = 1) and per-seed values of
+every final metric. Bad input: one line ``mhd-fast: error: ...`` and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import tomllib
+from dataclasses import dataclass
+
+from . import config as C
+
+PROG = "mhd-fast"
+SUMMARY_JSON = "summary.json"
+SUMMARY_CSV = "summary.csv"
+_TOP_KEYS = ("seeds", "base", "across", "grid", "quick")
+# Per-run keys the sweep sets itself: a grid may not override them.
+_SWEEP_OWNED = ("seed", "name", "out", "progress")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+,:-]")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One configuration of the sweep, run once per seed.
+
+    name       folder name under OUT (from its overrides of base)
+    overrides  {key: value} this run changes in base (the first grid point that produced it)
+    points     [(grid name, {axis: value})] every grid point that resolves to this run
+    """
+
+    name: str
+    overrides: dict
+    points: tuple
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An expanded sweep: the base layer, the runs, the seeds and the output folder."""
+
+    base: dict
+    runs: tuple
+    seeds: tuple
+    out: str
+
+    def config(self, run: Run, seed: int) -> C.Config:
+        """The resolved Config of ``run`` with ``seed``, writing to OUT/NAME/sSEED."""
+        cfg = C.merge(_layered(self.base, run.overrides, run.name),
+                      {"seed": seed, "name": f"{run.name}-s{seed}",
+                       "out": os.path.join(self.out, run.name, f"s{seed}")}, "the sweep")
+        return _resolved(cfg, seed, run.name)
+
+    def jobs(self) -> list[tuple[Run, int]]:
+        return [(run, seed) for run in self.runs for seed in self.seeds]
+
+
+# ---- the sweep file ------------------------------------------------------------------------
+
+def read_sweep(path: str) -> dict:
+    """The TOML file at ``path`` -> its table, checked for top-level keys. ValueError naming
+    CONFIG."""
+    if not path.lower().endswith(".toml"):
+        raise ValueError(f"CONFIG must be a .toml sweep file, got {path!r}")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"CONFIG: cannot read {path!r}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"CONFIG: {path!r} is not valid TOML: {str(e).splitlines()[0]}") from None
+    unknown = sorted(set(data) - set(_TOP_KEYS))
+    if unknown:
+        raise ValueError(f"CONFIG {path!r}: unknown top-level key(s) {unknown}; "
+                         f"expected {', '.join(_TOP_KEYS)}")
+    return data
+
+
+def _table(data: dict, key: str, where: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: [{key}] must be a table, got {value!r}")
+    return value
+
+
+def apply_quick(data: dict, where: str) -> dict:
+    """The sweep with its [quick] table merged in: seeds replaced, base / across / grid.NAME
+    merged key by key. ValueError when there is no [quick] table or it names an unknown grid."""
+    quick = data.get("quick")
+    if not isinstance(quick, dict):
+        raise ValueError(f"--quick: {where} has no [quick] table saying what a quick sweep changes")
+    unknown = sorted(set(quick) - {"seeds", "base", "across", "grid"})
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} in [quick]; expected seeds, base, "
+                         "across, grid")
+    out = {k: v for k, v in data.items() if k != "quick"}
+    if "seeds" in quick:
+        out["seeds"] = quick["seeds"]
+    for key in ("base", "across"):
+        out[key] = {**_table(data, key, where), **_table(quick, key, f"{where} [quick]")}
+    grids = dict(_table(data, "grid", where))
+    for name, extra in _table(quick, "grid", f"{where} [quick]").items():
+        if name not in grids:
+            raise ValueError(f"{where}: [quick.grid.{name}] names no grid; grids: {', '.join(grids)}")
+        grids[name] = {**grids[name], **extra}
+    out["grid"] = grids
+    return out
+
+
+def _axis(key: str, value, where: str) -> list:
+    """A grid value -> the list of values it stands for (a scalar: one value)."""
+    if key not in C.FIELDS:
+        raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(C.FIELDS)}")
+    if key in _SWEEP_OWNED:
+        raise ValueError(f"{where}: {key!r} is set by the sweep for every run "
+                         f"(use the top-level seeds list for seeds)")
+    if not isinstance(value, list):
+        return [value]
+    if not value:
+        raise ValueError(f"{where}: the axis {key!r} is an empty list")
+    if C.field_kind(key) is list and not all(isinstance(v, list) for v in value):
+        # model = ["mlp:32", "mlp:64"]: one heterogeneous value, not an axis
+        return [value]
+    return value
+
+
+def _fmt(value) -> str:
+    if isinstance(value, list):
+        return "+".join(map(_fmt, value))
+    if isinstance(value, dict):
+        return "+".join(f"{k}-{_fmt(v)}" for k, v in sorted(value.items()))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def run_name(overrides: dict) -> str:
+    """'graph=ring,heads=4' from {'heads': 4, 'graph': 'ring'}; 'base' for no overrides.
+    Characters outside [A-Za-z0-9._=+,:-] become '_' so the name is a plain folder name."""
+    if not overrides:
+        return "base"
+    return _UNSAFE.sub("_", ",".join(f"{k}={_fmt(v)}" for k, v in sorted(overrides.items())))
+
+
+def _layered(base: dict, point: dict, where: str) -> C.Config:
+    """Defaults, then base, then the point: two layers, so that a key of the point implies
+    what it implies on the command line (dirichlet -> partition = dirichlet)."""
+    try:
+        return C.merge(C.merge(C.Config(), base, "[base]"), point, "the overrides")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _resolved(cfg: C.Config, seed: int, where: str) -> C.Config:
+    """cfg with ``seed``, validated and resolved; ValueError naming ``where``."""
+    cfg = dataclasses.replace(cfg, seed=seed)
+    try:
+        C.validate(cfg)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return C.resolve(cfg)
+
+
+def _identity(cfg: C.Config) -> tuple:
+    """What makes two runs the same run: the resolved Config without the per-run fields."""
+    d = C.to_dict(cfg)
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in d.items()
+                        if k not in ("name", "out", "progress")))
+
+
+def expand(data: dict, out: str, where: str = "CONFIG") -> Plan:
+    """A sweep table (read_sweep's output, --quick applied) -> Plan. Every run's Config is
+    built and validated here, so bad input fails before anything runs."""
+    seeds = data.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise ValueError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{where}: seeds must not repeat, got {seeds!r}")
+    base = _table(data, "base", where)
+    for key in base:
+        if key in _SWEEP_OWNED:
+            raise ValueError(f"{where}: [base] sets {key!r}, which the sweep sets for every run")
+    across = [(k, _axis(k, v, f"{where} [across]")) for k, v in _table(data, "across", where).items()]
+    grids = _table(data, "grid", where)
+    if not grids:
+        raise ValueError(f"{where}: no [grid.NAME] table; a sweep needs at least one grid")
+
+    base_cfg = _layered(base, {}, where)
+    runs: dict[tuple, dict] = {}  # identity -> {"overrides", "points"}; insertion-ordered
+    for gname, grid in grids.items():
+        if not isinstance(grid, dict):
+            raise ValueError(f"{where}: [grid.{gname}] must be a table, got {grid!r}")
+        axes = across + [(k, _axis(k, v, f"{where} [grid.{gname}]")) for k, v in grid.items()]
+        for values in itertools.product(*(vals for _, vals in axes)):
+            point = dict(zip((k for k, _ in axes), values))
+            label = f"{where} [grid.{gname}] point {run_name(point)}"
+            cfg = _layered(base, point, label)
+            # The run is named by what it changes in base: every field that differs (also
+            # one, like partition for dirichlet) plus the keys the point gives, with the values
+            # the method resolves them to (isolated: heads = 0).
+            changed = [k for k in C.FIELDS if getattr(cfg, k) != getattr(base_cfg, k)]
+            keys = sorted(set(changed) | set(point)) if changed else []
+            resolved = _resolved(cfg, seeds[0], label)
+            entry = runs.setdefault(_identity(resolved), {
+                "overrides": {k: getattr(resolved, k) for k in keys}, "points": []})
+            if all(g != gname for g, _ in entry["points"]):  # one row per run in each grid
+                entry["points"].append((gname, point))
+
+    named: dict[str, Run] = {}
+    for entry in runs.values():
+        name = run_name(entry["overrides"])
+        if name in named:  # two different runs with one name: impossible unless sanitising clashed
+            raise ValueError(f"{where}: two different runs would share the folder {name!r}; "
+                             "use values that differ in letters or digits")
+        named[name] = Run(name, entry["overrides"], tuple(entry["points"]))
+    return Plan(dict(base), tuple(named.values()), tuple(seeds), out)
+
+
+def load_plan(path: str, out: str | None = None, *, quick: bool = False) -> Plan:
+    """The Plan of the sweep file at ``path``; OUT defaults to runs/sweep-STEM[-quick]."""
+    data = read_sweep(path)
+    if quick:
+        data = apply_quick(data, f"CONFIG {path!r}")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    out = out or os.path.join("runs", f"sweep-{stem}" + ("-quick" if quick else ""))
+    return expand(data, out, f"CONFIG {path!r}")
+
+
+# ---- running -------------------------------------------------------------------------------
+
+def _comparable(d: dict) -> dict:
+    from .checkpoint import RESUMABLE_CHANGES
+
+    return {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES}
+
+
+def status(cfg: C.Config) -> str:
+    """'done' (metrics.json complete for these options), 'resume' (a checkpoint to continue
+    from) or 'new'. ValueError when the folder holds a run made with other options."""
+    from .checkpoint import FILENAME
+
+    path = os.path.join(cfg.out, "metrics.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                metrics = json.load(f)
+            saved = metrics["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            saved = None  # an unreadable or foreign file: the checkpoint decides below
+        if saved is not None:
+            want = _comparable(C.to_dict(cfg))
+            got = _comparable(saved)
+            if got != want:
+                key = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
+                raise ValueError(f"--out: {cfg.out!r} holds a run made with {key} = "
+                                 f"{got.get(key)!r}, this sweep has {want.get(key)!r}; "
+                                 "remove that folder or use another --out")
+            if len(metrics.get("rounds", [])) == cfg.rounds and "final" in metrics:
+                return "done"
+    return "resume" if os.path.exists(os.path.join(cfg.out, FILENAME)) else "new"
+
+
+def _execute(cfg: C.Config, resume: bool, threads: int) -> dict:
+    """One run in this process with ``threads`` intra-op threads; returns metrics.json's
+    content. Module-level so that worker processes can pickle it."""
+    import torch
+
+    from .train import run
+
+    torch.set_num_threads(threads)
+    return run(cfg, resume=resume)
+
+
+def run_plan(plan: Plan, *, jobs: int = 1, threads: int | None = None,
+             progress: bool = True) -> dict:
+    """Run every (run, seed) of ``plan`` not yet done, ``jobs`` at a time, then write the
+    summary. Returns {"ran": n, "skipped": n, "summary": rows}."""
+    from tqdm import tqdm
+
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    # One process per core by default: intra-op threads of several jobs competing for the same
+    # cores make every one of them far slower than a single thread each.
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    todo = []
+    for run, seed in plan.jobs():
+        cfg = dataclasses.replace(plan.config(run, seed), progress=progress and jobs == 1)
+        state = status(cfg)
+        if state != "done":
+            todo.append((cfg, state == "resume"))
+    skipped = len(plan.runs) * len(plan.seeds) - len(todo)
+    bar = tqdm(total=len(todo) + skipped, initial=skipped, desc="sweep", unit="run",
+               disable=not progress, dynamic_ncols=True, position=1 if jobs == 1 else 0)
+
+    def done(cfg: C.Config, metrics: dict) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"{cfg.name}: shared head0 "
+                            f"{metrics['final']['shared_acc']['head0']:.3f}")
+
+    try:
+        if jobs == 1:
+            for cfg, resume in todo:
+                done(cfg, _execute(cfg, resume, threads))
+        elif todo:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
+            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                futures = {pool.submit(_execute, cfg, resume, threads): cfg for cfg, resume in todo}
+                try:
+                    for fut in cf.as_completed(futures):
+                        done(futures[fut], fut.result())
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+    finally:
+        bar.close()
+    rows = summarize(plan)
+    write_summary(plan.out, rows)
+    return {"ran": len(todo), "skipped": skipped, "summary": rows}
+
+
+# ---- summary -------------------------------------------------------------------------------
+
+def run_metrics(final: dict, rounds: list[dict]) -> dict[str, float]:
+    """The numbers of one finished run, flat: 'shared_acc.head0', 'best_aux_shared_acc', ...
+    (best aux: the aux head with the highest mean shared accuracy, absent without aux heads)."""
+    from .metrics import best_aux
+
+    out: dict[str, float] = {}
+    for key in ("shared_acc", "private_acc", "worst10_shared_acc", "worst10_private_acc"):
+        for head, value in final.get(key, {}).items():
+            out[f"{key}.{head}"] = value
+    best = best_aux(final["shared_acc"])
+    if best is not None:
+        out["best_aux_shared_acc"] = best[1]
+        last = max(final["shared_acc"], key=lambda h: int(h[4:]))
+        out["last_head_shared_acc"] = final["shared_acc"][last]
+    for key in ("ensemble_shared_acc", "bytes_sent", "bytes_dense", "bytes_per_edge"):
+        if key in final:
+            out[key] = final[key]
+    out["train_time_s"] = sum(r["time_s"] for r in rounds)
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof = 1; None for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(plan: Plan) -> list[dict]:
+    """One row per grid point: {"grid", "point", "run", "seeds", "dirs", "metrics": {name:
+    {"mean", "std", "values"}}}; seeds whose run has not finished are left out."""
+    per_run = {}
+    for run in plan.runs:
+        seeds, dirs, values = [], [], {}
+        for seed in plan.seeds:
+            cfg = plan.config(run, seed)
+            path = os.path.join(cfg.out, "metrics.json")
+            if status(cfg) != "done":
+                continue
+            with open(path) as f:
+                m = json.load(f)
+            seeds.append(seed)
+            dirs.append(cfg.out)
+            for k, v in run_metrics(m["final"], m["rounds"]).items():
+                values.setdefault(k, []).append(v)
+        stats = {}
+        for k, vals in values.items():
+            if len(vals) == len(seeds):  # a metric every seed has (heads are fixed per run)
+                mean, std = mean_std(vals)
+                stats[k] = {"mean": mean, "std": std, "values": vals}
+        per_run[run.name] = (seeds, dirs, stats)
+    rows = []
+    for run in plan.runs:
+        seeds, dirs, stats = per_run[run.name]
+        for gname, point in run.points:
+            rows.append({"grid": gname, "point": point, "run": run.name, "seeds": seeds,
+                         "dirs": dirs, "metrics": stats})
+    order = list(dict.fromkeys(g for run in plan.runs for g, _ in run.points))
+    return sorted(rows, key=lambda r: order.index(r["grid"]))  # stable: grid order, then points
+
+
+def summary_csv(rows: list[dict]) -> str:
+    """grid, run, point (key=value;...), n_seeds, then METRIC_mean / METRIC_std columns."""
+    names = sorted({k for r in rows for k in r["metrics"]})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["grid", "run", "point", "n_seeds"]
+               + [f"{n}_{s}" for n in names for s in ("mean", "std")])
+    for r in rows:
+        cells = []
+        for n in names:
+            st = r["metrics"].get(n)
+            cells += ["", ""] if st is None else [
+                f"{st['mean']:.6g}", "" if st["std"] is None else f"{st['std']:.6g}"]
+        w.writerow([r["grid"], r["run"], ";".join(f"{k}={_fmt(v)}" for k, v in r["point"].items()),
+                    len(r["seeds"])] + cells)
+    return buf.getvalue()
+
+
+def write_summary(out: str, rows: list[dict]) -> None:
+    from .metrics import atomic_write
+
+    os.makedirs(out, exist_ok=True)
+    atomic_write(os.path.join(out, SUMMARY_CSV), summary_csv(rows))
+    atomic_write(os.path.join(out, SUMMARY_JSON), json.dumps(rows, indent=1) + "\n")
+
+
+def load_summary(out: str) -> list[dict]:
+    """The rows of OUT/summary.json. ValueError when the sweep has not written one."""
+    path = os.path.join(out, SUMMARY_JSON)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise ValueError(f"--out: no sweep summary at {path!r} ({e.strerror or e})") from None
+
+
+def format_table(rows: list[dict]) -> str:
+    """A short text table: grid, run, seeds, shared accuracy of head 0 and of the best aux."""
+    def cell(st):
+        if st is None:
+            return "-"
+        return f"{st['mean']:.4f}" + ("" if st["std"] is None else f" ± {st['std']:.4f}")
+
+    lines = [f"{'grid':<14} {'run':<40} {'seeds':>5}  {'shared head0':>17}  {'best aux shared':>17}"]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(f"{r['grid']:<14} {r['run']:<40} {len(r['seeds']):>5}  "
+                     f"{cell(m.get('shared_acc.head0')):>17}  {cell(m.get('best_aux_shared_acc')):>17}")
+    return "\n".join(lines)
+
+
+# ---- command line --------------------------------------------------------------------------
+
+def add_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Add ``sweep CONFIG [--out DIR] [--quick] [--jobs J] [--threads T]`` to ``subparsers``."""
+    p = subparsers.add_parser("sweep", help="a grid of runs from a TOML sweep file (resumable)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("config", metavar="CONFIG", help="the TOML sweep file")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder of the runs and the summary (default: runs/sweep-STEM)")
+    p.add_argument("--quick", action="store_true", help="apply the file's [quick] table (tiny sizes)")
+    p.add_argument("--jobs", type=int, default=1, metavar="J", help="runs at a time (default: 1)")
+    p.add_argument("--threads", type=int, default=None, metavar="T",
+                   help="torch threads per run (default: CPU cores / jobs)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
+    p.set_defaults(func=sweep_main)
+    return p
+
+
+def sweep_main(args: argparse.Namespace) -> int:
+    """Run the sweep of ``args`` and print its summary table. Bad input: one line on stderr
+    and status 2."""
+    try:
+        plan = load_plan(args.config, args.out, quick=args.quick)
+        result = run_plan(plan, jobs=args.jobs, threads=args.threads, progress=args.progress)
+    except ValueError as e:
+        sys.stderr.write(f"{PROG}: error: {str(e).splitlines()[0]}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted (the same command resumes the sweep)\n")
+        return 130
+    print(format_table(result["summary"]))
+    print(f"{result['ran']} run(s) made, {result['skipped']} already done; summary in "
+          f"{os.path.join(plan.out, SUMMARY_CSV)} and {SUMMARY_JSON}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import Parser
+
+    parser = Parser(prog=PROG)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_subcommand(sub)
+    args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
