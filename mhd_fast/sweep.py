@@ -7,28 +7,31 @@ The sweep file::
 
     seeds = [0, 1, 2]              # every grid point runs once per seed
     [base]                         # Config keys shared by every run (as in `mhd-fast run --config`)
+    clients = 16
+    [variants.fashion]             # optional: the whole sweep once per variant, each a layer
+    dataset = "fashion_mnist"      # of Config keys over base (e.g. a dataset and its sizes)
+    samples_per_client = 256
+    [variants.digits]
     dataset = "digits"
-    [across]                       # optional: axes crossed with every grid
-    dataset = ["digits", "fashion_mnist"]
-    [grid.heads]                   # one or more named grids; a list value is an axis,
-    heads = [1, 2, 4]              # a scalar a fixed override; each grid is the cartesian
-    [grid.topology]                # product of its axes
+    [grid.heads]                   # one or more named grids; a list value is an axis, a
+    heads = [1, 2, 4]              # scalar a fixed override; each grid is the cartesian
+    [grid.topology]                # product of its axes, over base (and the variant)
     graph = ["ring", "complete"]
     [quick]                        # optional: what --quick changes (tiny sizes for CI):
-    seeds = [0]                    # seeds, and tables merged key by key over
-    [quick.base]                   # base / across / grid.NAME
-    rounds = 2
+    seeds = [0]                    # seeds replaced, variants = [names] keeps only those,
+    [quick.base]                   # tables merged key by key over base / variants.NAME /
+    rounds = 2                     # grid.NAME
 
 For list-valued Config keys (``model``) a grid axis is a list of lists (``model =
-[["mlp:32"], ["mlp:32", "mlp:128x64"]]``); in ``base`` or as a fixed override the list is the
-value itself. Grid points that resolve to the same Config (``method = "isolated"`` with any
-``heads``) are one run, listed under every grid that names it.
+[["mlp:32"], ["mlp:32", "mlp:128x64"]]``); a plain list of strings is one value (one
+heterogeneous model). Grid points that resolve to the same Config (``method = "isolated"``
+with any ``heads``) are one run, listed under every grid that names it.
 
-Each run lives in ``OUT/NAME/sSEED`` where NAME joins the run's overrides of ``base``
-(``graph=ring,heads=4``; ``base`` when there are none). A run whose ``metrics.json`` is
-complete is skipped, a run with a checkpoint resumes from it (``run --resume``), so a killed
-sweep is continued by the same command. ``OUT/summary.json`` and ``OUT/summary.csv`` hold
-one row per grid point: its overrides and the mean, std (ddof = 1) and per-seed values of
+Each run lives in ``OUT/[VARIANT/]NAME/sSEED`` where NAME joins what the run changes in base
+(``graph=ring,heads=4``; ``base`` when nothing). A run whose ``metrics.json`` is complete is
+skipped and a run with a checkpoint resumes from it (``run --resume``), so a killed sweep is
+continued by the same command. ``OUT/summary.json`` and ``OUT/summary.csv`` hold one row per
+variant and grid point: its overrides and the mean, std (ddof = 1) and per-seed values of
 every final metric. Bad input: one line ``mhd-fast: error: ...`` and exit status 2.
 """
 from __future__ import annotations
@@ -53,8 +56,8 @@ from . import config as C
 PROG = "mhd-fast"
 SUMMARY_JSON = "summary.json"
 SUMMARY_CSV = "summary.csv"
-_TOP_KEYS = ("seeds", "base", "across", "grid", "quick")
-# Per-run keys the sweep sets itself: a grid may not override them.
+_TOP_KEYS = ("seeds", "base", "variants", "grid", "quick")
+# Per-run keys the sweep sets itself: no layer of the file may set them.
 _SWEEP_OWNED = ("seed", "name", "out", "progress")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+,:-]")
 
@@ -63,31 +66,38 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=+,:-]")
 class Run:
     """One configuration of the sweep, run once per seed.
 
-    name       folder name under OUT (from its overrides of base)
-    overrides  {key: value} this run changes in base (the first grid point that produced it)
-    points     [(grid name, {axis: value})] every grid point that resolves to this run
+    variant    the variant it belongs to ("" when the file has none)
+    name       folder name (from what it changes in base and the variant)
+    overrides  {key: value} that change: the first grid point that produced it, resolved
+    points     ((grid name, {axis: value}), ...) the grid points that resolve to this run
     """
 
+    variant: str
     name: str
     overrides: dict
     points: tuple
 
+    @property
+    def folder(self) -> str:
+        return os.path.join(self.variant, self.name) if self.variant else self.name
+
 
 @dataclass(frozen=True)
 class Plan:
-    """An expanded sweep: the base layer, the runs, the seeds and the output folder."""
+    """An expanded sweep: the base layer, the variants, the runs, the seeds, the output folder."""
 
     base: dict
+    variants: dict
     runs: tuple
     seeds: tuple
     out: str
 
     def config(self, run: Run, seed: int) -> C.Config:
-        """The resolved Config of ``run`` with ``seed``, writing to OUT/NAME/sSEED."""
-        cfg = C.merge(_layered(self.base, run.overrides, run.name),
-                      {"seed": seed, "name": f"{run.name}-s{seed}",
-                       "out": os.path.join(self.out, run.name, f"s{seed}")}, "the sweep")
-        return _resolved(cfg, seed, run.name)
+        """The resolved Config of ``run`` with ``seed``, writing to OUT/[VARIANT/]NAME/sSEED."""
+        cfg = _layered(self.base, self.variants.get(run.variant, {}), run.overrides, run.folder)
+        cfg = dataclasses.replace(cfg, name="-".join(filter(None, (run.variant, run.name, f"s{seed}"))),
+                                  out=os.path.join(self.out, run.folder, f"s{seed}"))
+        return _resolved(cfg, seed, run.folder)
 
     def jobs(self) -> list[tuple[Run, int]]:
         return [(run, seed) for run in self.runs for seed in self.seeds]
@@ -121,27 +131,46 @@ def _table(data: dict, key: str, where: str) -> dict:
     return value
 
 
+def _merge_named(tables: dict, extra: dict, kind: str, where: str) -> dict:
+    """{name: table} with extra[name] merged key by key into each; unknown names rejected."""
+    out = dict(tables)
+    for name, more in extra.items():
+        if name not in out:
+            raise ValueError(f"{where}: [quick.{kind}.{name}] names no {kind} entry; "
+                             f"known: {', '.join(out) or 'none'}")
+        out[name] = {**out[name], **more}
+    return out
+
+
 def apply_quick(data: dict, where: str) -> dict:
-    """The sweep with its [quick] table merged in: seeds replaced, base / across / grid.NAME
-    merged key by key. ValueError when there is no [quick] table or it names an unknown grid."""
+    """The sweep with its [quick] table applied: seeds replaced; base, variants.NAME and
+    grid.NAME merged key by key; ``variants = [names]`` keeps only those variants.
+    ValueError when there is no [quick] table or it names what does not exist."""
     quick = data.get("quick")
     if not isinstance(quick, dict):
         raise ValueError(f"--quick: {where} has no [quick] table saying what a quick sweep changes")
-    unknown = sorted(set(quick) - {"seeds", "base", "across", "grid"})
+    unknown = sorted(set(quick) - {"seeds", "base", "variants", "grid"})
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown} in [quick]; expected seeds, base, "
-                         "across, grid")
+                         "variants, grid")
     out = {k: v for k, v in data.items() if k != "quick"}
     if "seeds" in quick:
         out["seeds"] = quick["seeds"]
-    for key in ("base", "across"):
-        out[key] = {**_table(data, key, where), **_table(quick, key, f"{where} [quick]")}
-    grids = dict(_table(data, "grid", where))
-    for name, extra in _table(quick, "grid", f"{where} [quick]").items():
-        if name not in grids:
-            raise ValueError(f"{where}: [quick.grid.{name}] names no grid; grids: {', '.join(grids)}")
-        grids[name] = {**grids[name], **extra}
-    out["grid"] = grids
+    out["base"] = {**_table(data, "base", where), **_table(quick, "base", f"{where} [quick]")}
+    variants = _table(data, "variants", where)
+    keep = quick.get("variants", {})
+    if isinstance(keep, list):
+        missing = [v for v in keep if v not in variants]
+        if missing or not keep:
+            raise ValueError(f"{where}: [quick] variants = {keep!r} must name some of "
+                             f"{', '.join(variants) or 'no variants'}")
+        variants = {name: variants[name] for name in keep}
+    else:
+        variants = _merge_named(variants, _table(quick, "variants", f"{where} [quick]"),
+                                "variants", where)
+    out["variants"] = variants
+    out["grid"] = _merge_named(_table(data, "grid", where),
+                               _table(quick, "grid", f"{where} [quick]"), "grid", where)
     return out
 
 
@@ -149,16 +178,12 @@ def _axis(key: str, value, where: str) -> list:
     """A grid value -> the list of values it stands for (a scalar: one value)."""
     if key not in C.FIELDS:
         raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(C.FIELDS)}")
-    if key in _SWEEP_OWNED:
-        raise ValueError(f"{where}: {key!r} is set by the sweep for every run "
-                         f"(use the top-level seeds list for seeds)")
     if not isinstance(value, list):
         return [value]
     if not value:
         raise ValueError(f"{where}: the axis {key!r} is an empty list")
     if C.field_kind(key) is list and not all(isinstance(v, list) for v in value):
-        # model = ["mlp:32", "mlp:64"]: one heterogeneous value, not an axis
-        return [value]
+        return [value]  # model = ["mlp:32", "mlp:64"]: one heterogeneous value, not an axis
     return value
 
 
@@ -178,11 +203,20 @@ def run_name(overrides: dict) -> str:
     return _UNSAFE.sub("_", ",".join(f"{k}={_fmt(v)}" for k, v in sorted(overrides.items())))
 
 
-def _layered(base: dict, point: dict, where: str) -> C.Config:
-    """Defaults, then base, then the point: two layers, so that a key of the point implies
-    what it implies on the command line (dirichlet -> partition = dirichlet)."""
+def _check_layer(layer: dict, where: str) -> None:
+    owned = sorted(set(layer) & set(_SWEEP_OWNED))
+    if owned:
+        raise ValueError(f"{where} sets {owned}, which the sweep sets for every run "
+                         "(seeds go in the top-level seeds list)")
+
+
+def _layered(base: dict, variant: dict, point: dict, where: str) -> C.Config:
+    """Defaults, then base, the variant and the point, each its own layer, so that a key
+    implies what it implies on the command line (dirichlet -> partition = dirichlet)."""
     try:
-        return C.merge(C.merge(C.Config(), base, "[base]"), point, "the overrides")
+        cfg = C.merge(C.Config(), base, "[base]")
+        cfg = C.merge(cfg, variant, "the variant")
+        return C.merge(cfg, point, "the grid point")
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -197,11 +231,10 @@ def _resolved(cfg: C.Config, seed: int, where: str) -> C.Config:
     return C.resolve(cfg)
 
 
-def _identity(cfg: C.Config) -> tuple:
+def _identity(cfg: C.Config) -> str:
     """What makes two runs the same run: the resolved Config without the per-run fields."""
-    d = C.to_dict(cfg)
-    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in d.items()
-                        if k not in ("name", "out", "progress")))
+    d = {k: v for k, v in C.to_dict(cfg).items() if k not in ("name", "out", "progress")}
+    return json.dumps(d, sort_keys=True)
 
 
 def expand(data: dict, out: str, where: str = "CONFIG") -> Plan:
@@ -214,43 +247,50 @@ def expand(data: dict, out: str, where: str = "CONFIG") -> Plan:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"{where}: seeds must not repeat, got {seeds!r}")
     base = _table(data, "base", where)
-    for key in base:
-        if key in _SWEEP_OWNED:
-            raise ValueError(f"{where}: [base] sets {key!r}, which the sweep sets for every run")
-    across = [(k, _axis(k, v, f"{where} [across]")) for k, v in _table(data, "across", where).items()]
+    _check_layer(base, f"{where}: [base]")
+    variants = _table(data, "variants", where)
+    for vname, layer in variants.items():
+        if not isinstance(layer, dict) or _UNSAFE.search(vname):
+            raise ValueError(f"{where}: [variants.{vname}] must be a table named with letters, "
+                             f"digits, '.', '_' or '-', got {layer!r}")
+        _check_layer(layer, f"{where}: [variants.{vname}]")
     grids = _table(data, "grid", where)
     if not grids:
         raise ValueError(f"{where}: no [grid.NAME] table; a sweep needs at least one grid")
-
-    base_cfg = _layered(base, {}, where)
-    runs: dict[tuple, dict] = {}  # identity -> {"overrides", "points"}; insertion-ordered
     for gname, grid in grids.items():
         if not isinstance(grid, dict):
             raise ValueError(f"{where}: [grid.{gname}] must be a table, got {grid!r}")
-        axes = across + [(k, _axis(k, v, f"{where} [grid.{gname}]")) for k, v in grid.items()]
-        for values in itertools.product(*(vals for _, vals in axes)):
-            point = dict(zip((k for k, _ in axes), values))
-            label = f"{where} [grid.{gname}] point {run_name(point)}"
-            cfg = _layered(base, point, label)
-            # The run is named by what it changes in base: every field that differs (also
-            # one, like partition for dirichlet) plus the keys the point gives, with the values
-            # the method resolves them to (isolated: heads = 0).
-            changed = [k for k in C.FIELDS if getattr(cfg, k) != getattr(base_cfg, k)]
-            keys = sorted(set(changed) | set(point)) if changed else []
-            resolved = _resolved(cfg, seeds[0], label)
-            entry = runs.setdefault(_identity(resolved), {
-                "overrides": {k: getattr(resolved, k) for k in keys}, "points": []})
-            if all(g != gname for g, _ in entry["points"]):  # one row per run in each grid
-                entry["points"].append((gname, point))
+        _check_layer(grid, f"{where}: [grid.{gname}]")
 
-    named: dict[str, Run] = {}
-    for entry in runs.values():
-        name = run_name(entry["overrides"])
-        if name in named:  # two different runs with one name: impossible unless sanitising clashed
-            raise ValueError(f"{where}: two different runs would share the folder {name!r}; "
-                             "use values that differ in letters or digits")
-        named[name] = Run(name, entry["overrides"], tuple(entry["points"]))
-    return Plan(dict(base), tuple(named.values()), tuple(seeds), out)
+    runs: list[Run] = []
+    for vname, layer in (variants or {"": {}}).items():
+        start = _layered(base, layer, {}, f"{where} [variants.{vname}]")
+        found: dict[str, dict] = {}  # identity -> {"overrides", "points"}; insertion-ordered
+        for gname, grid in grids.items():
+            axes = [(k, _axis(k, v, f"{where} [grid.{gname}]")) for k, v in grid.items()]
+            for values in itertools.product(*(vals for _, vals in axes)):
+                point = dict(zip((k for k, _ in axes), values))
+                label = f"{where} [grid.{gname}] point {run_name(point)}"
+                cfg = _layered(base, layer, point, label)
+                # A run is named by what it changes: every field that differs (also one a key
+                # implies, like partition for dirichlet) and the keys the point gives, with the
+                # values the method resolves them to (isolated: heads = 0).
+                changed = [k for k in C.FIELDS if getattr(cfg, k) != getattr(start, k)]
+                keys = sorted(set(changed) | set(point)) if changed else []
+                resolved = _resolved(cfg, seeds[0], label)
+                entry = found.setdefault(_identity(resolved), {
+                    "overrides": {k: getattr(resolved, k) for k in keys}, "points": []})
+                if all(g != gname for g, _ in entry["points"]):  # one row per run in each grid
+                    entry["points"].append((gname, point))
+        names = set()
+        for entry in found.values():
+            name = run_name(entry["overrides"])
+            if name in names:  # only when sanitising made two different names equal
+                raise ValueError(f"{where}: two different runs would share the folder {name!r}; "
+                                 "use values that differ in letters or digits")
+            names.add(name)
+            runs.append(Run(vname, name, entry["overrides"], tuple(entry["points"])))
+    return Plan(dict(base), dict(variants), tuple(runs), tuple(seeds), out)
 
 
 def load_plan(path: str, out: str | None = None, *, quick: bool = False) -> Plan:
@@ -318,7 +358,8 @@ def run_plan(plan: Plan, *, jobs: int = 1, threads: int | None = None,
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     # One process per core by default: intra-op threads of several jobs competing for the same
     # cores make every one of them far slower than a single thread each.
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     todo = []
@@ -329,7 +370,7 @@ def run_plan(plan: Plan, *, jobs: int = 1, threads: int | None = None,
             todo.append((cfg, state == "resume"))
     skipped = len(plan.runs) * len(plan.seeds) - len(todo)
     bar = tqdm(total=len(todo) + skipped, initial=skipped, desc="sweep", unit="run",
-               disable=not progress, dynamic_ncols=True, position=1 if jobs == 1 else 0)
+               disable=not progress, dynamic_ncols=True)
 
     def done(cfg: C.Config, metrics: dict) -> None:
         bar.update(1)
@@ -389,20 +430,20 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def summarize(plan: Plan) -> list[dict]:
-    """One row per grid point: {"grid", "point", "run", "seeds", "dirs", "metrics": {name:
-    {"mean", "std", "values"}}}; seeds whose run has not finished are left out."""
-    per_run = {}
+    """One row per variant and grid point: {"variant", "grid", "point", "run", "seeds", "dirs"
+    (run folders relative to OUT), "metrics": {name: {"mean", "std", "values"}}}. Seeds whose
+    run has not finished are left out."""
+    rows = []
     for run in plan.runs:
         seeds, dirs, values = [], [], {}
         for seed in plan.seeds:
             cfg = plan.config(run, seed)
-            path = os.path.join(cfg.out, "metrics.json")
             if status(cfg) != "done":
                 continue
-            with open(path) as f:
+            with open(os.path.join(cfg.out, "metrics.json")) as f:
                 m = json.load(f)
             seeds.append(seed)
-            dirs.append(cfg.out)
+            dirs.append(os.path.relpath(cfg.out, plan.out))
             for k, v in run_metrics(m["final"], m["rounds"]).items():
                 values.setdefault(k, []).append(v)
         stats = {}
@@ -410,23 +451,21 @@ def summarize(plan: Plan) -> list[dict]:
             if len(vals) == len(seeds):  # a metric every seed has (heads are fixed per run)
                 mean, std = mean_std(vals)
                 stats[k] = {"mean": mean, "std": std, "values": vals}
-        per_run[run.name] = (seeds, dirs, stats)
-    rows = []
-    for run in plan.runs:
-        seeds, dirs, stats = per_run[run.name]
         for gname, point in run.points:
-            rows.append({"grid": gname, "point": point, "run": run.name, "seeds": seeds,
-                         "dirs": dirs, "metrics": stats})
-    order = list(dict.fromkeys(g for run in plan.runs for g, _ in run.points))
-    return sorted(rows, key=lambda r: order.index(r["grid"]))  # stable: grid order, then points
+            rows.append({"variant": run.variant, "grid": gname, "point": point, "run": run.name,
+                         "seeds": seeds, "dirs": dirs, "metrics": stats})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    grids = list(dict.fromkeys(g for run in plan.runs for g, _ in run.points))
+    # Stable sort: by variant, then grid in file order, then points in the order they were made.
+    return sorted(rows, key=lambda r: (variants.index(r["variant"]), grids.index(r["grid"])))
 
 
 def summary_csv(rows: list[dict]) -> str:
-    """grid, run, point (key=value;...), n_seeds, then METRIC_mean / METRIC_std columns."""
+    """variant, grid, run, point (key=value;...), n_seeds, then METRIC_mean / METRIC_std columns."""
     names = sorted({k for r in rows for k in r["metrics"]})
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["grid", "run", "point", "n_seeds"]
+    w.writerow(["variant", "grid", "run", "point", "n_seeds"]
                + [f"{n}_{s}" for n in names for s in ("mean", "std")])
     for r in rows:
         cells = []
@@ -434,7 +473,7 @@ def summary_csv(rows: list[dict]) -> str:
             st = r["metrics"].get(n)
             cells += ["", ""] if st is None else [
                 f"{st['mean']:.6g}", "" if st["std"] is None else f"{st['std']:.6g}"]
-        w.writerow([r["grid"], r["run"], ";".join(f"{k}={_fmt(v)}" for k, v in r["point"].items()),
+        w.writerow([r["variant"], r["grid"], r["run"], ";".join(f"{k}={_fmt(v)}" for k, v in r["point"].items()),
                     len(r["seeds"])] + cells)
     return buf.getvalue()
 
@@ -464,10 +503,11 @@ def format_table(rows: list[dict]) -> str:
             return "-"
         return f"{st['mean']:.4f}" + ("" if st["std"] is None else f" ± {st['std']:.4f}")
 
-    lines = [f"{'grid':<14} {'run':<40} {'seeds':>5}  {'shared head0':>17}  {'best aux shared':>17}"]
+    lines = [f"{'grid':<14} {'run':<48} {'seeds':>5}  {'shared head0':>17}  {'best aux shared':>17}"]
     for r in rows:
         m = r["metrics"]
-        lines.append(f"{r['grid']:<14} {r['run']:<40} {len(r['seeds']):>5}  "
+        run = os.path.join(r["variant"], r["run"]) if r["variant"] else r["run"]
+        lines.append(f"{r['grid']:<14} {run:<48} {len(r['seeds']):>5}  "
                      f"{cell(m.get('shared_acc.head0')):>17}  {cell(m.get('best_aux_shared_acc')):>17}")
     return "\n".join(lines)
 
