@@ -11,7 +11,10 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+headers = sorted(glob.glob(os.path.join("csrc", "*.h")))  # a changed header rebuilds too
 
+# -ffp-contract=off: the branch-free fp16 conversions in csrc/simd.h need their multiplies
+# rounded one at a time; the exp / log polynomials ask for FMA explicitly.
 compile_args = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
 link_args = []
 if sys.platform != "win32":
@@ -24,6 +27,7 @@ if sources:
         Pybind11Extension(
             "mhd_fast._C",
             sources,
+            depends=headers,
             cxx_std=17,
             extra_compile_args=compile_args,
             extra_link_args=link_args,

@@ -1,0 +1,294 @@
+// mhd_fast._C: the Python face of the fused kernels.
+//
+// Every function takes its tensors as (data pointer, dtype code, sizes, element strides) tuples
+// built by mhd_fast/ops/cpp.py, checks what memory safety needs (dtypes, shapes, index ranges;
+// ValueError naming the argument), releases the GIL and runs one kernel call over all rows.
+// The kernels come in ISA builds (kernels_generic.cpp, kernels_avx2.cpp); the best one the CPU
+// supports is chosen at import, and set_isa() switches for tests and benchmarks.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <atomic>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace mhd {
+namespace {
+
+using TensorArg = std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<int64_t>>;
+
+std::vector<const KernelTable*> supported_isas() {
+  std::vector<const KernelTable*> isas{&kernels_generic()};
+#ifdef MHD_HAVE_AVX2_BUILD
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isas.push_back(&kernels_avx2());
+#endif
+  return isas;
+}
+
+const std::vector<const KernelTable*>& isas() {
+  static const std::vector<const KernelTable*> all = supported_isas();
+  return all;
+}
+
+std::atomic<const KernelTable*> active{nullptr};
+
+const KernelTable& kernels() {
+  const KernelTable* t = active.load();
+  if (t == nullptr) {
+    t = isas().back();  // the widest the CPU supports
+    active.store(t);
+  }
+  return *t;
+}
+
+std::string dims(const View& v, int ndim) {
+  std::string s = "[";
+  for (int d = 0; d < ndim; ++d) s += (d ? ", " : "") + std::to_string(v.size[d]);
+  return s + "]";
+}
+
+// A View of the caller's tensor with exactly ndim dims (sizes left-aligned).
+View view(const TensorArg& t, const char* name, int ndim) {
+  const auto& [ptr, dtype, sizes, strides] = t;
+  if ((int)sizes.size() != ndim || strides.size() != sizes.size())
+    throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) + " dims, got " +
+                          std::to_string(sizes.size()));
+  View v;
+  v.data = reinterpret_cast<void*>(ptr);
+  v.dtype = dtype;
+  for (int d = 0; d < ndim; ++d) {
+    if (sizes[d] < 0) throw py::value_error(std::string(name) + " has a negative size");
+    v.size[d] = sizes[d];
+    v.stride[d] = strides[d];
+  }
+  return v;
+}
+
+void expect_dtype(const View& v, const char* name, std::initializer_list<int> allowed, const char* what) {
+  for (int d : allowed)
+    if (v.dtype == d) return;
+  throw py::value_error(std::string(name) + " must be " + what + ", got dtype code " + std::to_string(v.dtype));
+}
+
+void expect_float(const View& v, const char* name) {
+  expect_dtype(v, name, {F32, F16, BF16, F64}, "float32, float16, bfloat16 or float64");
+}
+
+void expect_acc(const View& v, const char* name, int acc) {
+  expect_dtype(v, name, {acc}, acc == F64 ? "float64 (the accumulation dtype)" : "float32 (the accumulation dtype)");
+}
+
+void expect_acc_code(int acc) {
+  if (acc != F32 && acc != F64) throw py::value_error("acc must be the code of float32 or float64");
+}
+
+void expect_rows(const View& v, const char* name, const View& like, int ndim) {
+  for (int d = 0; d < ndim; ++d)
+    if (v.size[d] != like.size[d])
+      throw py::value_error(std::string(name) + " must have shape " + dims(like, ndim) + ", got " + dims(v, ndim));
+}
+
+// Every element of an integer tensor in [lo, hi): the kernels index memory with them.
+template <class T>
+void expect_range(const View& v, int ndim, int64_t lo, int64_t hi, const char* name) {
+  int64_t total = 1;
+  for (int d = 0; d < ndim; ++d) total *= v.size[d];
+  const T* p = static_cast<const T*>(v.data);
+  int64_t i[4] = {0, 0, 0, 0}, off = 0;
+  for (int64_t e = 0; e < total; ++e) {
+    const int64_t x = p[off];
+    if (x < lo || x >= hi)
+      throw py::value_error(std::string(name) + " must lie in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                            "), got " + std::to_string(x));
+    for (int d = ndim - 1; d >= 0; --d) {  // step the multi-index like an odometer
+      off += v.stride[d];
+      if (++i[d] < v.size[d]) break;
+      off -= v.stride[d] * v.size[d];
+      i[d] = 0;
+    }
+  }
+}
+
+// The arguments shared by the forward and backward of the distillation loss, checked.
+DistillArgs distill_args(const TensorArg& z, const std::optional<TensorArg>& t,
+                         const std::optional<TensorArg>& values, const std::optional<TensorArg>& indices,
+                         const TensorArg& lse_t, const TensorArg& logconf_t, const TensorArg& idx,
+                         const TensorArg& adj, double tau, bool include_self, int aggregate, int acc, int threads) {
+  DistillArgs a;
+  expect_acc_code(acc);
+  a.z = view(z, "student", 4);
+  expect_float(a.z, "student");
+  if (a.z.size[3] < 1) throw py::value_error("student must have V >= 1 classes");
+  if (t.has_value() == (values.has_value() || indices.has_value()))
+    throw py::value_error("teacher: pass either dense logits or (values, indices) packets");
+  a.packets = !t.has_value();
+  if (a.packets) {
+    if (!indices.has_value() || !values.has_value()) throw py::value_error("teacher packets need values and indices");
+    a.values = view(*values, "values", 4);
+    a.indices = view(*indices, "indices", 4);
+    expect_acc(a.values, "values", acc);
+    expect_dtype(a.indices, "indices", {I32}, "int32");
+    expect_rows(a.values, "values", a.z, 3);
+    expect_rows(a.indices, "indices", a.values, 4);
+    if (a.values.size[3] < 1 || a.values.size[3] > a.z.size[3])
+      throw py::value_error("values must hold K in [1, V = " + std::to_string(a.z.size[3]) + "] per row, got K = " +
+                            std::to_string(a.values.size[3]));
+    expect_range<int32_t>(a.indices, 4, 0, a.z.size[3], "indices");
+  } else {
+    a.t = view(*t, "teacher", 4);
+    expect_float(a.t, "teacher");
+    expect_rows(a.t, "teacher", a.z, 4);
+  }
+  a.lse_t = view(lse_t, "lse_t", 3);
+  a.logconf_t = view(logconf_t, "logconf_t", 3);
+  a.idx = view(idx, "idx", 3);
+  a.adj = view(adj, "adj", 2);
+  expect_acc(a.lse_t, "lse_t", acc);
+  expect_acc(a.logconf_t, "logconf_t", acc);
+  expect_dtype(a.idx, "idx", {I64}, "int64");
+  expect_dtype(a.adj, "adj", {BOOL}, "bool");
+  expect_rows(a.lse_t, "lse_t", a.z, 3);
+  expect_rows(a.logconf_t, "logconf_t", a.z, 3);
+  expect_rows(a.idx, "idx", a.z, 3);
+  if (a.adj.size[0] != a.z.size[0] || a.adj.size[1] != a.z.size[0])
+    throw py::value_error("adj must have shape [N, N] with N = " + std::to_string(a.z.size[0]) + ", got " +
+                          dims(a.adj, 2));
+  expect_range<int64_t>(a.idx, 3, -1, a.z.size[0], "idx");
+  if (!(tau > 0)) throw py::value_error("tau must be > 0, got " + std::to_string(tau));
+  if (aggregate < MAX_CONFIDENCE || aggregate > CONFIDENCE_WEIGHTED)
+    throw py::value_error("aggregate must be 0 (max_confidence), 1 (mean) or 2 (confidence_weighted)");
+  a.tau = tau;
+  a.include_self = include_self;
+  a.aggregate = aggregate;
+  a.threads = threads;
+  return a;
+}
+
+void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+}  // namespace
+}  // namespace mhd
+
+PYBIND11_MODULE(_C, m) {
+  using namespace mhd;
+  m.doc() = "Fused C++ kernels of mhd_fast (raw buffers in, raw buffers out; see mhd_fast/ops/cpp.py).";
+
+  m.def("isa", [] { return std::string(kernels().isa); }, "The ISA build the kernels run on now.");
+  m.def(
+      "isas",
+      [] {
+        std::vector<std::string> names;
+        for (const KernelTable* t : isas()) names.push_back(t->isa);
+        return names;
+      },
+      "The ISA builds this CPU can run, the widest last.");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        for (const KernelTable* t : isas())
+          if (name == t->isa) return active.store(t);
+        throw py::value_error("isa must be one this CPU supports (see isas()), got '" + name + "'");
+      },
+      py::arg("name"), "Run the kernels on another ISA build (tests and benchmarks of the fallback).");
+
+  m.def(
+      "teacher_stats",
+      [](const TensorArg& teacher, double tau, int acc, uintptr_t lse, uintptr_t logconf, int threads) {
+        expect_acc_code(acc);
+        const View t = view(teacher, "teacher", 4);
+        expect_float(t, "teacher");
+        if (t.size[3] < 1) throw py::value_error("teacher must have V >= 1 classes");
+        if (!(tau > 0)) throw py::value_error("tau must be > 0, got " + std::to_string(tau));
+        py::gil_scoped_release nogil;
+        kernels().teacher_stats(t, tau, acc, ptr(lse), ptr(logconf), threads);
+      },
+      py::arg("teacher"), py::arg("tau"), py::arg("acc"), py::arg("lse"), py::arg("logconf"), py::arg("threads"));
+
+  m.def(
+      "select",
+      [](const TensorArg& logconf, const TensorArg& adj, bool include_self, uintptr_t idx, uintptr_t has,
+         int threads) {
+        const View lc = view(logconf, "logconf", 3);
+        const View a = view(adj, "adj", 2);
+        expect_dtype(lc, "logconf", {F32, F64}, "float32 or float64");
+        expect_dtype(a, "adj", {BOOL}, "bool");
+        if (a.size[0] != lc.size[0] || a.size[1] != lc.size[0])
+          throw py::value_error("adj must have shape [N, N] with N = " + std::to_string(lc.size[0]) + ", got " +
+                                dims(a, 2));
+        py::gil_scoped_release nogil;
+        kernels().select(lc, a, include_self, static_cast<int64_t*>(ptr(idx)), static_cast<bool*>(ptr(has)), threads);
+      },
+      py::arg("logconf"), py::arg("adj"), py::arg("include_self"), py::arg("idx"), py::arg("has"), py::arg("threads"));
+
+  m.def(
+      "distill_fwd",
+      [](const TensorArg& z, const std::optional<TensorArg>& t, const std::optional<TensorArg>& values,
+         const std::optional<TensorArg>& indices, const TensorArg& lse_t, const TensorArg& logconf_t,
+         const TensorArg& idx, const TensorArg& adj, double tau, bool include_self, int aggregate, int acc,
+         uintptr_t loss, uintptr_t lse_z, int threads) {
+        const DistillArgs a = distill_args(z, t, values, indices, lse_t, logconf_t, idx, adj, tau, include_self,
+                                           aggregate, acc, threads);
+        DistillOut out;
+        out.loss = ptr(loss);
+        out.lse_z = ptr(lse_z);
+        py::gil_scoped_release nogil;
+        kernels().distill_fwd(a, acc, out);
+      },
+      py::arg("student"), py::arg("teacher"), py::arg("values"), py::arg("indices"), py::arg("lse_t"),
+      py::arg("logconf_t"), py::arg("idx"), py::arg("adj"), py::arg("tau"), py::arg("include_self"),
+      py::arg("aggregate"), py::arg("acc"), py::arg("loss"), py::arg("lse_z"), py::arg("threads"));
+
+  m.def(
+      "distill_bwd",
+      [](const TensorArg& grad, const TensorArg& z, const std::optional<TensorArg>& t,
+         const std::optional<TensorArg>& values, const std::optional<TensorArg>& indices, const TensorArg& lse_t,
+         const TensorArg& logconf_t, const TensorArg& idx, const TensorArg& adj, const TensorArg& lse_z, double tau,
+         bool include_self, int aggregate, int acc, uintptr_t dz, int threads) {
+        DistillArgs a = distill_args(z, t, values, indices, lse_t, logconf_t, idx, adj, tau, include_self, aggregate,
+                                     acc, threads);
+        a.grad = view(grad, "grad", 3);
+        a.lse_z = view(lse_z, "lse_z", 3);
+        expect_acc(a.grad, "grad", acc);
+        expect_acc(a.lse_z, "lse_z", acc);
+        expect_rows(a.grad, "grad", a.z, 3);
+        expect_rows(a.lse_z, "lse_z", a.z, 3);
+        DistillOut out;
+        out.dz = ptr(dz);
+        py::gil_scoped_release nogil;
+        kernels().distill_bwd(a, acc, out);
+      },
+      py::arg("grad"), py::arg("student"), py::arg("teacher"), py::arg("values"), py::arg("indices"),
+      py::arg("lse_t"), py::arg("logconf_t"), py::arg("idx"), py::arg("adj"), py::arg("lse_z"), py::arg("tau"),
+      py::arg("include_self"), py::arg("aggregate"), py::arg("acc"), py::arg("dz"), py::arg("threads"));
+
+  m.def(
+      "topk_compress",
+      [](const TensorArg& logits, int64_t k, double tau, int acc, uintptr_t values, uintptr_t indices,
+         uintptr_t lse, int threads) {
+        expect_acc_code(acc);
+        const View x2 = view(logits, "logits", 2);
+        expect_float(x2, "logits");
+        if (k < 1 || k > x2.size[1])
+          throw py::value_error("k must lie in [1, V = " + std::to_string(x2.size[1]) + "], got " + std::to_string(k));
+        if (x2.size[1] > INT32_MAX) throw py::value_error("logits must have V < 2^31 (int32 indices)");
+        if (!(tau > 0)) throw py::value_error("tau must be > 0, got " + std::to_string(tau));
+        View x;  // [R, V] seen as [1, 1, R, V]: the kernels' row space
+        x.data = x2.data;
+        x.dtype = x2.dtype;
+        x.size[2] = x2.size[0];
+        x.size[3] = x2.size[1];
+        x.stride[2] = x2.stride[0];
+        x.stride[3] = x2.stride[1];
+        py::gil_scoped_release nogil;
+        kernels().topk_compress(x, k, tau, acc, ptr(values), static_cast<int32_t*>(ptr(indices)), ptr(lse), threads);
+      },
+      py::arg("logits"), py::arg("k"), py::arg("tau"), py::arg("acc"), py::arg("values"), py::arg("indices"),
+      py::arg("lse"), py::arg("threads"));
+}

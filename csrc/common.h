@@ -1,0 +1,70 @@
+// Types shared by the bindings and every ISA build of the kernels: dtype codes, strided views
+// of the caller's tensors, and the table of kernel entry points one ISA build provides.
+//
+// The kernels never see a torch tensor: Python passes raw pointers, shapes and element strides
+// (see mhd_fast/ops/cpp.py), so the build needs pybind11 alone and never torch's C++ ABI.
+#pragma once
+
+#include <cstdint>
+
+namespace mhd {
+
+// The dtype codes of mhd_fast/ops/cpp.py.
+enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3, I32 = 4, I64 = 5, BOOL = 6 };
+
+// 16-bit storage types; arithmetic always happens after conversion to fp32.
+struct f16 { uint16_t bits; };
+struct bf16 { uint16_t bits; };
+
+// A tensor of up to 4 dims as the caller holds it: data pointer, dtype, sizes, element strides.
+// Unused leading dims have size 1.
+struct View {
+  void* data = nullptr;
+  int dtype = F32;
+  int64_t size[4] = {1, 1, 1, 1};
+  int64_t stride[4] = {0, 0, 0, 0};
+};
+
+// Arguments of the distillation kernels. Z [N, G, B, V] student logits; the teacher is either
+// dense logits T [N, G, B, V] or packets values / indices [N, G, B, K]; per-row metadata
+// [N, G, B] in the accumulation dtype; idx int64; adj [N, N] bool.
+struct DistillArgs {
+  View z, t, values, indices, lse_t, logconf_t, idx, adj, lse_z, grad;
+  double tau = 1.0;
+  bool include_self = false;
+  int aggregate = 0;  // Aggregate below
+  bool packets = false;
+  int threads = 1;
+};
+
+enum Aggregate : int { MAX_CONFIDENCE = 0, MEAN = 1, CONFIDENCE_WEIGHTED = 2 };
+
+// Outputs are fresh contiguous buffers allocated by the caller.
+struct DistillOut {
+  void* loss = nullptr;   // [N, G, B] accumulation dtype (forward)
+  void* lse_z = nullptr;  // [N, G, B] accumulation dtype (forward)
+  void* dz = nullptr;     // [N, G, B, V] Z's dtype (backward)
+};
+
+// One ISA build of the kernels (kernels_generic.cpp, kernels_avx2.cpp).
+struct KernelTable {
+  const char* isa;
+  // T [N, G, B, V] -> lse, logconf [N, G, B] (contiguous, accumulation dtype acc).
+  void (*teacher_stats)(const View& t, double tau, int acc, void* lse, void* logconf, int threads);
+  // logconf [N, G, B] -> idx [N, G, B] int64, has [N] bool.
+  void (*select)(const View& logconf, const View& adj, bool include_self, int64_t* idx,
+                 bool* has, int threads);
+  void (*distill_fwd)(const DistillArgs& a, int acc, const DistillOut& out);
+  void (*distill_bwd)(const DistillArgs& a, int acc, const DistillOut& out);
+  // X [R, V] -> values [R, K] acc, indices [R, K] int32, lse [R] acc.
+  void (*topk_compress)(const View& x, int64_t k, double tau, int acc, void* values,
+                        int32_t* indices, void* lse, int threads);
+};
+
+const KernelTable& kernels_generic();
+#if defined(__x86_64__) || defined(_M_X64)
+const KernelTable& kernels_avx2();
+#define MHD_HAVE_AVX2_BUILD 1
+#endif
+
+}  // namespace mhd

@@ -1,0 +1,772 @@
+// The fused kernels of mhd_fast, written once and compiled once per ISA.
+//
+// kernels_generic.cpp and kernels_avx2.cpp include this file inside namespace mhd::MHD_ISA,
+// after setting the ISA (MHD_LANES, MHD_FMA and, for AVX2, a target pragma), so every
+// function here, templates included, gets a distinct symbol per ISA and the linker never mixes
+// AVX2 code into the portable build. Standard headers are included by those files before the
+// ISA switch; this file uses no std templates that would be instantiated under it.
+//
+// Shared conventions (the kernel contract of mhd_fast/ops/registry.py):
+//   * One call covers the flat row space r = (n·G + g)·B + b of all N clients × G groups ×
+//     B rows; OpenMP threads take rows in a static schedule. A row is always summed by one
+//     thread in a fixed order, so results are bit-identical whatever the thread count.
+//   * Inputs are read in place through their element strides when the class dim is contiguous;
+//     otherwise (or on the fp64 path) each row is first gathered into a per-thread buffer.
+//   * Arithmetic in the accumulation type A: fp32, or fp64 when an input is fp64.
+//   * t = x / τ exactly as torch computes it (a multiply when 1/τ is exact).
+//   * NaN or +inf in a row -> NaN outputs for that row; −inf = a masked class (p = 0, and
+//     0·log 0 = 0); a row of all −inf has lse = −inf and NaN loss.
+
+constexpr int64_t kBlock = 512;  // logits per block of the online softmax: both sweeps hit L1
+
+MHD_INLINE int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+MHD_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+template <class A> MHD_INLINE A clamp0(A x) { return x < 0 ? A(0) : x; }  // NaN passes
+
+// Waking the thread team costs microseconds: small calls run on the calling thread.
+MHD_INLINE int team(int threads, int64_t work) { return work < 32768 || threads < 1 ? 1 : threads; }
+
+MHD_INLINE int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+MHD_INLINE int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+// body(r, n, g, b, tid) for every row r = (n·G + g)·B + b of an [N, G, B] row space, on nt
+// threads that each take one contiguous chunk (a static schedule) and step (n, g, b) along
+// without divisions.
+template <class F>
+void for_rows(int64_t N, int64_t G, int64_t B, int nt, F&& body) {
+  const int64_t R = N * G * B;
+  if (R == 0) return;
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = thread_id(), size = team_size();
+    const int64_t r0 = R * tid / size, r1 = R * (tid + 1) / size;
+    int64_t b = r0 % B, g = (r0 / B) % G, n = r0 / (B * G);
+    for (int64_t r = r0; r < r1; ++r) {
+      body(r, n, g, b, tid);
+      if (++b == B) {
+        b = 0;
+        if (++g == G) {
+          g = 0;
+          ++n;
+        }
+      }
+    }
+  }
+}
+
+MHD_INLINE int64_t dtype_size(int dtype) {
+  return dtype == F64 || dtype == I64 ? 8 : dtype == F16 || dtype == BF16 ? 2 : dtype == BOOL ? 1 : 4;
+}
+
+// A heap buffer freed on scope exit (aligned for whole-vector access).
+template <class T>
+class Scratch {
+ public:
+  Scratch() = default;
+  explicit Scratch(int64_t n) { reset(n); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() { std::free(p_); }
+  void reset(int64_t n) {
+    std::free(p_);
+    p_ = nullptr;
+    if (n > 0) {
+      p_ = static_cast<T*>(std::aligned_alloc(64, round_up(n * (int64_t)sizeof(T), 64)));
+      if (p_ == nullptr) throw std::bad_alloc();
+    }
+  }
+  T* data() const { return p_; }
+  T& operator[](int64_t i) const { return p_[i]; }
+
+ private:
+  T* p_ = nullptr;
+};
+
+// ---- strided access --------------------------------------------------------------------------
+
+MHD_INLINE int64_t offset(const View& v, int64_t n, int64_t g, int64_t b) {
+  return n * v.stride[0] + g * v.stride[1] + b * v.stride[2];
+}
+
+template <class T>
+MHD_INLINE T at(const View& v, int64_t n, int64_t g, int64_t b) {
+  return static_cast<const T*>(v.data)[offset(v, n, g, b)];
+}
+
+// Row (n, g, b) of a [.., V] tensor, converted to A, into buf.
+template <class A, class In>
+MHD_INLINE void gather_typed(const void* data, int64_t off, int64_t stride, int64_t len, A* buf) {
+  const In* p = static_cast<const In*>(data) + off;
+  for (int64_t i = 0; i < len; ++i) buf[i] = to_acc<A>(p[i * stride]);
+}
+
+template <class A>
+void gather_row(const View& v, int64_t off, int64_t len, A* buf) {
+  switch (v.dtype) {
+    case F32: return gather_typed<A, float>(v.data, off, v.stride[3], len, buf);
+    case F16: return gather_typed<A, f16>(v.data, off, v.stride[3], len, buf);
+    case BF16: return gather_typed<A, bf16>(v.data, off, v.stride[3], len, buf);
+    default: return gather_typed<A, double>(v.data, off, v.stride[3], len, buf);
+  }
+}
+
+// Row (n, g, b) as the kernel reads it: in place (In = the stored type), or gathered into buf
+// (In = A) when the class dim is strided or the kernel runs in fp64.
+template <class In, class A>
+MHD_INLINE const In* row(const View& v, int64_t n, int64_t g, int64_t b, int64_t len, bool gather,
+                         A* buf) {
+  const int64_t off = offset(v, n, g, b);
+  if (!gather) return static_cast<const In*>(v.data) + off;
+  gather_row(v, off, len, buf);
+  return reinterpret_cast<const In*>(buf);
+}
+
+// t = x / τ, bit for bit as torch divides: by a multiply when 1/τ is exact (τ a power of two,
+// the common τ = 1 included), else by a division.
+template <class A>
+struct Scale {
+  A tau, inv;
+  bool exact;
+  explicit Scale(double t) : tau((A)t), inv(A(1) / (A)t) {
+    int e;
+    exact = __builtin_frexp((double)tau, &e) == 0.5;
+  }
+  template <class X>
+  MHD_INLINE X operator()(X x) const { return exact ? x * inv : x / tau; }
+};
+
+template <class A>
+MHD_INLINE void store_row(void* out, int dtype, int64_t v, typename Lanes<A>::V x, int n) {
+  using L = Lanes<A>;
+  switch (dtype) {
+    case F32: L::store(static_cast<float*>(out) + v, x, n); break;
+    case F16: L::store(static_cast<f16*>(out) + v, x, n); break;
+    case BF16: L::store(static_cast<bf16*>(out) + v, x, n); break;
+    default:
+      if constexpr (Lanes<A>::W == 1) L::store(static_cast<double*>(out) + v, x, n);
+      break;
+  }
+}
+
+template <class A>
+MHD_INLINE void store_one(void* out, int dtype, int64_t v, A x) {
+  switch (dtype) {
+    case F32: static_cast<float*>(out)[v] = (float)x; break;
+    case F16: static_cast<f16*>(out)[v].bits = float_to_half((float)x); break;
+    case BF16: static_cast<bf16*>(out)[v].bits = float_to_bf16((float)x); break;
+    default: static_cast<double*>(out)[v] = (double)x; break;
+  }
+}
+
+MHD_INLINE int lanes_left(int64_t n, int w) { return n < w ? (int)n : w; }
+
+// ---- online softmax -------------------------------------------------------------------------
+
+// Online log-sum-exp of t = x/τ over one row. Per block of kBlock logits: a first sweep finds
+// the block max, and when it raises the running max m the running sum is rescaled once
+// (s ← s·e^(m − m')); a second sweep adds e^(t − m). One exp per logit; the block is re-read
+// from L1. Out: m = max t, lse = m + log s.
+template <class A, class In>
+MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A& lse_out) {
+  using L = Lanes<A>;
+  using Vec = typename L::V;
+  constexpr int W = L::W;
+  A m = -kInf, s = 0;
+  for (int64_t blk = 0; blk < V; blk += kBlock) {
+    const int64_t end = min64(V, blk + kBlock);
+    Vec vm = L::splat(-kInf);
+    for (int64_t v = blk; v < end; v += W) vm = L::max(vm, sc(L::load(x + v, lanes_left(end - v, W), -kInf)));
+    const A bm = L::max(vm);
+    if (bm > m) {
+      s *= sexp(m - bm);
+      m = bm;
+    }
+    const A c = m == -kInf ? A(0) : m;  // all −inf so far: e^(−inf − 0) = 0, not NaN
+    Vec acc = L::splat(0);
+    for (int64_t v = blk; v < end; v += W) acc += L::exp(sc(L::load(x + v, lanes_left(end - v, W), -kInf)) - c);
+    s += L::sum(acc);
+  }
+  m_out = m;
+  lse_out = m + slog(s);
+}
+
+// Teachers of the fused student sweep: p and log p for the lanes at class v.
+template <class A, class TIn>
+struct LogitTeacher {  // one teacher row of logits: log p = t/τ − lse_t
+  using L = Lanes<A>;
+  using Vec = typename L::V;
+  const TIn* t;
+  Scale<A> sc;
+  A lse;
+  MHD_INLINE void get(int64_t v, int n, Vec& p, Vec& lp) const {
+    lp = sc(L::load(t + v, n, -kInf)) - lse;
+    p = L::exp(lp);
+  }
+  MHD_INLINE Vec prob(int64_t v, int n) const { return L::exp(sc(L::load(t + v, n, -kInf)) - lse); }
+};
+
+template <class A>
+struct ProbTeacher {  // an aggregated distribution p̄ [V] in a buffer
+  using L = Lanes<A>;
+  using Vec = typename L::V;
+  const A* p;
+  MHD_INLINE void get(int64_t v, int n, Vec& pv, Vec& lp) const {
+    pv = L::load(p + v, n, 0);
+    lp = L::log(pv);
+  }
+  MHD_INLINE Vec prob(int64_t v, int n) const { return L::load(p + v, n, 0); }
+};
+
+// One student row z against one teacher distribution p, fused in a single sweep over V:
+//   lse_z = logsumexp(z/τ) (online, as row_lse),  KL(p‖q) = Σ_{p≠0} p (log p − log q),
+//   log q = z/τ − lse_z.
+// lse_z is known only at the end, so the sweep keeps S = Σ p (log p − (z/τ − c)) and P = Σ p
+// against the running shift c (the running max of z/τ); when c grows to c', S += P (c' − c).
+// Then KL = S + P · log Σ e^(z/τ − c): every term is a log-probability, nothing large cancels.
+// The test is p ≠ 0, not p > 0, so that a NaN teacher shows as a NaN loss.
+template <class A, class ZIn, class Teacher>
+MHD_INLINE void kl_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teacher& teacher, A& kl,
+                       A& lse_z) {
+  using L = Lanes<A>;
+  using Vec = typename L::V;
+  constexpr int W = L::W;
+  A m = -kInf, c = 0, s = 0, S = 0, P = 0;
+  for (int64_t blk = 0; blk < V; blk += kBlock) {
+    const int64_t end = min64(V, blk + kBlock);
+    Vec vm = L::splat(-kInf);
+    for (int64_t v = blk; v < end; v += W) vm = L::max(vm, sc(L::load(z + v, lanes_left(end - v, W), -kInf)));
+    const A bm = L::max(vm);
+    if (bm > m) {
+      s *= sexp(c - bm);
+      if (P != 0) S += P * (bm - c);
+      m = c = bm;
+    }
+    Vec vs = L::splat(0), vS = L::splat(0), vP = L::splat(0);
+    for (int64_t v = blk; v < end; v += W) {
+      const int n = lanes_left(end - v, W);
+      const Vec zs = sc(L::load(z + v, n, -kInf)) - c;
+      vs += L::exp(zs);
+      Vec p, lp;
+      teacher.get(v, n, p, lp);
+      vP += p;
+      vS += p != Vec{} ? p * (lp - zs) : Vec{};
+    }
+    s += L::sum(vs);
+    P += L::sum(vP);
+    S += L::sum(vS);
+  }
+  const A ls = slog(s);
+  lse_z = m + ls;
+  kl = m == -kInf ? A(__builtin_nan("")) : S + P * ls;  // all student logits −inf: q undefined
+}
+
+// dL/dz_v = g·τ·(q_v − p_v) with q_v = e^(z_v/τ − lse_z), written in Z's dtype.
+template <class A, class ZIn, class Teacher>
+MHD_INLINE void grad_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teacher& teacher, A lse_z,
+                         A gs, void* out, int dtype) {
+  using L = Lanes<A>;
+  using Vec = typename L::V;
+  constexpr int W = L::W;
+  for (int64_t v = 0; v < V; v += W) {
+    const int n = lanes_left(V - v, W);
+    const Vec q = L::exp(sc(L::load(z + v, n, -kInf)) - lse_z);
+    store_row<A>(out, dtype, v, gs * (q - teacher.prob(v, n)), n);
+  }
+}
+
+// ---- candidates and aggregation ---------------------------------------------------------------
+
+// The candidate teachers of every client as lists (CSR), built once per call from adj:
+// j with adj[i, j] (j ≠ i), plus i itself when include_self; ascending j.
+class Candidates {
+ public:
+  void build(const View& adj, bool include_self) {
+    const int64_t N = adj.size[0];
+    start_.reset(N + 1);
+    int64_t nnz = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      start_[i] = nnz;
+      for (int64_t j = 0; j < N; ++j) nnz += is_candidate(adj, include_self, i, j);
+    }
+    start_[N] = nnz;
+    list_.reset(nnz);
+    for (int64_t i = 0, k = 0; i < N; ++i)
+      for (int64_t j = 0; j < N; ++j)
+        if (is_candidate(adj, include_self, i, j)) list_[k++] = j;
+  }
+  const int64_t* begin(int64_t i) const { return list_.data() + start_[i]; }
+  const int64_t* end(int64_t i) const { return list_.data() + start_[i + 1]; }
+  int64_t count(int64_t i) const { return start_[i + 1] - start_[i]; }
+
+ private:
+  static bool is_candidate(const View& adj, bool include_self, int64_t i, int64_t j) {
+    if (i == j) return include_self;  // self-loops count only with include_self
+    return static_cast<const uint8_t*>(adj.data)[i * adj.stride[0] + j * adj.stride[1]] != 0;
+  }
+  Scratch<int64_t> start_, list_;
+};
+
+// Weight of candidate j in client i's teacher for row (g, b): mean 1/|C|, confidence-weighted
+// c_j / Σ_C c with c = e^logconf.
+template <class A>
+struct Weights {
+  const View& logconf;
+  int aggregate;
+  int64_t g, b;
+  A total;
+  Weights(const View& lc, int agg, const Candidates& cand, int64_t i, int64_t g_, int64_t b_)
+      : logconf(lc), aggregate(agg), g(g_), b(b_), total(0) {
+    if (aggregate == MEAN) {
+      total = (A)cand.count(i);
+    } else {
+      for (const int64_t* j = cand.begin(i); j != cand.end(i); ++j) total += sexp(at<A>(lc, *j, g, b));
+    }
+  }
+  MHD_INLINE A operator()(int64_t j) const {
+    return (aggregate == MEAN ? A(1) : sexp(at<A>(logconf, j, g, b))) / total;
+  }
+};
+
+// p̄ = Σ_j w_j softmax(T_j/τ) over the candidates of client i (dense teachers), into pbuf.
+template <class A, class TIn>
+MHD_INLINE void aggregate_logits(const DistillArgs& a, const Candidates& cand, int64_t i, int64_t g,
+                                 int64_t b, int64_t V, const Scale<A>& sc, bool gather, A* tbuf, A* pbuf) {
+  using L = Lanes<A>;
+  constexpr int W = L::W;
+  const Weights<A> weight(a.logconf_t, a.aggregate, cand, i, g, b);
+  for (int64_t v = 0; v < V; v += W) L::store(pbuf + v, L::splat(0), W);
+  for (const int64_t* j = cand.begin(i); j != cand.end(i); ++j) {
+    const TIn* t = row<TIn>(a.t, *j, g, b, V, gather, tbuf);
+    const A w = weight(*j), lse = at<A>(a.lse_t, *j, g, b);
+    for (int64_t v = 0; v < V; v += W) {
+      const auto p = L::exp(sc(L::load(t + v, lanes_left(V - v, W), -kInf)) - lse);
+      L::store(pbuf + v, L::load(pbuf + v, W, 0) + w * p, W);
+    }
+  }
+}
+
+// p̄ from packets: each candidate's packet expanded to V classes (sent class k gets p_k, the
+// rest mass max(0, 1 − Σ p_k) spread evenly over the V − K unsent ones), then averaged. Written
+// as p̄_v = C + Σ_j w_j (p_jk − rest_j)[v = sent k of j] with C = Σ_j w_j rest_j: O(V + |C|·K)
+// per row instead of O(|C|·V). In a top-k packet p_jk ≥ rest_j, so nothing cancels.
+template <class A>
+MHD_INLINE void aggregate_packets(const DistillArgs& a, const Candidates& cand, int64_t i, int64_t g,
+                                  int64_t b, int64_t V, A* pbuf) {
+  using L = Lanes<A>;
+  constexpr int W = L::W;
+  const int64_t K = a.values.size[3], vs = a.values.stride[3], is = a.indices.stride[3];
+  const Weights<A> weight(a.logconf_t, a.aggregate, cand, i, g, b);
+  for (int64_t v = 0; v < V; v += W) L::store(pbuf + v, L::splat(0), W);
+  A C = 0;
+  for (const int64_t* j = cand.begin(i); j != cand.end(i); ++j) {
+    const A* val = static_cast<const A*>(a.values.data) + offset(a.values, *j, g, b);
+    const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, *j, g, b);
+    const A w = weight(*j), lse = at<A>(a.lse_t, *j, g, b);
+    A P = 0;
+    for (int64_t k = 0; k < K; ++k) P += sexp(val[k * vs] - lse);
+    const A rest = K < V ? clamp0(A(1) - P) / A(V - K) : A(0);
+    C += w * rest;
+    for (int64_t k = 0; k < K; ++k) pbuf[ind[k * is]] += w * (sexp(val[k * vs] - lse) - rest);
+  }
+  for (int64_t v = 0; v < V; v += W) L::store(pbuf + v, L::load(pbuf + v, W, 0) + C, W);
+}
+
+// Sums over the K sent buckets of one packet against a student row with known lse_z:
+// P = Σ p_k, Q = Σ q_k, S = Σ_{p≠0} p_k (log p_k − log q_k), log p_k = value_k − lse_t.
+template <class A, class ZIn>
+MHD_INLINE void packet_sums(const DistillArgs& a, int64_t j, int64_t g, int64_t b, const ZIn* z,
+                            const Scale<A>& sc, A lse_z, A& P, A& Q, A& S) {
+  const int64_t K = a.values.size[3], vs = a.values.stride[3], is = a.indices.stride[3];
+  const A* val = static_cast<const A*>(a.values.data) + offset(a.values, j, g, b);
+  const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, j, g, b);
+  const A lse_t = at<A>(a.lse_t, j, g, b);
+  P = Q = S = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const A lp = val[k * vs] - lse_t, p = sexp(lp);
+    const A lq = sc(to_acc<A>(z[ind[k * is]])) - lse_z;
+    P += p;
+    Q += sexp(lq);
+    if (p != 0) S += p * (lp - lq);
+  }
+}
+
+// ---- the distillation loss, forward and backward ----------------------------------------------
+
+// Per student row (i, g, b), teacher rows (j, g, b):
+//   max_confidence, dense:   one sweep (kl_row / grad_row) over the student row and the row of
+//                            the selected teacher j = idx[i, g, b].
+//   max_confidence, packets: KL over K + 1 buckets (SPEC §3). Forward: row_lse of the student,
+//                            then the K sent buckets and the rest bucket
+//                            p_rest = max(0, 1 − Σ p_k), q_rest = 1 − Σ q_k (none when K = V).
+//                            Backward: g·τ·(q_v − p_v) for sent v, g·τ·q_v·(1 − p_rest/q_rest)
+//                            for the others (the ratio is 0 when p_rest = 0).
+//   mean / confidence_weighted: p̄ into a per-thread buffer (aggregate_logits /
+//                            aggregate_packets), then the dense sweep against p̄.
+// loss = τ²·KL; backward dz = g·τ·(q − p). Clients with no candidate: loss 0, dz 0.
+template <class A, class ZIn, class TIn>
+void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool backward) {
+  using L = Lanes<A>;
+  const int64_t N = a.z.size[0], G = a.z.size[1], B = a.z.size[2], V = a.z.size[3];
+  const Scale<A> sc(a.tau);
+  const A tau = (A)a.tau;
+  const bool aggregated = a.aggregate != MAX_CONFIDENCE;
+  Candidates cand;
+  if (aggregated) cand.build(a.adj, a.include_self);
+  const int64_t vpad = round_up(V, L::W);
+  const int64_t per_thread = 3 * vpad;  // student row, teacher row, p̄
+  const int nt = team(a.threads, N * G * B * V);
+  Scratch<A> scratch(nt * per_thread);
+  A* loss = static_cast<A*>(out.loss);
+  A* lse_out = static_cast<A*>(out.lse_z);
+  char* dz = static_cast<char*>(out.dz);
+  const int64_t row_bytes = V * dtype_size(a.z.dtype);
+
+  for_rows(N, G, B, nt, [&](int64_t r, int64_t n, int64_t g, int64_t b, int tid) {
+    A* zbuf = scratch.data() + tid * per_thread;
+    A* tbuf = zbuf + vpad;
+    A* pbuf = tbuf + vpad;
+    const ZIn* z = row<ZIn>(a.z, n, g, b, V, gather, zbuf);
+    const int64_t j = at<int64_t>(a.idx, n, g, b);
+    void* dz_row = backward ? dz + r * row_bytes : nullptr;
+    const auto finish = [&](const auto& teacher) {
+      if (backward) {
+        grad_row(z, V, sc, teacher, at<A>(a.lse_z, n, g, b), at<A>(a.grad, n, g, b) * tau, dz_row, a.z.dtype);
+      } else {
+        A kl, lse;
+        kl_row(z, V, sc, teacher, kl, lse);
+        loss[r] = tau * tau * kl;
+        lse_out[r] = lse;
+      }
+    };
+
+    if (aggregated ? cand.count(n) == 0 : j < 0) {
+      if (backward) {
+        std::memset(dz_row, 0, row_bytes);
+      } else {
+        A m, lse;
+        row_lse(z, V, sc, m, lse);
+        loss[r] = 0;
+        lse_out[r] = lse;
+      }
+    } else if (aggregated) {
+      if (a.packets) aggregate_packets(a, cand, n, g, b, V, pbuf);
+      else aggregate_logits<A, TIn>(a, cand, n, g, b, V, sc, gather, tbuf, pbuf);
+      finish(ProbTeacher<A>{pbuf});
+    } else if (!a.packets) {
+      const TIn* t = row<TIn>(a.t, j, g, b, V, gather, tbuf);
+      finish(LogitTeacher<A, TIn>{t, sc, at<A>(a.lse_t, j, g, b)});
+    } else if (!backward) {
+      A m, lse_z, P, Q, S;
+      row_lse(z, V, sc, m, lse_z);
+      packet_sums(a, j, g, b, z, sc, lse_z, P, Q, S);
+      const A p_rest = clamp0(A(1) - P), q_rest = A(1) - Q;
+      if (a.values.size[3] < V && p_rest != 0) S += p_rest * (slog(p_rest) - slog(q_rest));
+      loss[r] = tau * tau * S;
+      lse_out[r] = lse_z;
+    } else {
+      const int64_t K = a.values.size[3];
+      const A lse_z = at<A>(a.lse_z, n, g, b), gs = at<A>(a.grad, n, g, b) * tau;
+      A P, Q, S;
+      packet_sums(a, j, g, b, z, sc, lse_z, P, Q, S);
+      const A p_rest = clamp0(A(1) - P), q_rest = A(1) - Q;
+      const A unsent = gs * (K < V && p_rest != 0 ? A(1) - p_rest / q_rest : A(1));
+      for (int64_t v = 0; v < V; v += L::W) {
+        const int w = lanes_left(V - v, L::W);
+        store_row<A>(dz_row, a.z.dtype, v, unsent * L::exp(sc(L::load(z + v, w, -kInf)) - lse_z), w);
+      }
+      const A* val = static_cast<const A*>(a.values.data) + offset(a.values, j, g, b);
+      const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, j, g, b);
+      const A lse_t = at<A>(a.lse_t, j, g, b);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t v = ind[k * a.indices.stride[3]];
+        const A q = sexp(sc(to_acc<A>(z[v])) - lse_z), p = sexp(val[k * a.values.stride[3]] - lse_t);
+        store_one<A>(dz_row, a.z.dtype, v, gs * (q - p));
+      }
+    }
+  });
+}
+
+// ---- teacher statistics and selection ----------------------------------------------------------
+
+// Per teacher row: lse = logsumexp(T/τ), logconf = max(T/τ) − lse (the log of the confidence
+// max_v softmax(T/τ)_v), from one online sweep.
+template <class A, class TIn>
+void teacher_stats(const View& t, double tau, A* lse, A* logconf, int threads, bool gather) {
+  const int64_t N = t.size[0], G = t.size[1], B = t.size[2], V = t.size[3];
+  const Scale<A> sc(tau);
+  const int nt = team(threads, N * G * B * V);
+  Scratch<A> scratch(gather ? nt * V : 0);
+  for_rows(N, G, B, nt, [&](int64_t r, int64_t n, int64_t g, int64_t b, int tid) {
+    A m, l;
+    row_lse(row<TIn>(t, n, g, b, V, gather, scratch.data() + (gather ? tid * V : 0)), V, sc, m, l);
+    lse[r] = l;
+    logconf[r] = m - l;
+  });
+}
+
+// Per (i, g, b): the candidate j with the largest logconf[j, g, b]; ties -> lowest j; the first
+// NaN wins (as torch.argmax), so that a NaN teacher shows in the loss; −1 with no candidate.
+// Work items are (i, g): the candidates of i are visited in ascending order, each updating the
+// running best of all B rows (a branch-free loop over contiguous rows).
+template <class A>
+void select(const View& logconf, const View& adj, bool include_self, int64_t* idx, bool* has, int threads) {
+  const int64_t N = logconf.size[0], G = logconf.size[1], B = logconf.size[2];
+  Candidates cand;
+  cand.build(adj, include_self);
+  for (int64_t i = 0; i < N; ++i) has[i] = cand.count(i) > 0;
+  const int nt = team(threads, N * G * B * (cand.count(0) + 1));
+  Scratch<A> scratch(nt * B);
+  const A* lc = static_cast<const A*>(logconf.data);
+  const int64_t sj = logconf.stride[0], sg = logconf.stride[1], sb = logconf.stride[2];
+  for_rows(N, G, 1, nt, [&](int64_t, int64_t i, int64_t g, int64_t, int tid) {
+    A* best = scratch.data() + tid * B;
+    int64_t* out = idx + (i * G + g) * B;
+    const int64_t* c = cand.begin(i);
+    if (c == cand.end(i)) {
+      for (int64_t b = 0; b < B; ++b) out[b] = -1;
+      return;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      best[b] = lc[*c * sj + g * sg + b * sb];
+      out[b] = *c;
+    }
+    for (++c; c != cand.end(i); ++c) {
+      const A* x = lc + *c * sj + g * sg;
+      for (int64_t b = 0; b < B; ++b) {
+        const A v = x[b * sb];
+        const bool take = v > best[b] || (is_nan(v) && !is_nan(best[b]));
+        best[b] = take ? v : best[b];
+        out[b] = take ? *c : out[b];
+      }
+    }
+  });
+}
+
+// ---- top-k compression -------------------------------------------------------------------------
+
+// Sort keys of the top-k: unsigned integers ordered as a packet is — NaN above every number
+// (as torch.sort descending), then larger values, and for equal values (or two NaN) the lower
+// index first — so that the heap compares one integer. The value's bits, made monotone
+// (negative: all bits flipped, positive: the sign bit), go above the complemented index:
+// 32 + 32 bits for fp32, 64 + 32 bits (an __int128) for fp64.
+template <class A> struct Keys;
+
+template <> struct Keys<float> {
+  using Key = uint64_t;
+  static MHD_INLINE uint32_t monotone(float t) {
+    uint32_t u = as_bits(t + 0.0f);  // −0 → +0: equal values tie
+    u = t != t ? 0x7FC00000u : u;    // every NaN alike, above +inf
+    return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
+  }
+  static MHD_INLINE Key make(float t, int64_t i) { return (Key)monotone(t) << 32 | (uint32_t)~(uint32_t)i; }
+  static MHD_INLINE float value(Key k) {
+    const uint32_t m = (uint32_t)(k >> 32);
+    return as_float(m & 0x80000000u ? m ^ 0x80000000u : ~m);
+  }
+  static MHD_INLINE int32_t index(Key k) { return (int32_t)~(uint32_t)k; }
+};
+
+template <> struct Keys<double> {
+  using Key = unsigned __int128;
+  static MHD_INLINE uint64_t monotone(double t) {
+    uint64_t u;
+    const double c = t + 0.0;
+    __builtin_memcpy(&u, &c, 8);
+    u = t != t ? 0x7FF8000000000000ull : u;
+    return u ^ ((uint64_t)((int64_t)u >> 63) | 0x8000000000000000ull);
+  }
+  static MHD_INLINE Key make(double t, int64_t i) { return (Key)monotone(t) << 32 | (uint32_t)~(uint32_t)i; }
+  static MHD_INLINE double value(Key k) {
+    const uint64_t m = (uint64_t)(k >> 32);
+    const uint64_t u = m & 0x8000000000000000ull ? m ^ 0x8000000000000000ull : ~m;
+    double d;
+    __builtin_memcpy(&d, &u, 8);
+    return d;
+  }
+  static MHD_INLINE int32_t index(Key k) { return (int32_t)~(uint32_t)k; }
+};
+
+// The best k keys seen so far in a binary min-heap (the lowest-ranked at the root), stored as a
+// complete tree of 2^D − 1 ≥ k slots: slots [0, k) start at key 0 (below every real key, so the
+// first k offers fill them) and the others hold the maximum key, which never rises. With a
+// complete tree every sift-down walks all D − 1 levels with conditional moves and no
+// data-dependent branch; once the new key has found its slot, the walk goes on re-placing keys
+// onto themselves. A rejected offer costs one compare.
+template <class Key>
+struct Heap {
+  Key* h;
+  int64_t levels;  // D
+
+  static int64_t slots(int64_t k) {
+    int64_t s = 1;
+    while (s - 1 < k) s *= 2;
+    return s - 1;
+  }
+  void reset(int64_t k) {
+    const int64_t n = slots(k);
+    for (int64_t i = 0; i < n; ++i) h[i] = i < k ? Key(0) : ~Key(0);
+    levels = 0;
+    for (int64_t m = n + 1; m > 1; m /= 2) ++levels;
+  }
+  MHD_INLINE bool full() const { return h[0] != Key(0); }
+  MHD_INLINE void sift_down(Key e) {
+    int64_t c = 0;
+    for (int64_t d = 1; d < levels; ++d) {
+      const int64_t l = 2 * c + 1;
+      const int64_t m = l + (h[l + 1] < h[l]);
+      const Key hm = h[m];
+      const bool go = hm < e;
+      h[c] = go ? hm : e;
+      e = go ? e : hm;
+      c = m;
+    }
+    h[c] = e;
+  }
+  MHD_INLINE void offer(Key e) {
+    if (h[0] < e) sift_down(e);
+  }
+  MHD_INLINE Key pop() {  // the lowest-ranked key; its slot gets the maximum key
+    const Key top = h[0];
+    sift_down(~Key(0));
+    return top;
+  }
+};
+
+// One row of X: values = the k largest of t = x/τ (descending), their indices, and
+// lse = logsumexp(t), in one sweep. The sweep is row_lse's; its block-max pass also feeds the
+// heap, with a vector rejection test against the k-th value so far (t > thr, or NaN) that
+// skips almost every vector once the heap is full.
+template <class A, class In>
+MHD_INLINE void topk_row(const In* x, int64_t V, int64_t K, const Scale<A>& sc, Heap<typename Keys<A>::Key>& heap,
+                         A* values, int32_t* indices, A& lse) {
+  using L = Lanes<A>;
+  using Vec = typename L::V;
+  using Kx = Keys<A>;
+  constexpr int W = L::W;
+  heap.reset(K);
+  A thr = -kInf;
+  A m = -kInf, s = 0;
+  for (int64_t blk = 0; blk < V; blk += kBlock) {
+    const int64_t end = min64(V, blk + kBlock);
+    Vec vm = L::splat(-kInf);
+    for (int64_t v = blk; v < end; v += W) {
+      const int n = lanes_left(end - v, W);
+      const Vec t = sc(L::load(x + v, n, -kInf));
+      vm = L::max(vm, t);
+      const bool full = heap.full();
+      unsigned pass = (full ? L::bits((t > L::splat(thr)) | (t != t)) : ~0u) & ((1u << n) - 1);
+      if (pass == 0) continue;
+      for (; pass != 0; pass &= pass - 1) {
+        const int l = __builtin_ctz(pass);
+        heap.offer(Kx::make(L::lane(t, l), v + l));
+      }
+      if (heap.full()) thr = Kx::value(heap.h[0]);
+    }
+    const A bm = L::max(vm);
+    if (bm > m) {
+      s *= sexp(m - bm);
+      m = bm;
+    }
+    const A c = m == -kInf ? A(0) : m;
+    Vec acc = L::splat(0);
+    for (int64_t v = blk; v < end; v += W) acc += L::exp(sc(L::load(x + v, lanes_left(end - v, W), -kInf)) - c);
+    s += L::sum(acc);
+  }
+  lse = m + slog(s);
+  for (int64_t pos = K - 1; pos >= 0; --pos) {
+    const int32_t i = Kx::index(heap.pop());
+    values[pos] = sc(to_acc<A>(x[i]));  // the exact value, −0 and NaN payloads included
+    indices[pos] = i;
+  }
+}
+
+// X is passed as [1, 1, R, V].
+template <class A, class In>
+void topk_compress(const View& x, int64_t K, double tau, A* values, int32_t* indices, A* lse, int threads,
+                   bool gather) {
+  using Key = typename Keys<A>::Key;
+  const int64_t R = x.size[2], V = x.size[3];
+  const Scale<A> sc(tau);
+  const int nt = team(threads, R * V);
+  Scratch<A> rows(gather ? nt * V : 0);
+  const int64_t slots = Heap<Key>::slots(K);
+  Scratch<Key> heaps(nt * slots);
+  for_rows(1, 1, R, nt, [&](int64_t r, int64_t, int64_t, int64_t, int tid) {
+    Heap<Key> heap{heaps.data() + tid * slots, 0};
+    const In* xr = row<In>(x, 0, 0, r, V, gather, rows.data() + (gather ? tid * V : 0));
+    topk_row(xr, V, K, sc, heap, values + r * K, indices + r * K, lse[r]);
+  });
+}
+
+// ---- dtype dispatch ------------------------------------------------------------------------------
+
+// The fp32 path reads fp32 / fp16 / bf16 logits in place; fp64 (and any strided class dim)
+// gathers rows into A first, so those cases share one instantiation.
+template <class F>
+MHD_INLINE void with_stored_type(int dtype, F&& f) {
+  switch (dtype) {
+    case F16: f(f16{}); break;
+    case BF16: f(bf16{}); break;
+    default: f(float{}); break;
+  }
+}
+
+inline void teacher_stats_entry(const View& t, double tau, int acc, void* lse, void* logconf, int threads) {
+  if (acc == F64)
+    return teacher_stats<double, double>(t, tau, (double*)lse, (double*)logconf, threads, true);
+  if (t.stride[3] != 1)
+    return teacher_stats<float, float>(t, tau, (float*)lse, (float*)logconf, threads, true);
+  with_stored_type(t.dtype, [&](auto tag) {
+    teacher_stats<float, decltype(tag)>(t, tau, (float*)lse, (float*)logconf, threads, false);
+  });
+}
+
+inline void select_entry(const View& logconf, const View& adj, bool include_self, int64_t* idx, bool* has,
+                         int threads) {
+  if (logconf.dtype == F64) select<double>(logconf, adj, include_self, idx, has, threads);
+  else select<float>(logconf, adj, include_self, idx, has, threads);
+}
+
+inline void distill_entry(const DistillArgs& a, int acc, const DistillOut& out, bool backward) {
+  if (acc == F64) return distill<double, double, double>(a, out, true, backward);
+  if (a.z.stride[3] != 1 || (!a.packets && a.t.stride[3] != 1))
+    return distill<float, float, float>(a, out, true, backward);
+  with_stored_type(a.z.dtype, [&](auto z_tag) {
+    using ZIn = decltype(z_tag);
+    if (a.packets) return distill<float, ZIn, float>(a, out, false, backward);
+    with_stored_type(a.t.dtype, [&](auto t_tag) { distill<float, ZIn, decltype(t_tag)>(a, out, false, backward); });
+  });
+}
+
+inline void distill_fwd_entry(const DistillArgs& a, int acc, const DistillOut& out) { distill_entry(a, acc, out, false); }
+inline void distill_bwd_entry(const DistillArgs& a, int acc, const DistillOut& out) { distill_entry(a, acc, out, true); }
+
+inline void topk_compress_entry(const View& x, int64_t k, double tau, int acc, void* values, int32_t* indices,
+                                void* lse, int threads) {
+  if (acc == F64)
+    return topk_compress<double, double>(x, k, tau, (double*)values, indices, (double*)lse, threads, true);
+  if (x.stride[3] != 1)
+    return topk_compress<float, float>(x, k, tau, (float*)values, indices, (float*)lse, threads, true);
+  with_stored_type(x.dtype, [&](auto tag) {
+    topk_compress<float, decltype(tag)>(x, k, tau, (float*)values, indices, (float*)lse, threads, false);
+  });
+}
+
+inline const KernelTable& table() {
+  static const KernelTable t{MHD_ISA_NAME,         teacher_stats_entry, select_entry,
+                             distill_fwd_entry,    distill_bwd_entry,   topk_compress_entry};
+  return t;
+}

@@ -1,0 +1,275 @@
+// Portable SIMD layer of the kernels: GCC/Clang vector extensions, one vector = MHD_LANES fp32.
+//
+// Included by kernels.h inside the namespace of one ISA build (see kernels_generic.cpp and
+// kernels_avx2.cpp): the same source becomes SSE2/NEON code (4 lanes) and AVX2+FMA code
+// (8 lanes). Everything here is always_inline so that it takes the ISA of the kernel it is
+// inlined into. Needs MHD_LANES, and MHD_AVX2 in the AVX2 + FMA build (intrinsics for fma,
+// max, masked loads and movemask).
+//
+// Lanes<A> gives the kernels one vocabulary for both accumulation types: Lanes<float> works on
+// vectors with polynomial exp/log, Lanes<double> (the fp64 path, used by gradcheck) on plain
+// scalars with libm, so each kernel is written once.
+
+#define MHD_INLINE inline __attribute__((always_inline))
+
+constexpr int kLanes = MHD_LANES;
+typedef float vf __attribute__((vector_size(4 * MHD_LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * MHD_LANES)));
+typedef uint32_t vu __attribute__((vector_size(4 * MHD_LANES)));
+typedef uint16_t vh __attribute__((vector_size(2 * MHD_LANES)));
+
+constexpr float kInf = __builtin_inff();
+
+MHD_INLINE vf splat(float x) { return vf{} + x; }
+MHD_INLINE vu splat_u(uint32_t x) { return vu{} + x; }
+MHD_INLINE vi splat_i(int32_t x) { return vi{} + x; }
+
+// Bit casts that read the same for scalars and vectors, so that the fp16 / bf16 conversions
+// below are written once for both.
+MHD_INLINE float as_float(uint32_t u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
+MHD_INLINE uint32_t as_bits(float f) { uint32_t u; __builtin_memcpy(&u, &f, 4); return u; }
+MHD_INLINE vf as_float(vu u) { return (vf)u; }
+MHD_INLINE vu as_bits(vf f) { return (vu)f; }
+MHD_INLINE uint32_t pick(bool c, uint32_t a, uint32_t b) { return c ? a : b; }
+MHD_INLINE vu pick(vi c, vu a, vu b) { return c ? a : b; }
+MHD_INLINE uint32_t widen(uint16_t h) { return h; }
+MHD_INLINE vu widen(vh h) { return __builtin_convertvector(h, vu); }
+MHD_INLINE uint16_t narrow(uint32_t u) { return (uint16_t)u; }
+MHD_INLINE vh narrow(vu u) { return __builtin_convertvector(u, vh); }
+
+// IEEE half -> float, exact, branch-free (M. Dukhan's FP16 library): normal numbers are
+// rebiased by one multiply, subnormals come out of a magic-number subtraction.
+template <class H>
+MHD_INLINE auto half_to_float(H h) {
+  const auto w = widen(h) << 16;
+  const auto sign = w & 0x80000000u;
+  const auto two_w = w + w;
+  const auto normalized = as_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const auto denormalized = as_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  return as_float(sign | pick(two_w < (1u << 27), as_bits(denormalized), as_bits(normalized)));
+}
+
+// float -> IEEE half, round to nearest even, overflow to inf, NaN kept (same source). Relies
+// on fp32 round-to-nearest and no contraction of the two scalings (built with
+// -ffp-contract=off).
+template <class F>
+MHD_INLINE auto float_to_half(F f) {
+  const auto w = as_bits(f);
+  auto base = (as_float(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
+  const auto shl1_w = w + w;
+  const auto sign = w & 0x80000000u;
+  auto bias = shl1_w & 0xFF000000u;
+  bias = pick(bias < 0x71000000u, bias - bias + 0x71000000u, bias);
+  base = as_float((bias >> 1) + 0x07800000u) + base;
+  const auto bits = as_bits(base);
+  const auto nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return narrow((sign >> 16) | pick(shl1_w > 0xFF000000u, bias - bias + 0x7E00u, nonsign));
+}
+
+template <class H>
+MHD_INLINE auto bf16_to_float(H h) { return as_float(widen(h) << 16); }
+
+// float -> bfloat16, round to nearest even; NaN stays a (quiet) NaN.
+template <class F>
+MHD_INLINE auto float_to_bf16(F f) {
+  const auto u = as_bits(f);
+  const auto rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return narrow(pick(f != f, (u >> 16) | 0x40u, rounded));
+}
+
+// Scalar conversions of one stored element to the accumulation type.
+template <class A> MHD_INLINE A to_acc(float x) { return (A)x; }
+template <class A> MHD_INLINE A to_acc(double x) { return (A)x; }
+template <class A> MHD_INLINE A to_acc(f16 x) { return (A)half_to_float(x.bits); }
+template <class A> MHD_INLINE A to_acc(bf16 x) { return (A)bf16_to_float(x.bits); }
+
+MHD_INLINE vf fmadd(vf a, vf b, vf c) {
+#ifdef MHD_AVX2
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// Lane-wise max that keeps a NaN of x (maxps returns its second operand when one is NaN).
+MHD_INLINE vf max_keep_nan(vf c, vf x) {
+#ifdef MHD_AVX2
+  return _mm256_max_ps(c, x);
+#else
+  return c > x ? c : x;
+#endif
+}
+
+MHD_INLINE vf min_keep_nan(vf c, vf x) {
+#ifdef MHD_AVX2
+  return _mm256_min_ps(c, x);
+#else
+  return c < x ? c : x;
+#endif
+}
+
+// exp(x) = 2^n · (1 + poly(r)), n = round(x·log2 e), r = x − n·ln 2 ∈ [−ln2/2, ln2/2] (ln 2
+// split in two for an exact product); poly is the degree-5 minimax polynomial of e^r − 1 of
+// ARM's optimized-routines (max error ≈ 1.5 ulp). 1.5·2^23 added to x·log2 e rounds it to n
+// and leaves n in the low mantissa bits, from which 2^n is built with one shift and one add.
+// Branch-free so that it vectorizes. x is clamped to [−88, 88]: exp(−inf) = 0 exactly (a
+// masked class), results below 2^−126 flush to 0, NaN stays NaN. The kernels call it with
+// x ≤ 0 (a logit minus its row max or its lse) or NaN.
+MHD_INLINE vf vexp(vf x) {
+  x = min_keep_nan(splat(88.0f), max_keep_nan(splat(-88.0f), x));
+  const vf shift = splat(0x1.8p23f);
+  const vf z = fmadd(x, splat(0x1.715476p+0f), shift);
+  const vf n = z - shift;
+  vf r = fmadd(n, splat(-0x1.62e4p-1f), x);
+  r = fmadd(n, splat(-0x1.7f7d1cp-20f), r);
+  const vf scale = (vf)(((vu)z << 23) + 0x3F800000u);  // 2^n; 0 for n = −127
+  vf p = fmadd(splat(0x1.0e4020p-7f), r, splat(0x1.573e2ep-5f));
+  p = fmadd(p, r, splat(0x1.555e66p-3f));
+  p = fmadd(p, r, splat(0x1.fffdb6p-2f));
+  p = fmadd(p, r, splat(0x1.ffffecp-1f));
+  return fmadd(p * r, scale, scale);
+}
+
+// log(x) = e·ln 2 + log(m), x = m·2^e with m ∈ [√½, √2); log(1 + f) by the Cephes logf
+// polynomial. Subnormal x is rescaled by 2^23 first; log 0 = −inf, log(<0) = NaN,
+// log(inf) = inf, NaN stays NaN.
+MHD_INLINE vf vlog(vf x) {
+  const vi sub = x < splat(1.17549435e-38f);
+  const vf xs = sub ? x * splat(8388608.0f) : x;
+  vi e = (((vi)xs >> 23) & 0xFF) - 126 - (sub & 23);
+  vf m = (vf)(((vi)xs & 0x007FFFFF) | 0x3F000000);  // [0.5, 1)
+  const vi small = m < splat(0.707106781186547524f);
+  e = e + small;  // masks are −1 where true
+  m = (small ? m : vf{}) + m - splat(1.0f);
+  const vf z = m * m;
+  vf y = splat(7.0376836292e-2f);
+  y = fmadd(y, m, splat(-1.1514610310e-1f));
+  y = fmadd(y, m, splat(1.1676998740e-1f));
+  y = fmadd(y, m, splat(-1.2420140846e-1f));
+  y = fmadd(y, m, splat(1.4249322787e-1f));
+  y = fmadd(y, m, splat(-1.6668057665e-1f));
+  y = fmadd(y, m, splat(2.0000714765e-1f));
+  y = fmadd(y, m, splat(-2.4999993993e-1f));
+  y = fmadd(y, m, splat(3.3333331174e-1f));
+  y = y * m * z;
+  const vf fe = __builtin_convertvector(e, vf);
+  y = fmadd(fe, splat(-2.12194440e-4f), y);
+  y = fmadd(z, splat(-0.5f), y);
+  vf res = fmadd(fe, splat(0.693359375f), m + y);
+  res = x == splat(0.0f) ? splat(-kInf) : res;
+  res = x == splat(kInf) ? splat(kInf) : res;
+  return (x < splat(0.0f)) | (x != x) ? splat(__builtin_nanf("")) : res;
+}
+
+template <class A> struct Lanes;
+
+template <> struct Lanes<float> {
+  using V = vf;
+  using M = vi;  // lane mask
+  static constexpr int W = kLanes;
+
+  static MHD_INLINE V splat(float x) { return ::mhd::MHD_ISA::splat(x); }
+  static MHD_INLINE V exp(V x) { return vexp(x); }
+  static MHD_INLINE V log(V x) { return vlog(x); }
+  static MHD_INLINE V max(V a, V b) {
+#ifdef MHD_AVX2
+    return _mm256_max_ps(a, b);
+#else
+    return a > b ? a : b;
+#endif
+  }
+  static MHD_INLINE float lane(V v, int l) { return v[l]; }
+  // Lane order is fixed, so a row's sum never depends on the thread that computes it.
+  static MHD_INLINE float sum(V v) {
+    float s = v[0];
+    for (int l = 1; l < W; ++l) s += v[l];
+    return s;
+  }
+  static MHD_INLINE float max(V v) {
+    float s = v[0];
+    for (int l = 1; l < W; ++l) s = v[l] > s ? v[l] : s;
+    return s;
+  }
+  // Bit l set when lane l of the mask is set.
+  static MHD_INLINE unsigned bits(M m) {
+#ifdef MHD_AVX2
+    return (unsigned)_mm256_movemask_ps((__m256)m);
+#else
+    unsigned b = 0;
+    for (int l = 0; l < W; ++l) b |= (m[l] != 0) << l;
+    return b;
+#endif
+  }
+  static MHD_INLINE M lanes_below(int n) {
+    M id;
+    for (int l = 0; l < W; ++l) id[l] = l;
+    return id < splat_i(n);
+  }
+
+  static MHD_INLINE V load(const float* p) { V r; __builtin_memcpy(&r, p, sizeof r); return r; }
+  static MHD_INLINE V load(const bf16* p) {
+    vh h; __builtin_memcpy(&h, p, sizeof h); return bf16_to_float(h);
+  }
+  static MHD_INLINE V load(const f16* p) {
+    vh h; __builtin_memcpy(&h, p, sizeof h); return half_to_float(h);
+  }
+  // The first n ≤ W lanes from p, the others = pad (−inf for logits: a masked class). Never
+  // reads past p[n − 1].
+  template <class In>
+  static MHD_INLINE V load(const In* p, int n, float pad) {
+    if (n == W) return load(p);
+#ifdef MHD_AVX2
+    if constexpr (sizeof(In) == 4) {
+      const M m = lanes_below(n);
+      return m ? (V)_mm256_maskload_ps(reinterpret_cast<const float*>(p), (__m256i)m) : splat(pad);
+    }
+#endif
+    V r = splat(pad);
+    for (int l = 0; l < n; ++l) r[l] = to_acc<float>(p[l]);
+    return r;
+  }
+
+  static MHD_INLINE void store(float* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
+  static MHD_INLINE void store(bf16* p, V v) { const vh h = float_to_bf16(v); __builtin_memcpy(p, &h, sizeof h); }
+  static MHD_INLINE void store(f16* p, V v) { const vh h = float_to_half(v); __builtin_memcpy(p, &h, sizeof h); }
+  // The first n ≤ W lanes of v into p; never writes past p[n − 1].
+  template <class Out>
+  static MHD_INLINE void store(Out* p, V v, int n) {
+    if (n == W) return store(p, v);
+#ifdef MHD_AVX2
+    if constexpr (sizeof(Out) == 4) return _mm256_maskstore_ps(reinterpret_cast<float*>(p), (__m256i)lanes_below(n), v);
+#endif
+    Out tmp[W];
+    store(tmp, v);
+    for (int l = 0; l < n; ++l) p[l] = tmp[l];
+  }
+};
+
+template <> struct Lanes<double> {
+  using V = double;
+  using M = bool;
+  static constexpr int W = 1;
+
+  static MHD_INLINE V splat(double x) { return x; }
+  static MHD_INLINE V exp(V x) { return __builtin_exp(x); }
+  static MHD_INLINE V log(V x) { return __builtin_log(x); }
+  static MHD_INLINE V max(V a, V b) { return a > b ? a : b; }
+  static MHD_INLINE double lane(V v, int) { return v; }
+  static MHD_INLINE double sum(V v) { return v; }
+  static MHD_INLINE double max(V v) { return v; }
+  static MHD_INLINE unsigned bits(M m) { return m; }
+  template <class In>
+  static MHD_INLINE V load(const In* p, int = 1, double = 0) { return to_acc<double>(*p); }
+  static MHD_INLINE void store(float* p, V v, int = 1) { *p = (float)v; }
+  static MHD_INLINE void store(double* p, V v, int = 1) { *p = v; }
+  static MHD_INLINE void store(f16* p, V v, int = 1) { p->bits = float_to_half((float)v); }
+  static MHD_INLINE void store(bf16* p, V v, int = 1) { p->bits = float_to_bf16((float)v); }
+};
+
+// Scalar exp / log in the accumulation type (per-row and per-block bookkeeping).
+MHD_INLINE float sexp(float x) { return __builtin_expf(x); }
+MHD_INLINE double sexp(double x) { return __builtin_exp(x); }
+MHD_INLINE float slog(float x) { return __builtin_logf(x); }
+MHD_INLINE double slog(double x) { return __builtin_log(x); }
+MHD_INLINE bool is_nan(float x) { return x != x; }
+MHD_INLINE bool is_nan(double x) { return x != x; }

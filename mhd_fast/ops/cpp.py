@@ -1,0 +1,147 @@
+"""The C++ CPU backend: launchers of the fused kernels in ``csrc/`` (the kernel contract of
+``registry.py``).
+
+Each launcher checks that its tensors live on the CPU, allocates the outputs with torch and
+hands ``mhd_fast._C`` raw pointers, sizes, element strides and dtype codes. The extension
+checks what memory safety needs, releases the GIL and runs one OpenMP launch over the flat
+row space of all N clients × G groups × B rows with ``torch.get_num_threads()`` threads.
+
+* Logits are read in place through their strides (a view like ``Z[:, 1:]`` costs no copy).
+  The per-row metadata ([N, G, B], a few bytes a row) is passed in the accumulation dtype,
+  converted here only when the caller holds another one.
+* Arithmetic in fp32 for fp32 / fp16 / bf16 inputs (fp64 when an input is fp64), with a
+  polynomial exp / log vectorized for AVX2 + FMA (chosen at run time) or the baseline ISA.
+  Results are bit-identical run to run and for any thread count.
+* NaN and inf: a row whose logits hold NaN or +inf gives NaN for that row (loss, lse, log
+  confidence, gradient); −inf marks a masked class (probability 0, 0·log 0 = 0); a row of all
+  −inf has lse = −inf and a NaN loss. A teacher row with NaN has a NaN confidence, which wins
+  the teacher choice (as torch.argmax), so that the NaN reaches the loss. A client with no
+  candidate teacher gets loss 0 and gradient 0 whatever its logits.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _C
+from .reference import AGGREGATES, acc_dtype
+
+_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
+          torch.int32: 4, torch.int64: 5, torch.bool: 6}
+
+
+def _arg(name: str, t: Tensor) -> tuple:
+    """(data pointer, dtype code, sizes, element strides) of a CPU tensor for ``_C``."""
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor for backend='cpp', got a tensor on {t.device}")
+    if t.dtype not in _CODES:
+        raise ValueError(f"{name} has dtype {t.dtype}, which backend='cpp' does not read")
+    return t.data_ptr(), _CODES[t.dtype], list(t.shape), list(t.stride())
+
+
+def _meta(name: str, t: Tensor, dtype: torch.dtype) -> tuple:
+    """Per-row metadata in the accumulation dtype (no copy when it already is)."""
+    return _arg(name, t.to(dtype))
+
+
+def _aggregate_code(aggregate: str) -> int:
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    return AGGREGATES.index(aggregate)
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def teacher_stats(teacher: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """T [N, G, B, V] -> (lse [N, G, B], logconf [N, G, B]) of T/τ, accumulation dtype."""
+    dt = acc_dtype(teacher)
+    lse = torch.empty(teacher.shape[:-1], dtype=dt)
+    logconf = torch.empty(teacher.shape[:-1], dtype=dt)
+    _C.teacher_stats(_arg("teacher", teacher), float(tau), _CODES[dt], lse.data_ptr(), logconf.data_ptr(),
+                     _threads())
+    return lse, logconf
+
+
+def select(logconf: Tensor, adj: Tensor, include_self: bool) -> tuple[Tensor, Tensor]:
+    """logconf [N, G, B] -> (idx [N, G, B] int64, −1 without candidate; has [N] bool)."""
+    logconf = logconf.to(acc_dtype(logconf))
+    idx = torch.empty(logconf.shape, dtype=torch.int64)
+    has = torch.empty(logconf.shape[:1], dtype=torch.bool)
+    _C.select(_arg("logconf", logconf), _arg("adj", adj), bool(include_self), idx.data_ptr(), has.data_ptr(),
+              _threads())
+    return idx, has
+
+
+def _distill_args(student: Tensor, dt: torch.dtype, lse_t: Tensor, logconf_t: Tensor, idx: Tensor,
+                  adj: Tensor, tau: float, include_self: bool, aggregate: str, *, teacher: Tensor | None = None,
+                  values: Tensor | None = None, indices: Tensor | None = None) -> dict:
+    """Keyword arguments shared by _C.distill_fwd and _C.distill_bwd."""
+    return dict(student=_arg("student", student),
+                teacher=None if teacher is None else _arg("teacher", teacher),
+                values=None if values is None else _meta("values", values, dt),
+                indices=None if indices is None else _arg("indices", indices.to(torch.int32)),
+                lse_t=_meta("lse_t", lse_t, dt), logconf_t=_meta("logconf_t", logconf_t, dt),
+                idx=_arg("idx", idx), adj=_arg("adj", adj), tau=float(tau),
+                include_self=bool(include_self), aggregate=_aggregate_code(aggregate), acc=_CODES[dt],
+                threads=_threads())
+
+
+def _forward(student: Tensor, dt: torch.dtype, args: dict) -> tuple[Tensor, Tensor]:
+    loss = torch.empty(student.shape[:-1], dtype=dt)
+    lse_z = torch.empty(student.shape[:-1], dtype=dt)
+    _C.distill_fwd(**args, loss=loss.data_ptr(), lse_z=lse_z.data_ptr())
+    return loss, lse_z
+
+
+def _backward(grad: Tensor, lse_z: Tensor, student: Tensor, dt: torch.dtype, args: dict) -> Tensor:
+    d_student = torch.empty(student.shape, dtype=student.dtype)
+    _C.distill_bwd(**args, grad=_meta("grad", grad, dt), lse_z=_meta("lse_z", lse_z, dt),
+                   dz=d_student.data_ptr())
+    return d_student
+
+
+def distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, tau, include_self, aggregate):
+    """Dense teacher: (loss [N, G, B] = τ²·KL, lse_z [N, G, B] of Z/τ), accumulation dtype."""
+    dt = acc_dtype(student, teacher)
+    args = _distill_args(student, dt, lse_t, logconf_t, idx, adj, tau, include_self, aggregate, teacher=teacher)
+    return _forward(student, dt, args)
+
+
+def distill_bwd(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z, tau, include_self, aggregate):
+    """Dense teacher: dZ = grad·τ·(q − p̄), a fresh contiguous tensor of Z's dtype."""
+    dt = acc_dtype(student, teacher)
+    args = _distill_args(student, dt, lse_t, logconf_t, idx, adj, tau, include_self, aggregate, teacher=teacher)
+    return _backward(grad, lse_z, student, dt, args)
+
+
+def distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj, tau, include_self, aggregate):
+    """Top-k packet teacher (values [N, G, B, K], indices int32): (loss, lse_z)."""
+    dt = acc_dtype(student, values)
+    args = _distill_args(student, dt, lse_t, logconf_t, idx, adj, tau, include_self, aggregate, values=values,
+                         indices=indices)
+    return _forward(student, dt, args)
+
+
+def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj, lse_z, tau, include_self,
+                     aggregate):
+    """Top-k packet teacher: dZ by the bucket formula of SPEC §3 (mean / confidence_weighted:
+    grad·τ·(q − p̄) against the expanded packets)."""
+    dt = acc_dtype(student, values)
+    args = _distill_args(student, dt, lse_t, logconf_t, idx, adj, tau, include_self, aggregate, values=values,
+                         indices=indices)
+    return _backward(grad, lse_z, student, dt, args)
+
+
+def topk_compress(logits: Tensor, k: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    """X [R, V] -> (values [R, k] of X/τ descending, accumulation dtype; indices [R, k] int32;
+    lse [R] of X/τ). Ties -> lower index first; NaN ranks above every number."""
+    dt = acc_dtype(logits)
+    r = logits.shape[0]
+    values = torch.empty((r, k), dtype=dt)
+    indices = torch.empty((r, k), dtype=torch.int32)
+    lse = torch.empty((r,), dtype=dt)
+    _C.topk_compress(_arg("logits", logits), int(k), float(tau), _CODES[dt], values.data_ptr(), indices.data_ptr(),
+                     lse.data_ptr(), _threads())
+    return values, indices, lse
