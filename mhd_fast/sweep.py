@@ -88,6 +88,7 @@ class Plan:
 
     base: dict
     variants: dict
+    grids: tuple      # grid names in file order
     runs: tuple
     seeds: tuple
     out: str
@@ -264,7 +265,7 @@ def expand(data: dict, out: str, where: str = "CONFIG") -> Plan:
 
     runs: list[Run] = []
     for vname, layer in (variants or {"": {}}).items():
-        start = _layered(base, layer, {}, f"{where} [variants.{vname}]")
+        start = _layered(base, layer, {}, f"{where} [variants.{vname}]" if vname else where)
         found: dict[str, dict] = {}  # identity -> {"overrides", "points"}; insertion-ordered
         for gname, grid in grids.items():
             axes = [(k, _axis(k, v, f"{where} [grid.{gname}]")) for k, v in grid.items()]
@@ -290,7 +291,7 @@ def expand(data: dict, out: str, where: str = "CONFIG") -> Plan:
                                  "use values that differ in letters or digits")
             names.add(name)
             runs.append(Run(vname, name, entry["overrides"], tuple(entry["points"])))
-    return Plan(dict(base), dict(variants), tuple(runs), tuple(seeds), out)
+    return Plan(dict(base), dict(variants), tuple(grids), tuple(runs), tuple(seeds), out)
 
 
 def load_plan(path: str, out: str | None = None, *, quick: bool = False) -> Plan:
@@ -455,9 +456,8 @@ def summarize(plan: Plan) -> list[dict]:
             rows.append({"variant": run.variant, "grid": gname, "point": point, "run": run.name,
                          "seeds": seeds, "dirs": dirs, "metrics": stats})
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    grids = list(dict.fromkeys(g for run in plan.runs for g, _ in run.points))
     # Stable sort: by variant, then grid in file order, then points in the order they were made.
-    return sorted(rows, key=lambda r: (variants.index(r["variant"]), grids.index(r["grid"])))
+    return sorted(rows, key=lambda r: (variants.index(r["variant"]), plan.grids.index(r["grid"])))
 
 
 def summary_csv(rows: list[dict]) -> str:

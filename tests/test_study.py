@@ -1,0 +1,93 @@
+"""The quick study end to end: `python scripts/study.py --quick` runs the [quick] sweep of
+configs/study.toml (digits, tiny sizes) and writes RESULTS.md with every section, parseable
+numbers and its plots. It runs in CI, so the quick sizes keep it to a minute or two."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("## Findings", "## 1. Number of aux heads", "## 2. Data heterogeneity",
+            "## 3. Topology", "## 4. Model heterogeneity", "## 5. Communication",
+            "## 6. Baselines", "## 7. Teacher aggregation")
+PLOTS = ("heads", "skew", "topology", "models", "comm", "baselines", "aggregate")
+CELL = re.compile(r"^-?\d+(\.\d+)?( ± \d+(\.\d+)?)?$")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    results = out / "RESULTS.md"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "study.py"), "--quick", "--no-progress",
+           "--out", str(out / "runs"), "--results", str(results)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, results.read_text()
+
+
+def tables(text: str) -> list[list[list[str]]]:
+    """Every markdown table of the page: rows of cells, header first, separator dropped."""
+    found, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                current.append(cells)
+        elif current:
+            found.append(current)
+            current = []
+    return found
+
+
+def test_every_section_and_the_command_that_made_it(quick):
+    _, text = quick
+    positions = [text.index(s) for s in SECTIONS]
+    assert positions == sorted(positions)
+    for part in text.split("\n## ")[2:]:  # every experiment names its command and grid
+        assert "Made by `python scripts/study.py --quick`" in part
+        assert "One point, one seed: `mhd-fast run " in part
+    findings = text.split("## Findings")[1].split("\n## ")[0]
+    assert len([l for l in findings.splitlines() if l.startswith("- ")]) >= 7
+
+
+def test_table_numbers_parse_and_are_accuracies(quick):
+    _, text = quick
+    found = tables(text)
+    assert len(found) >= 7
+    accuracies = 0
+    for table in found:
+        header, *rows = table
+        assert rows, header
+        for row in rows:
+            assert len(row) == len(header)
+            for name, cell in zip(header, row):
+                if "shared" in name or "private" in name:
+                    if cell in ("", "-"):
+                        continue  # a head the run does not have
+                    assert CELL.match(cell), (name, cell)
+                    m = float(cell.split(" ± ")[0])
+                    assert 0 <= m <= 100
+                    accuracies += 1
+    assert accuracies > 50
+
+
+def test_plots_exist_and_are_png(quick):
+    out, text = quick
+    for name in PLOTS:
+        path = out / "plots" / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"(plots/{name}.png)" in text
+
+
+def test_rerun_skips_the_finished_runs(quick):
+    out, _ = quick
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "study.py"), "--quick",
+                           "--no-progress", "--report-only", "--out", str(out / "runs"),
+                           "--results", str(out / "again.md")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "## 7. Teacher aggregation" in (out / "again.md").read_text()
