@@ -1,0 +1,306 @@
+"""Distillation from top-k packets (SPEC §3), forward and backward, one launch each.
+
+A packet of teacher row (j, g, b): values_k = the K largest of T/τ, indices_k, lse. Sent mass
+p_k = exp(values_k − lse), rest p_rest = max(0, 1 − Σ_k p_k) (no rest bucket when K = V).
+
+max_confidence, student row (i, g, b) against the packet of j* = idx[i, g, b]: KL over K + 1
+buckets, q_k = q at the sent classes, q_rest = 1 − Σ_k q_k = the student's unsent mass,
+    loss = τ² · [Σ_k p_k (log p_k − log q_k) + p_rest (log p_rest − log q_rest)]   (0·log 0 = 0)
+    ∂loss/∂Z_v = grad · τ · (P · q_v − p_v)                 for sent v
+               = grad · τ · q_v · (P − p_rest / q_rest)     otherwise (ratio 0 if p_rest = 0)
+with P = Σ_k p_k + p_rest, which is 1 (SPEC §3's formula) unless rounded packet values make
+Σ_k p_k exceed 1: the gradient stays the exact one of the loss as defined.
+
+Precision. When the sent classes hold nearly all of the student's mass, 1 − Σ_k q_k cancels:
+an fp32 lse of magnitude 10 is off by 1e-6, which moves a q_rest of 1e-4 by 1%. So nothing
+here subtracts from 1. The forward sums the unsent classes directly: in its one online-softmax
+pass over Z each column tile learns which of its classes are sent from a bitmask built in
+registers (word w, bit l <-> class v0 + w·LANES + l), and it accumulates s = Σ_v exp2(u_v − m)
+and s_rest = Σ_unsent exp2(u_v − m) side by side (u = Z·log2 e/τ, m the running max). It saves
+L_rest = log Σ_unsent exp(Z_v/τ) per row (in the op's ``lse_z`` slot). The backward rebuilds
+lse = log(exp(L_rest) + Σ_k exp(Z_k/τ)) from L_rest and the K gathered sent logits, so
+q_rest = exp(L_rest − lse) and every q_k = exp((u_k − m) − log2 s) come out to rounding; then
+one pass over V writes the second form of the gradient and the K sent entries are
+overwritten.
+
+mean / confidence_weighted: each candidate's packet is expanded to a full distribution over V
+(sent classes p_k, the rest mass spread evenly over the V − K others), then the dense kernels
+of ``triton_distill`` run on it: the expansion is written as teacher "logits"
+τ·log(expanded p) with lse 0, so that exp(T/τ − lse) is the expanded distribution itself.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_distill
+from .triton_common import (acc_tl, exact_scalar, finite_base, log2_consts, online_lse_step,
+                            row_coords, split_scalar, tile_shape)
+
+
+@triton.jit
+def _packet_rows(IDX, r, rmask, g, b, G, B, sv0, sv1, sv2, si0, si1, si2):
+    """Per student row: (has a teacher, offsets of its packet's values / indices row, its row
+    number for the per-row lse)."""
+    j = tl.load(IDX + r, mask=rmask, other=-1)
+    has = (j >= 0) & rmask
+    j = tl.where(has, j, 0)
+    return has, j * sv0 + g * sv1 + b * sv2, j * si0 + g * si1 + b * si2, (j * G + g) * B + b
+
+
+@triton.jit
+def _sent_chunk(Z, zrow, sz3, VALUES, INDICES, LSE_T, vrow, irow, trow, sv3, si3, has, k0, K,
+                scale, log2e, ACC: tl.constexpr, K_BLOCK: tl.constexpr):
+    """Entries [k0, k0 + K_BLOCK) of each row's packet: (sent classes [ROWS, K_BLOCK], mask,
+    log2 p_k, u_k = Z[sent]·log2 e/τ); log2 p_k = u_k = −inf outside the packet."""
+    kk = k0 + tl.arange(0, K_BLOCK)
+    kmask = has[:, None] & (kk < K)[None, :]
+    vals = tl.load(VALUES + vrow[:, None] + kk[None, :] * sv3, mask=kmask,
+                   other=float("-inf")).to(ACC)
+    sent = tl.load(INDICES + irow[:, None] + kk[None, :] * si3, mask=kmask, other=0).to(tl.int64)
+    lse_t = tl.load(LSE_T + trow, mask=has, other=0.0).to(ACC)
+    z = tl.load(Z + zrow[:, None] + sent * sz3, mask=kmask, other=float("-inf"))
+    return sent, kmask, (vals - lse_t[:, None]) * log2e, z.to(ACC) * scale
+
+
+@triton.jit
+def _sent_words(INDICES, irow, si3, has, K, v0, ROWS: tl.constexpr, NW: tl.constexpr,
+                LANES: tl.constexpr, K_BLOCK: tl.constexpr):
+    """[ROWS, NW] int64 bitmask of the sent classes in the tile starting at v0: bit l of word w
+    is set when class v0 + w·LANES + l is sent. Classes of a packet are distinct, so summing
+    their bits is an OR."""
+    words = tl.zeros([ROWS, NW], tl.int64)
+    w = tl.arange(0, NW)
+    for k0 in range(0, K, K_BLOCK):
+        kk = k0 + tl.arange(0, K_BLOCK)
+        kmask = has[:, None] & (kk < K)[None, :]
+        rel = tl.load(INDICES + irow[:, None] + kk[None, :] * si3, mask=kmask,
+                      other=-1).to(tl.int64) - v0
+        inside = kmask & (rel >= 0) & (rel < NW * LANES)
+        rel = tl.where(inside, rel, 0)
+        hit = inside[:, None, :] & ((rel // LANES)[:, None, :] == w[None, :, None])
+        bit = tl.full([], 1, tl.int64) << (rel % LANES)
+        words += tl.sum(tl.where(hit, bit[:, None, :], 0), axis=2)
+    return words
+
+
+@triton.jit
+def _distill_topk_fwd_kernel(
+    Z, VALUES, INDICES, LSE_T, IDX, LOSS, LSE_REST,  # row tensors [N·G·B] contiguous
+    R, N, G, B, V, K,
+    sz0, sz1, sz2, sz3, sv0, sv1, sv2, sv3, si0, si1, si2, si3,
+    tau_hi, tau_mid, tau_lo,
+    HAS_REST: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, NW: tl.constexpr,
+    LANES: tl.constexpr, K_BLOCK: tl.constexpr,
+):
+    r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
+    ln2, log2e = log2_consts(ACC)
+    tau = exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
+    scale = log2e / tau
+    zrow = n * sz0 + g * sz1 + b * sz2
+    has, vrow, irow, trow = _packet_rows(IDX, r, rmask, g, b, G, B, sv0, sv1, sv2, si0, si1, si2)
+    lanes = tl.arange(0, LANES)
+    m = tl.full([ROWS], float("-inf"), ACC)
+    s = tl.zeros([ROWS], ACC)
+    s_rest = tl.zeros([ROWS], ACC)
+    # Column tiles as [ROWS, NW, LANES]: class v0 + w·LANES + l, so the bitmask lines up.
+    for v0 in range(0, V, NW * LANES):
+        cols = v0 + tl.arange(0, NW)[:, None] * LANES + lanes[None, :]
+        mask = rmask[:, None, None] & (cols < V)[None, :, :]
+        z = tl.load(Z + zrow[:, None, None] + cols[None, :, :].to(tl.int64) * sz3, mask=mask,
+                    other=float("-inf"))
+        u = z.to(ACC) * scale
+        m_new = tl.maximum(m, tl.max(tl.max(u, axis=2), axis=1))
+        base = finite_base(m_new)
+        alpha = tl.exp2(finite_base(m) - base)
+        e = tl.exp2(u - base[:, None, None])
+        s = s * alpha + tl.sum(tl.sum(e, axis=2), axis=1)
+        if HAS_REST:
+            words = _sent_words(INDICES, irow, si3, has, K, v0, ROWS, NW, LANES, K_BLOCK)
+            sent = ((words[:, :, None] >> lanes[None, None, :].to(tl.int64)) & 1) != 0
+            s_rest = s_rest * alpha + tl.sum(tl.sum(tl.where(sent, 0.0, e), axis=2), axis=1)
+        m = m_new
+    base = finite_base(m)
+    log2s = tl.log2(s)
+    kl2 = tl.zeros([ROWS], ACC)
+    p_sum = tl.zeros([ROWS], ACC)
+    for k0 in range(0, K, K_BLOCK):
+        sent, kmask, log2p, u = _sent_chunk(Z, zrow, sz3, VALUES, INDICES, LSE_T, vrow, irow, trow,
+                                            sv3, si3, has, k0, K, scale, log2e, ACC, K_BLOCK)
+        p = tl.exp2(log2p)
+        log2q = (u - base[:, None]) - log2s[:, None]
+        kl2 += tl.sum(tl.where(p != 0, p * (log2p - log2q), 0.0), axis=1)
+        p_sum += tl.sum(p, axis=1)
+    l_rest = tl.full([ROWS], float("-inf"), ACC)
+    if HAS_REST:
+        p_rest = tl.maximum(1.0 - p_sum, 0.0)
+        log2q_rest = tl.log2(s_rest) - log2s
+        kl2 += tl.where(p_rest != 0, p_rest * (tl.log2(p_rest) - log2q_rest), 0.0)
+        l_rest = (base + tl.log2(s_rest)) * ln2
+    loss = tau * tau * ln2 * kl2
+    tl.store(LOSS + r, tl.where(has, loss, 0.0), mask=rmask)
+    tl.store(LSE_REST + r, l_rest, mask=rmask)
+
+
+@triton.jit
+def _distill_topk_bwd_kernel(
+    GRAD, Z, VALUES, INDICES, LSE_T, IDX, LSE_REST, DZ,  # DZ [N, G, B, V] contiguous
+    R, N, G, B, V, K,
+    sz0, sz1, sz2, sz3, sv0, sv1, sv2, sv3, si0, si1, si2, si3,
+    tau_hi, tau_mid, tau_lo,
+    HAS_REST: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    K_BLOCK: tl.constexpr,
+):
+    r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
+    ln2, log2e = log2_consts(ACC)
+    tau = exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
+    scale = log2e / tau
+    zrow = n * sz0 + g * sz1 + b * sz2
+    has, vrow, irow, trow = _packet_rows(IDX, r, rmask, g, b, G, B, sv0, sv1, sv2, si0, si1, si2)
+    # lse of the row in log2 units = log2(2^L_rest + Σ_k 2^u_k), online over packet chunks.
+    l_rest = tl.load(LSE_REST + r, mask=rmask, other=float("-inf")).to(ACC) * log2e
+    m = l_rest
+    s = tl.exp2(l_rest - finite_base(l_rest))
+    p_sum = tl.zeros([ROWS], ACC)
+    for k0 in range(0, K, K_BLOCK):
+        _, _, log2p, u = _sent_chunk(Z, zrow, sz3, VALUES, INDICES, LSE_T, vrow, irow, trow,
+                                     sv3, si3, has, k0, K, scale, log2e, ACC, K_BLOCK)
+        m, s, _, _ = online_lse_step(m, s, u)
+        p_sum += tl.sum(tl.exp2(log2p), axis=1)
+    base = finite_base(m)
+    log2s = tl.log2(s)
+    coef = tl.where(has, tl.load(GRAD + r, mask=rmask, other=0.0).to(ACC) * tau, 0.0)
+    mass = p_sum  # P = Σ_k p_k + p_rest: 1 unless rounded packet values overshoot
+    rest_coef = coef * mass
+    if HAS_REST:
+        p_rest = tl.maximum(1.0 - p_sum, 0.0)
+        mass = p_sum + p_rest
+        q_rest = tl.exp2((l_rest - base) - log2s)
+        rest_coef = coef * (mass - tl.where(p_rest == 0, 0.0, p_rest / q_rest))
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = rmask[:, None] & (cols < V)[None, :]
+        z = tl.load(Z + zrow[:, None] + cols[None, :].to(tl.int64) * sz3, mask=mask, other=0.0)
+        q = tl.exp2((z.to(ACC) * scale - base[:, None]) - log2s[:, None])
+        dz = tl.where(has[:, None], rest_coef[:, None] * q, 0.0)
+        tl.store(DZ + (r * V)[:, None] + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+    # The sent classes overwrite what the pass above wrote there: the barrier orders the two
+    # stores of this program to the same addresses.
+    tl.debug_barrier()
+    for k0 in range(0, K, K_BLOCK):
+        sent, kmask, log2p, u = _sent_chunk(Z, zrow, sz3, VALUES, INDICES, LSE_T, vrow, irow,
+                                            trow, sv3, si3, has, k0, K, scale, log2e, ACC, K_BLOCK)
+        q = tl.exp2((u - base[:, None]) - log2s[:, None])
+        dz = coef[:, None] * (mass[:, None] * q - tl.exp2(log2p))
+        tl.store(DZ + (r * V)[:, None] + sent, dz.to(DZ.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _expand_packets_kernel(
+    VALUES, INDICES, LSE_T, OUT, MASS,  # OUT [N, G, B, V] contiguous, MASS [N·G·B], ACC dtype
+    R, N, G, B, V, K,
+    sv0, sv1, sv2, sv3, si0, si1, si2, si3,
+    tau_hi, tau_mid, tau_lo,
+    HAS_REST: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    K_BLOCK: tl.constexpr,
+):
+    """OUT[r] = τ · log(expanded packet r): τ·(values_k − lse) at the sent classes,
+    τ · log(p_rest / (V − K)) elsewhere (−inf when there is no rest mass); MASS[r] = its total
+    Σ_k p_k + p_rest (above 1 when rounded values overshoot)."""
+    r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
+    tau = exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
+    vrow = n * sv0 + g * sv1 + b * sv2
+    irow = n * si0 + g * si1 + b * si2
+    lse = tl.load(LSE_T + r, mask=rmask, other=0.0).to(ACC)
+    p_sum = tl.zeros([ROWS], ACC)
+    for k0 in range(0, K, K_BLOCK):
+        kk = k0 + tl.arange(0, K_BLOCK)
+        vals = tl.load(VALUES + vrow[:, None] + kk[None, :] * sv3,
+                       mask=rmask[:, None] & (kk < K)[None, :], other=float("-inf")).to(ACC)
+        p_sum += tl.sum(tl.exp(vals - lse[:, None]), axis=1)
+    fill = tl.full([ROWS], float("-inf"), ACC)
+    mass = p_sum
+    if HAS_REST:
+        p_rest = tl.maximum(1.0 - p_sum, 0.0)
+        fill = tau * tl.log(p_rest / tl.cast(V - K, ACC))
+        mass = p_sum + p_rest
+    tl.store(MASS + r, mass, mask=rmask)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = rmask[:, None] & (cols < V)[None, :]
+        tl.store(OUT + (r * V)[:, None] + cols[None, :],
+                 tl.zeros([ROWS, BLOCK_V], ACC) + fill[:, None], mask=mask)
+    # The sent classes overwrite the fill: the barrier orders the two stores.
+    tl.debug_barrier()
+    for k0 in range(0, K, K_BLOCK):
+        kk = k0 + tl.arange(0, K_BLOCK)
+        kmask = rmask[:, None] & (kk < K)[None, :]
+        vals = tl.load(VALUES + vrow[:, None] + kk[None, :] * sv3, mask=kmask, other=0.0).to(ACC)
+        sent = tl.load(INDICES + irow[:, None] + kk[None, :] * si3, mask=kmask, other=0)
+        tl.store(OUT + (r * V)[:, None] + sent.to(tl.int64), tau * (vals - lse[:, None]),
+                 mask=kmask)
+
+
+def _packet_launch(values: torch.Tensor, v: int) -> tuple[int, int, int, int, int, int]:
+    """(rows, K, K_BLOCK, ROWS, BLOCK_V, num_warps) for packets [N, G, B, K] over V classes;
+    packets are read K_BLOCK entries at a time."""
+    n, g, b, k = values.shape
+    rows = n * g * b
+    return (rows, k, min(32, max(2, triton.next_power_of_2(k))), *tile_shape(v, rows))
+
+
+def expand_packets(values, indices, lse_t, v, tau, acc):
+    """Packets [N, G, B, K] -> (τ·log of their expansion over V [N, G, B, V], the expansions'
+    total masses [N, G, B]), in ``acc``."""
+    n, g, b, _ = values.shape
+    rows, k, k_block, n_rows, block_v, num_warps = _packet_launch(values, v)
+    out = torch.empty((n, g, b, v), dtype=acc, device=values.device)
+    mass = torch.empty((n, g, b), dtype=acc, device=values.device)
+    _expand_packets_kernel[(triton.cdiv(rows, n_rows),)](
+        values, indices, lse_t, out, mass, rows, n, g, b, v, k, *values.stride(),
+        *indices.stride(), *split_scalar(tau), HAS_REST=k < v, ACC=acc_tl(acc), ROWS=n_rows,
+        BLOCK_V=block_v, K_BLOCK=k_block, num_warps=num_warps)
+    return out, mass
+
+
+def distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj, tau, include_self,
+                     aggregate, acc):
+    """-> (loss [N, G, B], row statistic [N, G, B]) in ``acc``. The statistic is what the
+    backward needs: L_rest (log-sum-exp of Z/τ over the unsent classes) for max_confidence,
+    lse_z for mean / confidence_weighted (see the module docstring)."""
+    n, g, b, v = student.shape
+    if aggregate != "max_confidence":
+        expanded, mass = expand_packets(values, indices, lse_t, v, tau, acc)
+        return triton_distill.distill_fwd(student, expanded, torch.zeros_like(lse_t), logconf_t,
+                                          idx, adj, tau, include_self, aggregate, acc, mass)
+    rows, k, k_block, n_rows, block_v, num_warps = _packet_launch(values, v)
+    lanes = min(32, block_v)
+    loss = torch.empty((n, g, b), dtype=acc, device=student.device)
+    l_rest = torch.empty_like(loss)
+    _distill_topk_fwd_kernel[(triton.cdiv(rows, n_rows),)](
+        student, values, indices, lse_t, idx, loss, l_rest, rows, n, g, b, v, k,
+        *student.stride(), *values.stride(), *indices.stride(), *split_scalar(tau),
+        HAS_REST=k < v, ACC=acc_tl(acc), ROWS=n_rows, NW=block_v // lanes, LANES=lanes,
+        K_BLOCK=k_block, num_warps=num_warps)
+    return loss, l_rest
+
+
+def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj, row_stat, tau,
+                     include_self, aggregate, acc):
+    """-> dZ, a fresh contiguous tensor of the student's shape and dtype. ``row_stat`` is the
+    forward's second output."""
+    n, g, b, v = student.shape
+    if aggregate != "max_confidence":
+        expanded, mass = expand_packets(values, indices, lse_t, v, tau, acc)
+        return triton_distill.distill_bwd(grad, student, expanded, torch.zeros_like(lse_t),
+                                          logconf_t, idx, adj, row_stat, tau, include_self,
+                                          aggregate, acc, mass)
+    rows, k, k_block, n_rows, block_v, num_warps = _packet_launch(values, v)
+    d_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    _distill_topk_bwd_kernel[(triton.cdiv(rows, n_rows),)](
+        grad, student, values, indices, lse_t, idx, row_stat, d_student, rows, n, g, b, v, k,
+        *student.stride(), *values.stride(), *indices.stride(), *split_scalar(tau),
+        HAS_REST=k < v, ACC=acc_tl(acc), ROWS=n_rows, BLOCK_V=block_v, K_BLOCK=k_block,
+        num_warps=num_warps)
+    return d_student
