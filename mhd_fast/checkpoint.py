@@ -20,8 +20,8 @@ from .ops.api import TopKLogits
 FILENAME = "checkpoint.pt"
 VERSION = 1
 # Options that may change between a run and its resumption: they do not change the numbers
-# (device and backend agree up to rounding; rounds only extends or shortens the run).
-RESUMABLE_CHANGES = ("rounds", "progress", "checkpoint", "device", "backend")
+# (device and backend agree up to rounding). ``rounds`` may not: it sets the lr schedule.
+RESUMABLE_CHANGES = ("progress", "checkpoint", "device", "backend")
 
 
 def _received_state(got: Received | None) -> dict | None:

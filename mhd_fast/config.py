@@ -52,12 +52,13 @@ class Config:
     wire_dtype: str = "float32"      # float32 | float16 | bfloat16 for what crosses an edge
     exchange_every: int = 1          # refresh the received predictions every this many steps (stale in between)
     # ---- optimisation ------------------------------------------------------------------
-    rounds: int = 30                 # rounds; metrics are taken after each
-    steps_per_round: int = 10        # local steps per round, each one private + one public batch
+    rounds: int = 40                 # rounds; metrics are taken after each
+    steps_per_round: int = 20        # local steps per round, each one private + one public batch
     batch_size: int = 32             # private rows per client per step
     public_batch_size: int = 64      # public rows per step (the same rows for every client)
     optimizer: str = "adam"          # adam | sgd (state is per client: elementwise on stacked weights)
     lr: float = 3e-3
+    lr_decay: bool = True            # cosine decay from lr to lr / 10 over all steps (nanoGPT style)
     momentum: float = 0.9            # sgd only
     weight_decay: float = 0.0
     # ---- run ---------------------------------------------------------------------------
@@ -169,11 +170,18 @@ def validate(cfg: Config) -> None:
     """Checks that need no data: ranges and choices. Data-dependent checks (more clients than
     samples, topk > classes, a missing data dir) are made when the run is set up."""
     from . import models  # noqa: PLC0415  (models imports torch; keep config light to import)
+    from .data import DATASETS
     from .exchange import WIRE_DTYPES
     from .ops.api import BACKENDS
     from .ops.reference import AGGREGATES
+    from .partition import PARTITIONS
+    from .topology import GRAPHS
 
     _need(cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    _need(cfg.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
+    _need(cfg.partition in PARTITIONS, f"--partition must be one of {', '.join(PARTITIONS)}, "
+          f"got {cfg.partition!r}")
+    _need(cfg.graph in GRAPHS, f"--graph must be one of {', '.join(GRAPHS)}, got {cfg.graph!r}")
     _need(cfg.clients >= 1, f"--clients must be >= 1, got {cfg.clients}")
     _need(0 < cfg.public_fraction < 1, f"--public-fraction must be in (0, 1), got {cfg.public_fraction}")
     _need(cfg.num_classes >= 2, f"--num-classes must be >= 2, got {cfg.num_classes}")

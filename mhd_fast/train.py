@@ -133,11 +133,13 @@ def setup(cfg: Config) -> Simulation:
         params = {k: p.to(device).requires_grad_() for k, p in params.items()}
         groups.append(models.Group(arch, start, stop, params))
     params = models.parameters(groups)
-    if cfg.optimizer == "adam":  # elementwise: per-client state on stacked weights
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Both are elementwise, so the state of stacked weights is per client; the fused kernels
+    # update all of a tensor in one pass (~10x faster than the per-op loop on CPU).
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     else:
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
+                                    weight_decay=cfg.weight_decay, fused=True)
 
     data = dataclasses.replace(data, x_train=data.x_train.to(device), y_train=data.y_train.to(device),
                                x_test=data.x_test.to(device), y_test=data.y_test.to(device))
@@ -175,20 +177,35 @@ def _fedavg(sim: Simulation, adj: Tensor) -> Tensor:
     return (adj & ~eye).to(torch.int64) * (sum(models.num_params_per_client(sim.groups)) * 4)
 
 
+def learning_rate(cfg: Config, step: int) -> float:
+    """Cosine decay from lr to lr / 10 over rounds · steps_per_round steps (or constant).
+    A function of the step alone, so a resumed run follows the same schedule."""
+    if not cfg.lr_decay:
+        return cfg.lr
+    progress = min(1.0, step / max(1, cfg.rounds * cfg.steps_per_round - 1))
+    return cfg.lr / 10 + 0.5 * (cfg.lr - cfg.lr / 10) * (1 + math.cos(math.pi * progress))
+
+
+def sample_batches(sim: Simulation) -> tuple[Tensor, bool]:
+    """The step's draws from the training generator: private rows [N_model, Bp] and, when the
+    exchange is refreshed, a new public batch (stored in sim.public_batch). Between refreshes
+    the students keep training on the public rows the stale predictions were made on.
+    Returns (private rows, refresh)."""
+    rows = _sample_private(sim)
+    refresh = sim.distills and (sim.received is None or sim.step % sim.cfg.exchange_every == 0)
+    if refresh:
+        pick = torch.randint(len(sim.public_rows), (sim.cfg.public_batch_size,), generator=sim.gen)
+        sim.public_batch = sim.public_rows[pick.to(sim.device)]
+    return rows, refresh
+
+
 def local_step(sim: Simulation, adj: Tensor) -> Received | None:
     """One step for every client; returns the exchange it refreshed, if any."""
     cfg, d = sim.cfg, sim.data
-    rows = _sample_private(sim)                                          # [N, Bp]
+    rows, refresh = sample_batches(sim)                                  # [N, Bp]
     x, y = d.x_train[rows], d.y_train[rows]
     bp = cfg.batch_size
-    refresh = False
     if sim.distills:
-        # A new public batch whenever the exchange is refreshed; between refreshes the
-        # students keep training on the rows the stale predictions were made on.
-        refresh = sim.received is None or sim.step % cfg.exchange_every == 0
-        if refresh:
-            pick = torch.randint(len(sim.public_rows), (cfg.public_batch_size,), generator=sim.gen)
-            sim.public_batch = sim.public_rows[pick.to(sim.device)]
         x_pub = d.x_train[sim.public_batch]
         # One forward for private and public rows: every client sees the same public rows.
         x = torch.cat([x, x_pub.unsqueeze(0).expand(x.shape[0], *x_pub.shape)], dim=1)
@@ -224,6 +241,8 @@ def local_step(sim: Simulation, adj: Tensor) -> Received | None:
 
     sim.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    for group in sim.optimizer.param_groups:
+        group["lr"] = learning_rate(cfg, sim.step)
     sim.optimizer.step()
     sim.step += 1
     return fresh

@@ -1,0 +1,121 @@
+"""The exchange: wire forms (dense in a wire dtype, top-k packets), bytes per directed edge,
+and the neighbour mean of embeddings."""
+import pytest
+import torch
+
+import mhd_fast
+from mhd_fast.exchange import Received, exchange, heads_sent, neighbour_mean, packet_row_bytes
+from mhd_fast.ops.api import TopKLogits
+
+from cases import make_graph, make_logits
+
+N, H1, B, V = 5, 3, 4, 7
+
+
+def test_dense_bytes_per_directed_edge():
+    z = make_logits((N, H1, B, V))
+    adj = make_graph("directed", N)
+    got = exchange(z, None, adj, heads=[0, 1])
+    per_edge = 2 * B * V * 4  # two heads sent, B rows, V fp32 logits
+    want = adj.to(torch.int64) * per_edge
+    assert torch.equal(got.edge_bytes, want)
+    assert torch.equal(got.dense_edge_bytes, want)
+    assert got.bytes_sent == int(adj.sum()) * per_edge
+    assert torch.equal(got.teacher, z) and got.adj is adj
+
+
+def test_self_loops_are_never_sent():
+    adj = make_graph("selfloops", N)
+    got = exchange(make_logits((N, H1, B, V)), None, adj, heads=[0])
+    assert torch.all(got.edge_bytes.diagonal() == 0)
+    assert got.bytes_sent == int((adj & ~torch.eye(N, dtype=torch.bool)).sum()) * B * V * 4
+
+
+@pytest.mark.parametrize("wire,value_bytes", [(torch.float32, 4), (torch.float16, 2), (torch.bfloat16, 2)])
+def test_topk_packets_and_their_bytes(wire, value_bytes):
+    z = make_logits((N, H1, B, V))
+    adj = make_graph("complete", N)
+    got = exchange(z, None, adj, heads=[0, 1], topk=3, wire_dtype=wire, tau=2.0)
+    assert isinstance(got.teacher, TopKLogits)
+    assert got.teacher.values.dtype == wire and got.teacher.indices.dtype == torch.int16
+    want = mhd_fast.topk_compress(z, 3, tau=2.0, value_dtype=wire, backend="torch")
+    torch.testing.assert_close(got.teacher.values.float(), want.values.float())
+    row = 3 * value_bytes + 3 * 2 + 4  # K values, K int16 indices, one fp32 lse
+    assert packet_row_bytes(V, 3, wire) == row
+    assert torch.equal(got.edge_bytes, adj.to(torch.int64) * 2 * B * row)
+    assert torch.equal(got.dense_edge_bytes, adj.to(torch.int64) * 2 * B * V * 4)
+    assert got.bytes_sent < got.bytes_dense
+
+
+def test_wide_vocab_packets_use_int32_indices():
+    assert packet_row_bytes(40000, 2, torch.float32) == 2 * 4 + 2 * 4 + 4
+
+
+def test_dense_wire_dtype_rounds_what_crosses():
+    z = make_logits((N, H1, B, V))
+    got = exchange(z, None, make_graph("ring", N), heads=[0], wire_dtype=torch.float16)
+    assert got.teacher.dtype == torch.float16
+    assert got.bytes_sent == int(make_graph("ring", N).sum()) * B * V * 2
+
+
+def test_received_carries_no_gradient():
+    z = make_logits((N, H1, B, V)).requires_grad_()
+    emb = torch.randn(N, B, 6, requires_grad=True)
+    got = exchange(z, emb, make_graph("complete", N), heads=[0], topk=2)
+    assert not got.teacher.values.requires_grad and not got.emb.requires_grad
+
+
+def test_full_topk_teaches_like_dense_logits():
+    z = make_logits((N, H1, B, V), seed=1)
+    t = make_logits((N, H1, B, V), seed=2)
+    adj = make_graph("ring", N)
+    dense = exchange(t, None, adj, heads=[0, 1])
+    packets = exchange(t, None, adj, heads=[0, 1], topk=V)
+    a = mhd_fast.mhd_loss(z, dense.teacher, adj, backend="torch")
+    b = mhd_fast.mhd_loss(z, packets.teacher, adj, backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_bytes_are_counted():
+    emb = torch.randn(N, B, 6)
+    adj = make_graph("complete", N)
+    got = exchange(make_logits((N, H1, B, V)), emb, adj, heads=[0], wire_dtype=torch.bfloat16)
+    assert got.emb.dtype == torch.bfloat16
+    assert got.bytes_sent == int(adj.sum()) * (B * V * 2 + B * 6 * 2)
+    assert got.bytes_dense == int(adj.sum()) * (B * V * 4 + B * 6 * 4)
+
+
+def test_heads_sent():
+    assert heads_sent(4, nu_aux=1.0, nu_main=0.0) == [0, 1, 2]  # head 3 teaches nobody
+    assert heads_sent(4, nu_aux=1.0, nu_main=0.5) == [0, 1, 2]
+    assert heads_sent(1, nu_aux=0.0, nu_main=1.0) == [0]
+    assert heads_sent(3, nu_aux=0.0, nu_main=0.0) == []
+
+
+@pytest.mark.parametrize("topk", [-1, V + 1])
+def test_bad_topk(topk):
+    with pytest.raises(ValueError, match="topk"):
+        exchange(make_logits((N, H1, B, V)), None, make_graph("ring", N), heads=[0], topk=topk)
+
+
+def test_bad_adjacency():
+    with pytest.raises(ValueError, match="adj"):
+        exchange(make_logits((N, H1, B, V)), None, torch.ones(N, N), heads=[0])
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+@pytest.mark.parametrize("graph", ["ring", "directed", "lonely", "selfloops"])
+def test_neighbour_mean_matches_a_loop(graph, include_self):
+    x = torch.randn(N, B, 3)
+    adj = make_graph(graph, N)
+    mean, has = neighbour_mean(x, adj, include_self=include_self)
+    for i in range(N):
+        cands = [j for j in range(N) if (j == i and include_self) or (j != i and adj[i, j])]
+        assert bool(has[i]) == bool(cands)
+        want = torch.stack([x[j] for j in cands]).mean(0) if cands else torch.zeros(B, 3)
+        torch.testing.assert_close(mean[i], want)
+
+
+def test_received_is_plain_data():
+    got = exchange(make_logits((N, H1, B, V)), None, make_graph("ring", N), heads=[0])
+    assert isinstance(got, Received) and got.emb is None

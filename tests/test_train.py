@@ -1,0 +1,236 @@
+"""The round: the batched simulator against the per-client loop, every method, the exchange
+options, determinism and resumption."""
+import copy
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from mhd_fast import config as C
+from mhd_fast import models, train
+
+_LOOP = os.path.join(os.path.dirname(__file__), "..", "bench", "loop_round.py")
+_spec = importlib.util.spec_from_file_location("loop_round", _LOOP)
+loop_round = sys.modules["loop_round"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(loop_round)
+
+
+def small(tmp_path=None, **kw) -> C.Config:
+    base = dict(dataset="digits", clients=6, rounds=2, steps_per_round=3, model=["mlp:16x8"],
+                heads=2, batch_size=8, public_batch_size=16, progress=False, backend="torch",
+                out=str(tmp_path / "run") if tmp_path is not None else None)
+    base.update(kw)
+    return C.load(None, base)
+
+
+def _stacked(sim) -> dict:
+    return {k: p.detach().clone() for k, p in sim.groups[0].params.items()}
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(aggregate="mean", include_self=True),
+    dict(aggregate="confidence_weighted", graph="ring", tau=2.0),
+    dict(nu_main=0.5, graph="star"),
+    dict(method="mean_distill"),
+    dict(method="isolated"),
+    dict(model=["cnn:4-8"]),
+])
+def test_batched_round_equals_the_per_client_loop(kw):
+    cfg = small(optimizer="sgd", lr=0.1, **kw)
+    sim = train.setup(cfg)
+    twin = copy.deepcopy(sim)
+    clients = loop_round.from_simulation(twin)
+    train.train_round(sim, 0)
+    loop_round.loop_round(twin, clients, 0)
+    got, want = _stacked(sim), loop_round.stacked(clients)
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert not torch.equal(got["heads.weight"], sim.groups[0].params["heads.weight"].new_zeros(1))
+    assert sim.step == twin.step == cfg.steps_per_round
+
+
+def test_adam_state_is_per_client():
+    """Zeroing one client's loss (it has no data in common with the others) must not move
+    the others: Adam on stacked weights is elementwise."""
+    cfg = small(method="isolated")
+    sim = train.setup(cfg)
+    twin = copy.deepcopy(sim)
+    with torch.no_grad():  # perturb client 0 only
+        for p in twin.groups[0].params.values():
+            p[0].add_(1.0)
+    train.train_round(sim, 0)
+    train.train_round(twin, 0)
+    for k, p in sim.groups[0].params.items():
+        torch.testing.assert_close(p[1:], twin.groups[0].params[k][1:], rtol=0, atol=0)
+
+
+def test_distillation_mixes_clients_only_through_predictions():
+    cfg = small(graph="ring")
+    sim = train.setup(cfg)
+    twin = copy.deepcopy(sim)
+    with torch.no_grad():
+        twin.groups[0].params["heads.bias"][0].add_(5.0)  # client 0 predicts differently
+    train.local_step(sim, sim.schedule(0))
+    train.local_step(twin, twin.schedule(0))
+    w, w2 = sim.groups[0].params["fc0.weight"], twin.groups[0].params["fc0.weight"]
+    # ring: clients 1 and 5 hear client 0; client 3 does not
+    assert not torch.equal(w[1], w2[1]) and not torch.equal(w[5], w2[5])
+    torch.testing.assert_close(w[3], w2[3], rtol=0, atol=0)
+
+
+def test_fedavg_averages_weights_over_the_graph():
+    sim = train.setup(small(method="fedavg"))
+    sent, _ = train.train_round(sim, 0)
+    for p in sim.groups[0].params.values():
+        torch.testing.assert_close(p, p[:1].expand_as(p), rtol=0, atol=1e-6)
+    per_client = models.num_params_per_client(sim.groups)[0] * 4
+    assert int(sent.sum()) == 6 * 5 * per_client  # every directed edge carries all weights
+
+
+def test_fedavg_on_a_ring_mixes_neighbours():
+    sim = train.setup(small(method="fedavg", graph="ring", steps_per_round=1))
+    before = copy.deepcopy(sim)
+    train.local_step(before, before.schedule(0))  # the same step, without the averaging
+    train.train_round(sim, 0)
+    b = before.groups[0].params["fc0.bias"].detach()
+    want = (b[5] + b[0] + b[1]) / 3
+    torch.testing.assert_close(sim.groups[0].params["fc0.bias"][0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_centralized_trains_one_model_judged_on_every_client():
+    sim = train.setup(small(method="centralized"))
+    assert len(sim.groups) == 1 and sim.groups[0].size == 1
+    per_client = train.setup(small(method="isolated"))  # the same split seed
+    assert int(sim.private_count[0]) == int(per_client.private_count.sum())  # the union
+    train.train_round(sim, 0)
+    private, shared, ensemble = train.evaluate(sim)
+    assert private.shape == (6, 1) and torch.all(shared == shared[0])
+    assert abs(ensemble - float(shared[0, 0])) < 1e-9  # one main head: its own ensemble
+
+
+def test_isolated_sends_nothing():
+    sim = train.setup(small(method="isolated"))
+    sent, dense = train.train_round(sim, 0)
+    assert int(sent.sum()) == 0 and int(dense.sum()) == 0 and sim.num_heads == 1
+
+
+def test_topk_and_wire_dtype_shrink_the_bytes():
+    dense = train.setup(small())
+    packed = train.setup(small(topk=2, wire_dtype="float16"))
+    a, _ = train.train_round(dense, 0)
+    b, b_dense = train.train_round(packed, 0)
+    assert torch.equal(a, b_dense)
+    edges = 6 * 5
+    per_row = 2 * 2 + 2 * 2 + 4  # K fp16 values, K int16 indices, fp32 lse
+    assert int(b.sum()) == edges * 3 * 2 * 16 * per_row  # 3 steps, 2 heads sent, 16 rows
+
+
+def test_stale_exchange_refreshes_every_k_steps():
+    sim = train.setup(small(exchange_every=2, steps_per_round=5))
+    sent, _ = train.train_round(sim, 0)
+    per_exchange = 6 * 5 * 2 * 16 * 10 * 4
+    assert int(sent.sum()) == 3 * per_exchange  # steps 0, 2, 4
+    stale = sim.received
+    train.local_step(sim, sim.schedule(0))  # step 5: odd, keeps the stale predictions
+    assert sim.received is stale
+
+
+def test_embedding_term_and_heterogeneous_groups_run():
+    sim = train.setup(small(model=["mlp:16x8", "cnn:4-8"], nu_emb=0.5, topk=3))
+    assert [g.size for g in sim.groups] == [3, 3]
+    before = sim.groups[1].params["conv0.weight"].detach().clone()
+    sent, _ = train.train_round(sim, 0)
+    assert sim.received.emb.shape == (6, 16, 8)
+    assert not torch.equal(before, sim.groups[1].params["conv0.weight"])
+    private, shared, _ = train.evaluate(sim)
+    assert private.shape == shared.shape == (6, 3)
+
+
+def test_time_varying_graph_changes_per_round():
+    sim = train.setup(small(graph="matching"))
+    a, b = sim.schedule(0), sim.schedule(1)
+    assert not torch.equal(a, b)
+    sent0, _ = train.train_round(sim, 0)
+    assert torch.equal(sent0 > 0, a)
+
+
+def test_evaluate_matches_a_per_client_count():
+    sim = train.setup(small())
+    train.train_round(sim, 0)
+    private, shared, _ = train.evaluate(sim, chunk=50)
+    x, y = sim.data.x_test, sim.data.y_test
+    for i in (0, 4):
+        logits = loop_round.forward_client(sim.groups[0].arch,
+                                           {k: p[i] for k, p in sim.groups[0].params.items()},
+                                           x, sim.num_heads)[0]
+        correct = (logits.argmax(-1) == y).double()  # [H1, T]
+        w = sim.label_dist[i, y].double()
+        torch.testing.assert_close(shared[i], correct.mean(-1))
+        torch.testing.assert_close(private[i], (correct * w).sum(-1) / w.sum())
+
+
+def test_learning_rate_schedule():
+    cfg = small(lr=1.0, rounds=2, steps_per_round=5)
+    assert train.learning_rate(cfg, 0) == 1.0
+    assert abs(train.learning_rate(cfg, 9) - 0.1) < 1e-12
+    assert train.learning_rate(cfg, 4) < 1.0
+    assert train.learning_rate(C.load(None, dict(lr=0.5, lr_decay=False)), 7) == 0.5
+
+
+def _final(metrics: dict) -> dict:
+    m = json.loads(json.dumps(metrics))
+    for rec in m["rounds"]:
+        rec.pop("time_s")
+    return m
+
+
+def test_same_seeds_same_metrics_other_seed_other_metrics(tmp_path):
+    a = train.run(small(tmp_path / "a"))
+    b = train.run(small(tmp_path / "b", out=str(tmp_path / "b" / "run")))
+    a["config"].pop("out"), b["config"].pop("out")
+    assert _final(a) == _final(b)
+    c = train.run(small(tmp_path / "c", train_seed=123))
+    assert _final(c)["final"] != _final(a)["final"]
+
+
+def test_resume_after_a_crash_reaches_the_same_metrics(tmp_path, monkeypatch):
+    full = train.run(small(tmp_path, rounds=4, exchange_every=2, steps_per_round=3))
+    cfg = small(tmp_path, rounds=4, exchange_every=2, steps_per_round=3, out=str(tmp_path / "cut"))
+    real_round = train.train_round
+
+    def crash_in_round_2(sim, r):
+        if r == 2:
+            raise RuntimeError("killed")
+        return real_round(sim, r)
+
+    monkeypatch.setattr(train, "train_round", crash_in_round_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        train.run(cfg)
+    assert not os.path.exists(os.path.join(cfg.out, "metrics.json"))  # no final output
+    state = torch.load(os.path.join(cfg.out, "checkpoint.pt"), weights_only=True)
+    assert state["rounds_done"] == 2 and state["received"] is not None  # stale buffers saved
+    monkeypatch.setattr(train, "train_round", real_round)
+    resumed = train.run(cfg, resume=True)
+    full["config"].pop("out"), resumed["config"].pop("out")
+    assert _final(resumed) == _final(full)
+
+
+def test_resume_refuses_other_options(tmp_path):
+    train.run(small(tmp_path))
+    with pytest.raises(ValueError, match="skew"):
+        train.run(small(tmp_path, skew=0.5), resume=True)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train.run(small(tmp_path, out=str(tmp_path / "none")), resume=True)
+
+
+def test_data_dependent_errors_name_the_option():
+    with pytest.raises(ValueError, match="--clients"):
+        train.setup(small(clients=5000))
+    with pytest.raises(ValueError, match="--topk"):
+        train.setup(small(topk=11))
+    with pytest.raises(ValueError, match="data_dir"):
+        train.setup(small(dataset="mnist", data_dir="/nonexistent"))
