@@ -176,31 +176,43 @@ MHD_INLINE int lanes_left(int64_t n, int w) { return n < w ? (int)n : w; }
 // ---- online softmax -------------------------------------------------------------------------
 
 // Online log-sum-exp of t = x/τ over one row. Per block of kBlock logits: a first sweep finds
-// the block max, and when it raises the running max m the running sum is rescaled once
+// the block max, and when it raises the running max m the running sums are rescaled once
 // (s ← s·e^(m − m')); a second sweep adds e^(t − m). One exp per logit; the block is re-read
-// from L1. Out: m = max t, lse = m + log s.
+// from L1. With a weight row w (1 = unsent class, 0 = a class of the teacher's packet) the
+// sweep also sums the unsent mass s_w = Σ w·e^(t − m) directly, not as s minus the sent
+// classes, so that q_rest = s_w / s keeps full relative precision when it is tiny.
+// Out: m = max t, lse = m + log s, and log(s_w / s) when w is given.
 template <class A, class In>
-MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A& lse_out) {
+MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A& lse_out,
+                        const A* w = nullptr, A* log_unsent = nullptr) {
   using L = Lanes<A>;
   using Vec = typename L::V;
   constexpr int W = L::W;
-  A m = -kInf, s = 0;
+  A m = -kInf, s = 0, sw = 0;
   for (int64_t blk = 0; blk < V; blk += kBlock) {
     const int64_t end = min64(V, blk + kBlock);
     Vec vm = L::splat(-kInf);
     for (int64_t v = blk; v < end; v += W) vm = L::max(vm, sc(L::load(x + v, lanes_left(end - v, W), -kInf)));
     const A bm = L::max(vm);
     if (bm > m) {
-      s *= sexp(m - bm);
+      const A rescale = sexp(m - bm);
+      s *= rescale;
+      sw *= rescale;
       m = bm;
     }
     const A c = m == -kInf ? A(0) : m;  // all −inf so far: e^(−inf − 0) = 0, not NaN
-    Vec acc = L::splat(0);
-    for (int64_t v = blk; v < end; v += W) acc += L::exp(sc(L::load(x + v, lanes_left(end - v, W), -kInf)) - c);
+    Vec acc = L::splat(0), acc_w = L::splat(0);
+    for (int64_t v = blk; v < end; v += W) {
+      const Vec e = L::exp(sc(L::load(x + v, lanes_left(end - v, W), -kInf)) - c);
+      acc += e;
+      if (w != nullptr) acc_w += e * L::load(w + v, W, 0);
+    }
     s += L::sum(acc);
+    sw += L::sum(acc_w);
   }
   m_out = m;
   lse_out = m + slog(s);
+  if (log_unsent != nullptr) *log_unsent = slog(sw) - slog(s);
 }
 
 // Teachers of the fused student sweep: p and log p for the lanes at class v.
@@ -230,47 +242,30 @@ struct ProbTeacher {  // an aggregated distribution p̄ [V] in a buffer
   MHD_INLINE Vec prob(int64_t v, int n) const { return L::load(p + v, n, 0); }
 };
 
-// One student row z against one teacher distribution p, fused in a single sweep over V:
-//   lse_z = logsumexp(z/τ) (online, as row_lse),  KL(p‖q) = Σ_{p≠0} p (log p − log q),
-//   log q = z/τ − lse_z.
-// lse_z is known only at the end, so the sweep keeps S = Σ p (log p − (z/τ − c)) and P = Σ p
-// against the running shift c (the running max of z/τ); when c grows to c', S += P (c' − c).
-// Then KL = S + P · log Σ e^(z/τ − c): every term is a log-probability, nothing large cancels.
-// The test is p ≠ 0, not p > 0, so that a NaN teacher shows as a NaN loss.
+// One student row z against one teacher distribution p:
+//   lse_z = logsumexp(z/τ) by row_lse (one exp per logit), then
+//   KL(p‖q) = Σ_{p≠0} p (log p − log q) with log q = z/τ − lse_z, one sweep over z and the
+//   teacher (one exp per logit for p; the student row is re-read from cache).
+// Each term is a difference of log-probabilities, so a KL near 0 keeps its relative precision.
+// The test is p ≠ 0, not p > 0, so that a NaN teacher shows as a NaN loss; a student row of
+// NaN, +inf or all −inf has lse_z NaN or −inf and gives NaN.
 template <class A, class ZIn, class Teacher>
 MHD_INLINE void kl_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teacher& teacher, A& kl,
                        A& lse_z) {
   using L = Lanes<A>;
   using Vec = typename L::V;
   constexpr int W = L::W;
-  A m = -kInf, c = 0, s = 0, S = 0, P = 0;
-  for (int64_t blk = 0; blk < V; blk += kBlock) {
-    const int64_t end = min64(V, blk + kBlock);
-    Vec vm = L::splat(-kInf);
-    for (int64_t v = blk; v < end; v += W) vm = L::max(vm, sc(L::load(z + v, lanes_left(end - v, W), -kInf)));
-    const A bm = L::max(vm);
-    if (bm > m) {
-      s *= sexp(c - bm);
-      if (P != 0) S += P * (bm - c);
-      m = c = bm;
-    }
-    Vec vs = L::splat(0), vS = L::splat(0), vP = L::splat(0);
-    for (int64_t v = blk; v < end; v += W) {
-      const int n = lanes_left(end - v, W);
-      const Vec zs = sc(L::load(z + v, n, -kInf)) - c;
-      vs += L::exp(zs);
-      Vec p, lp;
-      teacher.get(v, n, p, lp);
-      vP += p;
-      vS += p != Vec{} ? p * (lp - zs) : Vec{};
-    }
-    s += L::sum(vs);
-    P += L::sum(vP);
-    S += L::sum(vS);
+  A m;
+  row_lse(z, V, sc, m, lse_z);
+  Vec acc = L::splat(0);
+  for (int64_t v = 0; v < V; v += W) {
+    const int n = lanes_left(V - v, W);
+    const Vec lq = sc(L::load(z + v, n, -kInf)) - lse_z;
+    Vec p, lp;
+    teacher.get(v, n, p, lp);
+    acc += p != Vec{} ? p * (lp - lq) : Vec{};
   }
-  const A ls = slog(s);
-  lse_z = m + ls;
-  kl = m == -kInf ? A(__builtin_nan("")) : S + P * ls;  // all student logits −inf: q undefined
+  kl = L::sum(acc);
 }
 
 // dL/dz_v = g·τ·(q_v − p_v) with q_v = e^(z_v/τ − lse_z), written in Z's dtype.
@@ -384,23 +379,30 @@ MHD_INLINE void aggregate_packets(const DistillArgs& a, const Candidates& cand, 
   for (int64_t v = 0; v < V; v += W) L::store(pbuf + v, L::load(pbuf + v, W, 0) + C, W);
 }
 
-// Sums over the K sent buckets of one packet against a student row with known lse_z:
-// P = Σ p_k, Q = Σ q_k, S = Σ_{p≠0} p_k (log p_k − log q_k), log p_k = value_k − lse_t.
+// One packet (the K sent buckets of teacher row j) against a student row with known lse_z,
+// summed in fp64 (K terms a row, so precision is free): P = Σ p_k and
+// S = Σ_{p≠0} p_k (log p_k − log q_k), log p_k = value_k − lse_t, log q_k = z_k/τ − lse_z.
 template <class A, class ZIn>
 MHD_INLINE void packet_sums(const DistillArgs& a, int64_t j, int64_t g, int64_t b, const ZIn* z,
-                            const Scale<A>& sc, A lse_z, A& P, A& Q, A& S) {
+                            const Scale<A>& sc, A lse_z, double& P, double& S) {
   const int64_t K = a.values.size[3], vs = a.values.stride[3], is = a.indices.stride[3];
   const A* val = static_cast<const A*>(a.values.data) + offset(a.values, j, g, b);
   const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, j, g, b);
-  const A lse_t = at<A>(a.lse_t, j, g, b);
-  P = Q = S = 0;
+  const double lse_t = at<A>(a.lse_t, j, g, b);
+  P = S = 0;
   for (int64_t k = 0; k < K; ++k) {
-    const A lp = val[k * vs] - lse_t, p = sexp(lp);
-    const A lq = sc(to_acc<A>(z[ind[k * is]])) - lse_z;
+    const double lp = val[k * vs] - lse_t, p = sexp(lp);
+    const double lq = (double)sc(to_acc<A>(z[ind[k * is]])) - (double)lse_z;
     P += p;
-    Q += sexp(lq);
     if (p != 0) S += p * (lp - lq);
   }
+}
+
+// Marks the K sent classes of teacher row j in the weight row w (0 = sent), or unmarks them (1).
+template <class A>
+MHD_INLINE void mark_sent(const DistillArgs& a, int64_t j, int64_t g, int64_t b, A* w, A value) {
+  const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, j, g, b);
+  for (int64_t k = 0; k < a.values.size[3]; ++k) w[ind[k * a.indices.stride[3]]] = value;
 }
 
 // ---- the distillation loss, forward and backward ----------------------------------------------
@@ -408,11 +410,14 @@ MHD_INLINE void packet_sums(const DistillArgs& a, int64_t j, int64_t g, int64_t 
 // Per student row (i, g, b), teacher rows (j, g, b):
 //   max_confidence, dense:   one sweep (kl_row / grad_row) over the student row and the row of
 //                            the selected teacher j = idx[i, g, b].
-//   max_confidence, packets: KL over K + 1 buckets (SPEC §3). Forward: row_lse of the student,
-//                            then the K sent buckets and the rest bucket
-//                            p_rest = max(0, 1 − Σ p_k), q_rest = 1 − Σ q_k (none when K = V).
-//                            Backward: g·τ·(q_v − p_v) for sent v, g·τ·q_v·(1 − p_rest/q_rest)
-//                            for the others (the ratio is 0 when p_rest = 0).
+//   max_confidence, packets: KL over K + 1 buckets (SPEC §3): the K sent buckets and the rest
+//                            bucket p_rest = max(0, 1 − Σ p_k), q_rest = 1 − Σ q_k (none when
+//                            K = V). q_rest is summed over the unsent classes in the student
+//                            sweep (row_lse with weights), which is the same number without the
+//                            cancellation of 1 − Σ q_k when the student's mass sits in the sent
+//                            classes. Backward: g·τ·(q_v − p_v) for sent v, g·τ·q_v·(1 −
+//                            p_rest/q_rest) for the others (the ratio is 0 when p_rest = 0),
+//                            from one exp sweep that keeps q in a row buffer.
 //   mean / confidence_weighted: p̄ into a per-thread buffer (aggregate_logits /
 //                            aggregate_packets), then the dense sweep against p̄.
 // loss = τ²·KL; backward dz = g·τ·(q − p). Clients with no candidate: loss 0, dz 0.
@@ -426,9 +431,12 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
   Candidates cand;
   if (aggregated) cand.build(a.adj, a.include_self);
   const int64_t vpad = round_up(V, L::W);
-  const int64_t per_thread = 3 * vpad;  // student row, teacher row, p̄
+  // Per thread: the student row, a teacher row, p̄ (or the student's q), unsent-class weights.
+  const int64_t per_thread = 4 * vpad;
   const int nt = team(a.threads, N * G * B * V);
   Scratch<A> scratch(nt * per_thread);
+  for (int tid = 0; tid < nt; ++tid)
+    for (int64_t v = 0; v < vpad; ++v) scratch[tid * per_thread + 3 * vpad + v] = A(1);
   A* loss = static_cast<A*>(out.loss);
   A* lse_out = static_cast<A*>(out.lse_z);
   char* dz = static_cast<char*>(out.dz);
@@ -438,6 +446,7 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
     A* zbuf = scratch.data() + tid * per_thread;
     A* tbuf = zbuf + vpad;
     A* pbuf = tbuf + vpad;
+    A* wbuf = pbuf + vpad;
     const ZIn* z = row<ZIn>(a.z, n, g, b, V, gather, zbuf);
     const int64_t j = at<int64_t>(a.idx, n, g, b);
     void* dz_row = backward ? dz + r * row_bytes : nullptr;
@@ -468,32 +477,47 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
     } else if (!a.packets) {
       const TIn* t = row<TIn>(a.t, j, g, b, V, gather, tbuf);
       finish(LogitTeacher<A, TIn>{t, sc, at<A>(a.lse_t, j, g, b)});
-    } else if (!backward) {
-      A m, lse_z, P, Q, S;
-      row_lse(z, V, sc, m, lse_z);
-      packet_sums(a, j, g, b, z, sc, lse_z, P, Q, S);
-      const A p_rest = clamp0(A(1) - P), q_rest = A(1) - Q;
-      if (a.values.size[3] < V && p_rest != 0) S += p_rest * (slog(p_rest) - slog(q_rest));
-      loss[r] = tau * tau * S;
-      lse_out[r] = lse_z;
     } else {
       const int64_t K = a.values.size[3];
-      const A lse_z = at<A>(a.lse_z, n, g, b), gs = at<A>(a.grad, n, g, b) * tau;
-      A P, Q, S;
-      packet_sums(a, j, g, b, z, sc, lse_z, P, Q, S);
-      const A p_rest = clamp0(A(1) - P), q_rest = A(1) - Q;
-      const A unsent = gs * (K < V && p_rest != 0 ? A(1) - p_rest / q_rest : A(1));
-      for (int64_t v = 0; v < V; v += L::W) {
-        const int w = lanes_left(V - v, L::W);
-        store_row<A>(dz_row, a.z.dtype, v, unsent * L::exp(sc(L::load(z + v, w, -kInf)) - lse_z), w);
-      }
-      const A* val = static_cast<const A*>(a.values.data) + offset(a.values, j, g, b);
-      const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, j, g, b);
+      const bool rest = K < V;
       const A lse_t = at<A>(a.lse_t, j, g, b);
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t v = ind[k * a.indices.stride[3]];
-        const A q = sexp(sc(to_acc<A>(z[v])) - lse_z), p = sexp(val[k * a.values.stride[3]] - lse_t);
-        store_one<A>(dz_row, a.z.dtype, v, gs * (q - p));
+      if (rest) mark_sent(a, j, g, b, wbuf, A(0));
+      A lse_z, log_q_rest = 0, q_rest = 0;
+      if (!backward) {
+        A m;
+        row_lse(z, V, sc, m, lse_z, rest ? wbuf : nullptr, &log_q_rest);
+      } else {
+        // q_v into pbuf, and q_rest summed over the unsent classes in the same sweep.
+        lse_z = at<A>(a.lse_z, n, g, b);
+        typename L::V acc = L::splat(0);
+        for (int64_t v = 0; v < V; v += L::W) {
+          const auto q = L::exp(sc(L::load(z + v, lanes_left(V - v, L::W), -kInf)) - lse_z);
+          L::store(pbuf + v, q, L::W);
+          acc += q * L::load(wbuf + v, L::W, 0);
+        }
+        q_rest = L::sum(acc);
+      }
+      if (rest) mark_sent(a, j, g, b, wbuf, A(1));
+      double P, S;
+      packet_sums(a, j, g, b, z, sc, lse_z, P, S);
+      const double p_rest = clamp0(1.0 - P);
+      if (!backward) {
+        if (rest && p_rest != 0) S += p_rest * (slog(p_rest) - (double)log_q_rest);
+        loss[r] = (A)((double)tau * tau * S);
+        lse_out[r] = lse_z;
+      } else {
+        const A gs = at<A>(a.grad, n, g, b) * tau;
+        const A unsent = gs * (rest && p_rest != 0 ? A(1 - p_rest / q_rest) : A(1));
+        for (int64_t v = 0; v < V; v += L::W) {
+          const int w = lanes_left(V - v, L::W);
+          store_row<A>(dz_row, a.z.dtype, v, unsent * L::load(pbuf + v, w, 0), w);
+        }
+        const A* val = static_cast<const A*>(a.values.data) + offset(a.values, j, g, b);
+        const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, j, g, b);
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t v = ind[k * a.indices.stride[3]];
+          store_one<A>(dz_row, a.z.dtype, v, gs * (pbuf[v] - sexp(val[k * a.values.stride[3]] - lse_t)));
+        }
       }
     }
   });

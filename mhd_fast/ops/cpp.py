@@ -39,11 +39,6 @@ def _arg(name: str, t: Tensor) -> tuple:
     return t.data_ptr(), _CODES[t.dtype], list(t.shape), list(t.stride())
 
 
-def _meta(name: str, t: Tensor, dtype: torch.dtype) -> tuple:
-    """Per-row metadata in the accumulation dtype (no copy when it already is)."""
-    return _arg(name, t.to(dtype))
-
-
 def _aggregate_code(aggregate: str) -> int:
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
@@ -74,64 +69,64 @@ def select(logconf: Tensor, adj: Tensor, include_self: bool) -> tuple[Tensor, Te
     return idx, has
 
 
-def _distill_args(student: Tensor, dt: torch.dtype, lse_t: Tensor, logconf_t: Tensor, idx: Tensor,
-                  adj: Tensor, tau: float, include_self: bool, aggregate: str, *, teacher: Tensor | None = None,
-                  values: Tensor | None = None, indices: Tensor | None = None) -> dict:
-    """Keyword arguments shared by _C.distill_fwd and _C.distill_bwd."""
-    return dict(student=_arg("student", student),
-                teacher=None if teacher is None else _arg("teacher", teacher),
-                values=None if values is None else _meta("values", values, dt),
-                indices=None if indices is None else _arg("indices", indices.to(torch.int32)),
-                lse_t=_meta("lse_t", lse_t, dt), logconf_t=_meta("logconf_t", logconf_t, dt),
-                idx=_arg("idx", idx), adj=_arg("adj", adj), tau=float(tau),
-                include_self=bool(include_self), aggregate=_aggregate_code(aggregate), acc=_CODES[dt],
-                threads=_threads())
+def _distill(kernel, student: Tensor, dt: torch.dtype, outputs: dict, *, teacher, values, indices, idx, adj,
+             tau, include_self, aggregate, **rows: Tensor) -> None:
+    """Runs _C.distill_fwd or _C.distill_bwd. Per-row metadata ([N, G, B]: lse_t, logconf_t and,
+    backward, grad and lse_z) and packet values go to the accumulation dtype dt, indices to
+    int32 (no copy when they already are); the converted tensors stay referenced here until
+    the kernel returns, since _C only gets their pointers."""
+    rows = {name: t.to(dt) for name, t in rows.items()}
+    if values is not None:
+        values, indices = values.to(dt), indices.to(torch.int32)
+    kernel(student=_arg("student", student), teacher=None if teacher is None else _arg("teacher", teacher),
+           values=None if values is None else _arg("values", values),
+           indices=None if indices is None else _arg("indices", indices),
+           idx=_arg("idx", idx), adj=_arg("adj", adj), tau=float(tau), include_self=bool(include_self),
+           aggregate=_aggregate_code(aggregate), acc=_CODES[dt], threads=_threads(),
+           **{name: _arg(name, t) for name, t in rows.items()}, **outputs)
 
 
-def _forward(student: Tensor, dt: torch.dtype, args: dict) -> tuple[Tensor, Tensor]:
+def _forward(student, dt, **args) -> tuple[Tensor, Tensor]:
     loss = torch.empty(student.shape[:-1], dtype=dt)
     lse_z = torch.empty(student.shape[:-1], dtype=dt)
-    _C.distill_fwd(**args, loss=loss.data_ptr(), lse_z=lse_z.data_ptr())
+    _distill(_C.distill_fwd, student, dt, dict(loss=loss.data_ptr(), lse_z=lse_z.data_ptr()), **args)
     return loss, lse_z
 
 
-def _backward(grad: Tensor, lse_z: Tensor, student: Tensor, dt: torch.dtype, args: dict) -> Tensor:
+def _backward(student, dt, **args) -> Tensor:
     d_student = torch.empty(student.shape, dtype=student.dtype)
-    _C.distill_bwd(**args, grad=_meta("grad", grad, dt), lse_z=_meta("lse_z", lse_z, dt),
-                   dz=d_student.data_ptr())
+    _distill(_C.distill_bwd, student, dt, dict(dz=d_student.data_ptr()), **args)
     return d_student
 
 
 def distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, tau, include_self, aggregate):
     """Dense teacher: (loss [N, G, B] = τ²·KL, lse_z [N, G, B] of Z/τ), accumulation dtype."""
-    dt = acc_dtype(student, teacher)
-    args = _distill_args(student, dt, lse_t, logconf_t, idx, adj, tau, include_self, aggregate, teacher=teacher)
-    return _forward(student, dt, args)
+    return _forward(student, acc_dtype(student, teacher), teacher=teacher, values=None, indices=None,
+                    lse_t=lse_t, logconf_t=logconf_t, idx=idx, adj=adj, tau=tau, include_self=include_self,
+                    aggregate=aggregate)
 
 
 def distill_bwd(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z, tau, include_self, aggregate):
     """Dense teacher: dZ = grad·τ·(q − p̄), a fresh contiguous tensor of Z's dtype."""
-    dt = acc_dtype(student, teacher)
-    args = _distill_args(student, dt, lse_t, logconf_t, idx, adj, tau, include_self, aggregate, teacher=teacher)
-    return _backward(grad, lse_z, student, dt, args)
+    return _backward(student, acc_dtype(student, teacher), teacher=teacher, values=None, indices=None,
+                     lse_t=lse_t, logconf_t=logconf_t, idx=idx, adj=adj, tau=tau, include_self=include_self,
+                     aggregate=aggregate, grad=grad, lse_z=lse_z)
 
 
 def distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj, tau, include_self, aggregate):
-    """Top-k packet teacher (values [N, G, B, K], indices int32): (loss, lse_z)."""
-    dt = acc_dtype(student, values)
-    args = _distill_args(student, dt, lse_t, logconf_t, idx, adj, tau, include_self, aggregate, values=values,
-                         indices=indices)
-    return _forward(student, dt, args)
+    """Top-k packet teacher (values [N, G, B, K], indices): (loss, lse_z)."""
+    return _forward(student, acc_dtype(student, values), teacher=None, values=values, indices=indices,
+                    lse_t=lse_t, logconf_t=logconf_t, idx=idx, adj=adj, tau=tau, include_self=include_self,
+                    aggregate=aggregate)
 
 
 def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj, lse_z, tau, include_self,
                      aggregate):
     """Top-k packet teacher: dZ by the bucket formula of SPEC §3 (mean / confidence_weighted:
     grad·τ·(q − p̄) against the expanded packets)."""
-    dt = acc_dtype(student, values)
-    args = _distill_args(student, dt, lse_t, logconf_t, idx, adj, tau, include_self, aggregate, values=values,
-                         indices=indices)
-    return _backward(grad, lse_z, student, dt, args)
+    return _backward(student, acc_dtype(student, values), teacher=None, values=values, indices=indices,
+                     lse_t=lse_t, logconf_t=logconf_t, idx=idx, adj=adj, tau=tau, include_self=include_self,
+                     aggregate=aggregate, grad=grad, lse_z=lse_z)
 
 
 def topk_compress(logits: Tensor, k: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,568 @@
+"""The compiled backends against the torch reference: values, gradients, edge cases, registration.
+
+Every case runs through the public API (``backend=...``) and compares with ``backend="torch"``
+on the same inputs (SPEC §2-§3, §7). ``BACKENDS`` lists the backends swept here; the cpp
+backend is also swept once per ISA build this CPU runs (``mhd_fast._C.isas()``), so that the
+portable fallback is tested next to the AVX2 build.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mhd_fast
+from mhd_fast.ops import api, reference, registry
+
+from cases import (AGGREGATES, DTYPES, GRAD_TOL, GRAPHS, LOSS_TOL, TAUS, VOCABS, make_graph, make_logits,
+                   with_confidence_ties, with_topk_ties)
+
+BACKENDS = ["cpp"]
+
+_unavailable = {b: mhd_fast.backend_available(b) for b in BACKENDS}
+BACKEND_PARAMS = [pytest.param(b, marks=pytest.mark.skipif(_unavailable[b] is not None,
+                                                           reason=str(_unavailable[b])))
+                  for b in BACKENDS]
+needs_cpp = pytest.mark.skipif(mhd_fast.backend_available("cpp") is not None, reason="mhd_fast._C not built")
+
+# (graph, include_self): every graph of cases.py, self-loops with and without include_self.
+GRAPH_CASES = [(g, False) for g in GRAPHS] + [("selfloops", True)]
+
+
+def _isas() -> list[str]:
+    if mhd_fast.backend_available("cpp") is not None:
+        return []
+    from mhd_fast import _C
+    return list(_C.isas())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread keeps the many tiny torch ops of the reference off the
+    thread pool (a shared CI machine makes every parallel region wait for a time slice). The
+    multi-threaded kernel launch is tested in test_results_are_bit_identical_..."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture(params=_isas())
+def isa(request):
+    """Run the cpp kernels on one ISA build, then restore the default (the widest)."""
+    from mhd_fast import _C
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa(_C.isas()[-1])
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def _loss_and_grad(z: torch.Tensor, teacher, adj, grad_out: torch.Tensor | None, **kw):
+    """(loss, dL/dZ) of mhd_loss with upstream gradient grad_out (shape of the "none" loss)."""
+    z = z.detach().clone().requires_grad_()
+    loss = mhd_fast.mhd_loss(z, teacher, adj, **kw)
+    if grad_out is None:
+        return loss.detach(), None
+    (g,) = torch.autograd.grad(loss, z, grad_out.to(loss.dtype))
+    return loss.detach(), g
+
+
+def _reference(z, teacher, adj, grad_out, **kw):
+    """The torch reference evaluated in fp64 on the same inputs: the truth a fp32 kernel is held
+    to. The teacher choice is the one the reference makes at the inputs' own precision, where
+    confidences that differ in the 9th digit can round to a tie (lowest client wins)."""
+    idx, has = mhd_fast.select_teachers(teacher, adj, tau=kw.get("tau", 1.0),
+                                        include_self=kw.get("include_self", False), backend="torch")
+    if isinstance(teacher, mhd_fast.TopKLogits):
+        teacher = mhd_fast.TopKLogits(teacher.values.double(), teacher.indices, teacher.lse.double())
+    else:
+        teacher = teacher.double()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reference, "select", lambda *args: (idx, has))
+        return _loss_and_grad(z.double(), teacher, adj, None if grad_out is None else grad_out.double(),
+                              backend="torch", **kw)
+
+
+def _assert_matches_reference(z, teacher, adj, backend, *, grad=True, seed=0, **kw):
+    rows = (z.shape[0], z.shape[1] - 1, z.shape[2])
+    grad_out = None
+    if grad:
+        grad_out = torch.rand(rows, generator=torch.Generator().manual_seed(seed)) * 2 - 0.5
+        if kw.get("reduction", "none") != "none":
+            grad_out = torch.tensor(1.7)
+    got_loss, got_grad = _loss_and_grad(z, teacher, adj, grad_out, backend=backend, **kw)
+    want_loss, want_grad = _reference(z, teacher, adj, grad_out, **kw)
+    assert got_loss.dtype == mhd_fast.mhd_loss(z, teacher, adj, backend="torch", **kw).dtype
+    assert got_loss.shape == want_loss.shape
+    rtol, atol = LOSS_TOL[z.dtype]
+    torch.testing.assert_close(got_loss, want_loss.to(got_loss.dtype), rtol=rtol, atol=atol)
+    if grad:
+        assert got_grad.dtype == z.dtype and got_grad.shape == z.shape
+        rtol, atol = GRAD_TOL[z.dtype]
+        torch.testing.assert_close(got_grad, want_grad.to(z.dtype), rtol=rtol, atol=atol)
+
+
+def _case(dtype, v, graph, n=5, h1=3, b=4, seed=0):
+    z = make_logits((n, h1, b, v), dtype, seed=seed)
+    t = make_logits((n, h1, b, v), dtype, seed=seed + 1)
+    return z, t, make_graph(graph, n, seed=seed)
+
+
+# ---- the cross product -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("graph,include_self", GRAPH_CASES)
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("v", VOCABS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_loss_and_grad_match_reference(backend, dtype, v, tau, graph, include_self, aggregate):
+    """Dense and top-k teachers, forward and backward with an upstream gradient != 1."""
+    z, t, adj = _case(dtype, v, graph, seed=v)
+    kw = dict(tau=tau, include_self=include_self, aggregate=aggregate)
+    _assert_matches_reference(z, t, adj, backend, **kw)
+    packet = mhd_fast.topk_compress(t, max(1, v // 3), tau=tau, value_dtype=dtype, backend="torch")
+    _assert_matches_reference(z, packet, adj, backend, **kw)
+
+
+@pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
+@pytest.mark.parametrize("v", [2, 41])
+def test_every_isa_build_matches_reference(isa, teacher_kind, v):
+    """The portable build and the AVX2 build each agree with the reference."""
+    for dtype, aggregate, (graph, include_self) in itertools.product(
+            (torch.float32, torch.bfloat16, torch.float16), AGGREGATES, GRAPH_CASES):
+        z, t, adj = _case(dtype, v, graph, seed=3)
+        teacher = t if teacher_kind == "dense" else mhd_fast.topk_compress(t, v // 2 + 1, tau=0.5, backend="torch")
+        _assert_matches_reference(z, teacher, adj, "cpp", tau=0.5, include_self=include_self,
+                                  aggregate=aggregate)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+def test_reductions_match_reference(backend, reduction, aggregate):
+    z, t, adj = _case(torch.float32, 10, "directed", n=6, h1=4, b=5)
+    _assert_matches_reference(z, t, adj, backend, reduction=reduction, aggregate=aggregate, tau=2.0)
+    packet = mhd_fast.topk_compress(t, 4, tau=2.0, backend="torch")
+    _assert_matches_reference(z, packet, adj, backend, reduction=reduction, aggregate=aggregate, tau=2.0)
+
+
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("student_dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+def test_mixed_dtypes_match_reference(backend, student_dtype, teacher_dtype):
+    """Z and T dtypes are independent; fp64 in either makes the accumulation fp64 (the registry
+    contract), else fp32."""
+    z = make_logits((4, 3, 5, 17), student_dtype, seed=1)
+    t = make_logits((4, 3, 5, 17), teacher_dtype, seed=2)
+    adj = make_graph("ring", 4)
+    fp64 = torch.float64 in (student_dtype, teacher_dtype)
+    for aggregate in AGGREGATES:
+        got, got_grad = _loss_and_grad(z, t, adj, torch.ones(4, 2, 5), aggregate=aggregate, backend=backend)
+        want, want_grad = _reference(z, t, adj, torch.ones(4, 2, 5), aggregate=aggregate)
+        assert got.dtype == (torch.float64 if fp64 else torch.float32) and got_grad.dtype == student_dtype
+        tol = 1e-10 if student_dtype == teacher_dtype == torch.float64 else 2e-5  # lse_t keeps T's precision
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=tol, atol=tol)
+        rtol, atol = GRAD_TOL[student_dtype if not fp64 else torch.float32]
+        torch.testing.assert_close(got_grad, want_grad.to(student_dtype), rtol=rtol, atol=atol)
+
+
+# ---- ties, selection, top-k ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("graph,include_self", GRAPH_CASES)
+def test_confidence_ties_pick_the_lowest_client(backend, graph, include_self, aggregate):
+    z, t, adj = _case(torch.float32, 12, graph, n=6)
+    t = with_confidence_ties(t)
+    want = mhd_fast.select_teachers(t, adj, include_self=include_self, backend="torch")
+    got = mhd_fast.select_teachers(t, adj, include_self=include_self, backend=backend)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    _assert_matches_reference(z, t, adj, backend, include_self=include_self, aggregate=aggregate)
+    packet = mhd_fast.topk_compress(t, 5, backend="torch")
+    got = mhd_fast.select_teachers(packet, adj, include_self=include_self, backend=backend)
+    assert torch.equal(got[0], want[0])
+    _assert_matches_reference(z, packet, adj, backend, include_self=include_self, aggregate=aggregate)
+
+
+@pytest.mark.parametrize("graph,include_self", GRAPH_CASES)
+def test_select_teachers_matches_reference(backend, graph, include_self):
+    t = make_logits((7, 4, 9, 13), seed=4)
+    adj = make_graph(graph, 7, seed=2)
+    want = mhd_fast.select_teachers(t, adj, include_self=include_self, tau=0.7, backend="torch")
+    got = mhd_fast.select_teachers(t, adj, include_self=include_self, tau=0.7, backend=backend)
+    assert got[0].dtype == torch.int64 and got[1].dtype == torch.bool
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("value_dtype", [None, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tau", TAUS + (0.3,))
+@pytest.mark.parametrize("v", VOCABS + (40000,))
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
+def test_topk_compress_matches_reference(backend, dtype, v, tau, value_dtype):
+    """Exact values and indices (ties on a coarse grid -> lower index first), close lse."""
+    rows = 3 if v > 10000 else 20
+    x = with_topk_ties(make_logits((2, rows, v), dtype, seed=v))
+    for k in sorted({1, max(1, v // 2), v if v < 10000 else 32}):
+        want = mhd_fast.topk_compress(x, k, tau=tau, value_dtype=value_dtype, backend="torch")
+        got = mhd_fast.topk_compress(x, k, tau=tau, value_dtype=value_dtype, backend=backend)
+        assert got.values.dtype == want.values.dtype and got.indices.dtype == want.indices.dtype
+        assert torch.equal(got.indices, want.indices)
+        assert torch.equal(got.values, want.values)
+        torch.testing.assert_close(got.lse, want.lse, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("v", [1, 2, 41, 1271])
+def test_topk_with_k_equal_v_equals_dense(backend, v, aggregate):
+    z, t, adj = _case(torch.float32, v, "directed", n=6)
+    dense, dense_grad = _loss_and_grad(z, t, adj, torch.ones(6, 2, 4), tau=1.5, aggregate=aggregate,
+                                       backend=backend)
+    packet = mhd_fast.topk_compress(t, v, tau=1.5, backend=backend)
+    sparse, sparse_grad = _loss_and_grad(z, packet, adj, torch.ones(6, 2, 4), tau=1.5, aggregate=aggregate,
+                                         backend=backend)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+def test_gradcheck_fp64_dense_and_topk(backend, aggregate):
+    n, h1, b, v = 4, 3, 2, 7
+    z = make_logits((n, h1, b, v), torch.float64, seed=5).requires_grad_()
+    t = make_logits((n, h1, b, v), torch.float64, seed=6)
+    adj = make_graph("lonely", n)
+
+    def dense(z):
+        return mhd_fast.mhd_loss(z, t, adj, tau=0.8, aggregate=aggregate, backend=backend)
+    assert torch.autograd.gradcheck(dense, (z,))
+
+    # fp64 packets (values and lse in fp64) keep the whole top-k path in fp64.
+    t64 = t.double() / 0.8
+    values, indices = torch.sort(t64, dim=-1, descending=True, stable=True)
+    packet = mhd_fast.TopKLogits(values[..., :3].contiguous(), indices[..., :3].to(torch.int16),
+                                 torch.logsumexp(t64, dim=-1))
+
+    def topk(z):
+        return mhd_fast.mhd_loss(z, packet, adj, tau=0.8, aggregate=aggregate, backend=backend)
+    assert torch.autograd.gradcheck(topk, (z,))
+
+
+# ---- memory, strides, determinism --------------------------------------------------------------
+
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+def test_inputs_unchanged_after_forward_and_backward(backend, aggregate):
+    z, t, adj = _case(torch.bfloat16, 33, "complete")
+    packet = mhd_fast.topk_compress(t, 5, backend=backend)
+    saved = [x.clone() for x in (z, t, adj, *packet)]
+    for teacher in (t, packet):
+        zz = z.requires_grad_()
+        mhd_fast.mhd_loss(zz, teacher, adj, aggregate=aggregate, backend=backend).sum().backward()
+        zz.grad = None
+        zz.requires_grad_(False)
+    for before, after in zip(saved, (z, t, adj, *packet)):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+def test_strided_views_match_contiguous(backend, aggregate):
+    """A class dim with stride != 1 (transposed storage), sliced heads and a strided adj."""
+    n, h1, b, v = 5, 4, 6, 23
+    z_store = make_logits((v, b, h1, n), seed=7)
+    t_store = make_logits((v, n, h1, b), seed=8)
+    z = z_store.permute(3, 2, 1, 0)          # [N, H1, B, V] views, class stride != 1
+    t = t_store.permute(1, 2, 3, 0)
+    assert z.stride(-1) != 1 and t.stride(-1) != 1
+    adj_store = make_graph("directed", 2 * n)[::2, ::2]
+    adj = adj_store.T.contiguous().T           # a column-major adj
+    kw = dict(tau=0.9, aggregate=aggregate)
+    _assert_matches_reference(z, t, adj, backend, **kw)
+    want = mhd_fast.mhd_loss(z.contiguous(), t.contiguous(), adj.contiguous(), backend=backend, **kw)
+    assert torch.equal(mhd_fast.mhd_loss(z, t, adj, backend=backend, **kw), want)
+    values, indices, lse = mhd_fast.topk_compress(t, 6, tau=0.9, backend="torch")
+    packet = mhd_fast.TopKLogits(values.transpose(0, 2).contiguous().transpose(0, 2), indices.mT.contiguous().mT,
+                                 lse.permute(2, 1, 0).contiguous().permute(2, 1, 0))
+    _assert_matches_reference(z, packet, adj, backend, **kw)
+    x = make_logits((v, 3 * n), seed=9).T    # [R, V] rows with class stride R
+    got = registry.topk_compress(x, 4, 0.9, backend)
+    want = registry.topk_compress(x.contiguous(), 4, 0.9, backend)
+    assert all(torch.equal(a, c) for a, c in zip(got, want))
+
+
+def test_results_are_bit_identical_run_to_run_and_across_thread_counts(backend):
+    n, h1, b, v = 8, 3, 64, 300  # enough rows for a multi-threaded launch
+    z, t, adj = _case(torch.float32, v, "complete", n=n, h1=h1, b=b)
+    packet = mhd_fast.topk_compress(t, 16, backend="torch")
+    threads = torch.get_num_threads()
+
+    def run():
+        out = []
+        for teacher, aggregate in itertools.product((t, packet), AGGREGATES):
+            zz = z.clone().requires_grad_()
+            loss = mhd_fast.mhd_loss(zz, teacher, adj, aggregate=aggregate, backend=backend)
+            (g,) = torch.autograd.grad(loss, zz, torch.ones_like(loss))
+            out += [loss, g]
+        return out + list(mhd_fast.topk_compress(t, 16, backend=backend))
+
+    try:
+        first = run()
+        torch.set_num_threads(1)
+        single = run()
+        torch.set_num_threads(max(2, threads))
+        again = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b_, c in zip(first, single, again):
+        assert torch.equal(a, b_) and torch.equal(a, c)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6), h1=st.integers(2, 4), b=st.integers(1, 5), v=st.integers(1, 60),
+       tau=st.floats(0.2, 5.0), aggregate=st.sampled_from(AGGREGATES), include_self=st.booleans(),
+       density=st.floats(0.0, 1.0), k_frac=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_hypothesis_shapes_match_reference(n, h1, b, v, tau, aggregate, include_self, density, k_frac, seed):
+    if mhd_fast.backend_available("cpp") is not None:
+        pytest.skip("mhd_fast._C not built")
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, h1, b, v, generator=g) * 3
+    t = torch.randn(n, h1, b, v, generator=g) * 3
+    adj = torch.rand(n, n, generator=g) < density
+    kw = dict(tau=tau, aggregate=aggregate, include_self=include_self)
+    for be in BACKENDS:
+        _assert_matches_reference(z, t, adj, be, **kw)
+        k = 1 + int(k_frac * (v - 1))
+        packet = mhd_fast.topk_compress(t, k, tau=tau, backend="torch")
+        _assert_matches_reference(z, packet, adj, be, **kw)
+        want = mhd_fast.topk_compress(t, k, tau=tau, backend="torch")
+        got = mhd_fast.topk_compress(t, k, tau=tau, backend=be)
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+
+
+# ---- NaN and inf ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+def test_nan_and_inf_logits(backend, aggregate):
+    """NaN or +inf in a row -> NaN for that row; −inf = masked class; all −inf -> NaN loss; a
+    NaN teacher row reaches exactly the clients that hear it."""
+    n, h1, b, v = 4, 3, 5, 9
+    z = make_logits((n, h1, b, v), seed=10)
+    t = make_logits((n, h1, b, v), seed=11)
+    z[1, 1, 0, 3] = float("nan")
+    z[2, 2, 1, 0] = float("inf")
+    z[3, 1, 2, :] = float("-inf")
+    z[0, 1, 3, :4] = float("-inf")          # masked classes of a student row
+    t[0, 0, 4, 2:] = float("-inf")          # masked classes of a teacher row
+    t[2, 1, 3, 5] = float("nan")            # a NaN teacher: its confidence wins the choice
+    adj = make_graph("complete", n)
+    zz = z.clone().requires_grad_()
+    loss = mhd_fast.mhd_loss(zz, t, adj, aggregate=aggregate, backend=backend)
+    (grad,) = torch.autograd.grad(loss, zz, torch.ones_like(loss))
+
+    expected_nan = torch.zeros_like(loss, dtype=torch.bool)
+    expected_nan[1, 0, 0] = expected_nan[2, 1, 1] = expected_nan[3, 0, 2] = True
+    expected_nan[[0, 1, 3], 1, 3] = True    # the listeners of client 2 at (aux head 2, row 3)
+    assert torch.equal(torch.isnan(loss), expected_nan)
+    assert torch.equal(torch.isnan(grad).any(-1)[:, 1:], expected_nan)
+    assert torch.isnan(grad[1, 1, 0]).all()
+    assert loss[0, 0, 3] == float("inf")    # teacher mass on classes the student masks
+    assert torch.isfinite(grad[0, 1, 3]).all() and (grad[0, 1, 3, :4] < 0).all()
+
+    # Elsewhere the reference agrees. (Its mean / confidence_weighted einsum multiplies the NaN
+    # row of a non-candidate by a zero weight and so also marks client 2's own row NaN.)
+    want_loss, want_grad = _loss_and_grad(z, t, adj, torch.ones_like(loss), aggregate=aggregate, backend="torch")
+    fine = ~torch.isnan(want_loss) & ~expected_nan
+    torch.testing.assert_close(loss[fine], want_loss[fine], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad[:, 1:][fine], want_grad[:, 1:][fine], rtol=1e-4, atol=1e-6)
+
+    lse, logconf = registry.teacher_stats(t, 1.0, backend)  # documented: NaN / +inf rows -> NaN
+    assert torch.isnan(lse[2, 1, 3]) and torch.isnan(logconf[2, 1, 3])
+    torch.testing.assert_close(lse[0, 0, 4], torch.logsumexp(t[0, 0, 4], -1))
+    row = torch.full((1, 1, 1, 4), float("-inf"))
+    lse, logconf = registry.teacher_stats(row, 1.0, backend)
+    assert lse.item() == float("-inf") and torch.isnan(logconf).all()
+
+
+def test_nan_and_inf_in_topk_compress(backend):
+    x = make_logits((4, 50), seed=12)
+    x[0, 7] = float("nan")
+    x[0, 30] = float("nan")
+    x[1, 3] = float("inf")
+    x[2, :] = float("-inf")
+    x[3, 10:] = float("-inf")
+    want = mhd_fast.topk_compress(x, 12, backend="torch")
+    got = mhd_fast.topk_compress(x, 12, backend=backend)
+    assert torch.equal(got.indices, want.indices)        # NaN first, by index; −inf ties by index
+    assert got.indices[0, :2].tolist() == [7, 30]
+    assert torch.equal(torch.isnan(got.values), torch.isnan(want.values))
+    assert torch.isnan(got.lse[0]) and torch.isnan(got.lse[1])
+    assert got.lse[2] == float("-inf")
+    torch.testing.assert_close(got.lse[3], want.lse[3])
+
+
+# ---- registration, compile, backend choice ------------------------------------------------------
+
+def test_opcheck_every_op(backend):
+    n, g, b, v, k = 4, 2, 3, 11, 4
+    z = make_logits((n, g, b, v), seed=13).requires_grad_()
+    t = make_logits((n, g, b, v), seed=14)
+    adj = make_graph("ring", n)
+    lse_t, logconf_t = registry.teacher_stats(t, 1.3, backend)
+    idx, _ = registry.select(logconf_t, adj, False, backend)
+    values, indices, packet_lse = registry.topk_compress(t.reshape(-1, v), k, 1.3, backend)
+    values, indices = values.reshape(n, g, b, k), indices.reshape(n, g, b, k)
+    p_lse, p_logconf = packet_lse.reshape(n, g, b), values[..., 0] - packet_lse.reshape(n, g, b)
+    p_idx, _ = registry.select(p_logconf, adj, False, backend)
+    grad = torch.rand(n, g, b)
+    torch.library.opcheck(registry.teacher_stats, (t, 1.3, backend))
+    torch.library.opcheck(registry.select, (logconf_t, adj, False, backend))
+    torch.library.opcheck(registry.topk_compress, (t.reshape(-1, v), k, 1.3, backend))
+    for aggregate in AGGREGATES:
+        _, lse_z = registry.distill_fwd(z, t, lse_t, logconf_t, idx, adj, 1.3, False, aggregate, backend)
+        torch.library.opcheck(registry.distill_fwd,
+                              (z, t, lse_t, logconf_t, idx, adj, 1.3, False, aggregate, backend))
+        torch.library.opcheck(registry.distill_bwd, (grad, z.detach(), t, lse_t, logconf_t, idx, adj,
+                                                     lse_z.detach(), 1.3, False, aggregate, backend))
+        _, lse_z = registry.distill_topk_fwd(z, values, indices, p_lse, p_logconf, p_idx, adj, 1.3, False,
+                                             aggregate, backend)
+        torch.library.opcheck(registry.distill_topk_fwd, (z, values, indices, p_lse, p_logconf, p_idx, adj,
+                                                          1.3, False, aggregate, backend))
+        torch.library.opcheck(registry.distill_topk_bwd, (grad, z.detach(), values, indices, p_lse, p_logconf,
+                                                          p_idx, adj, lse_z.detach(), 1.3, False, aggregate,
+                                                          backend))
+
+
+def test_torch_compile_fullgraph_forward_and_backward(backend):
+    z, t, adj = _case(torch.float32, 10, "ring", n=4)
+    packet = mhd_fast.topk_compress(t, 3, backend="torch")
+
+    def f(z, t, packet):
+        dense = mhd_fast.mhd_loss(z, t, adj, reduction="mean", backend=backend)
+        sparse = mhd_fast.mhd_loss(z, packet, adj, aggregate="mean", reduction="sum", backend=backend)
+        return dense + sparse
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    zc, ze = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got = compiled(zc, t, packet)
+    want = f(ze, t, packet)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(zc.grad, ze.grad, rtol=1e-6, atol=1e-7)
+
+
+@needs_cpp
+def test_auto_picks_cpp_on_cpu():
+    assert mhd_fast.resolve_backend("auto", torch.device("cpu")) == "cpp"
+
+
+def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
+    monkeypatch.setattr(api, "backend_available", lambda name: None if name == "torch" else "not built here")
+    api._warn_fallback.cache_clear()
+    z, t, adj = _case(torch.float32, 6, "ring", n=3)
+    with pytest.warns(RuntimeWarning, match="falls back to 'torch'"):
+        loss = mhd_fast.mhd_loss(z, t, adj, backend="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = mhd_fast.mhd_loss(z, t, adj, backend="auto")
+    assert torch.equal(loss, again)
+    torch.testing.assert_close(loss, mhd_fast.mhd_loss(z, t, adj, backend="torch"))
+    with pytest.raises(RuntimeError, match="backend='cpp' is not available"):
+        mhd_fast.mhd_loss(z, t, adj, backend="cpp")
+    api._warn_fallback.cache_clear()
+
+
+def test_import_works_without_the_extension():
+    """With mhd_fast._C unimportable, the package imports and 'auto' runs the torch reference."""
+    code = (
+        "import sys, warnings, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'mhd_fast._C':\n"
+        "            raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, mhd_fast\n"
+        "z = torch.randn(3, 2, 4, 5)\n"
+        "adj = ~torch.eye(3, dtype=torch.bool)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    loss = mhd_fast.mhd_loss(z, z.flip(0), adj)\n"
+        "    mhd_fast.mhd_loss(z, z.flip(0), adj)\n"
+        "assert len([x for x in w if 'falls back' in str(x.message)]) == 1, [str(x.message) for x in w]\n"
+        "assert mhd_fast.backend_available('cpp') is not None\n"
+        "assert loss.shape == (3, 1, 4)\n"
+        "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make_call,argument", [
+    (lambda z, t, adj: mhd_fast.mhd_loss(z, t[:, :, :2], adj, backend="cpp"), "teacher"),
+    (lambda z, t, adj: mhd_fast.mhd_loss(z[..., :3], t, adj, backend="cpp"), "teacher"),
+    (lambda z, t, adj: mhd_fast.mhd_loss(z[:, :1], t[:, :1], adj, backend="cpp"), "student_logits"),
+    (lambda z, t, adj: mhd_fast.mhd_loss(z, t, adj[:2], backend="cpp"), "adj"),
+    (lambda z, t, adj: mhd_fast.mhd_loss(z, t, adj.int(), backend="cpp"), "adj"),
+    (lambda z, t, adj: mhd_fast.mhd_loss(z, t, adj, tau=0.0, backend="cpp"), "tau"),
+    (lambda z, t, adj: mhd_fast.mhd_loss(z, t, adj, tau=-1.0, backend="cpp"), "tau"),
+    (lambda z, t, adj: mhd_fast.mhd_loss(z, t, adj, aggregate="median", backend="cpp"), "aggregate"),
+    (lambda z, t, adj: mhd_fast.mhd_loss(z, t, adj, reduction="max", backend="cpp"), "reduction"),
+    (lambda z, t, adj: mhd_fast.mhd_loss(z, t, adj, backend="fortran"), "backend"),
+    (lambda z, t, adj: mhd_fast.topk_compress(t, 0, backend="cpp"), "k"),
+    (lambda z, t, adj: mhd_fast.topk_compress(t, 7, backend="cpp"), "k"),
+    (lambda z, t, adj: mhd_fast.topk_compress(t, 2, tau=0, backend="cpp"), "tau"),
+    (lambda z, t, adj: mhd_fast.mhd_loss(z, mhd_fast.TopKLogits(*_packet(t, values=torch.int32)), adj,
+                                         backend="cpp"), "teacher.values"),
+    (lambda z, t, adj: mhd_fast.mhd_loss(z, mhd_fast.TopKLogits(*_packet(t, indices=torch.float32)), adj,
+                                         backend="cpp"), "teacher.indices"),
+    (lambda z, t, adj: mhd_fast.mhd_loss(z, mhd_fast.TopKLogits(*_packet(t, lse=torch.int64)), adj,
+                                         backend="cpp"), "teacher.lse"),
+    (lambda z, t, adj: mhd_fast.mhd_loss(z, mhd_fast.TopKLogits(*_packet(t, bad_index=True)), adj,
+                                         backend="cpp"), "teacher.indices"),
+])
+@needs_cpp
+def test_bad_input_raises_value_error_naming_the_argument(make_call, argument):
+    z, t, adj = _case(torch.float32, 6, "ring", n=3)
+    with pytest.raises(ValueError, match=argument.replace(".", r"\.")):
+        make_call(z, t, adj)
+
+
+def _packet(t, values=None, indices=None, lse=None, bad_index=False):
+    p = mhd_fast.topk_compress(t, 2, backend="torch")
+    v, i, l = p
+    if bad_index:
+        i = i.clone()
+        i[0, 0, 0, 0] = t.shape[-1]
+    return (v.to(values) if values else v, i.to(indices) if indices else i, l.to(lse) if lse else l)
+
+
+@needs_cpp
+def test_kernel_launchers_check_what_memory_safety_needs():
+    """The custom ops validate indices and shapes themselves (the API skips its host-syncing
+    checks under torch.compile), and reject non-CPU tensors."""
+    z, t, adj = _case(torch.float32, 6, "ring", n=3)
+    zs, ts = z[:, 1:], t[:, :-1]
+    lse_t, logconf_t = registry.teacher_stats(ts, 1.0, "cpp")
+    idx, _ = registry.select(logconf_t, adj, False, "cpp")
+    with pytest.raises(ValueError, match="idx"):
+        registry.distill_fwd(zs, ts, lse_t, logconf_t, idx + 5, adj, 1.0, False, "max_confidence", "cpp")
+    values, indices, plse = registry.topk_compress(ts.reshape(-1, 6), 2, 1.0, "cpp")
+    values, indices = values.reshape(3, 2, 4, 2), indices.reshape(3, 2, 4, 2)
+    with pytest.raises(ValueError, match="indices"):
+        registry.distill_topk_fwd(zs, values, indices - 1, plse.reshape(3, 2, 4), logconf_t, idx, adj, 1.0,
+                                  False, "max_confidence", "cpp")
+    with pytest.raises(ValueError, match="lse_t"):
+        registry.distill_fwd(zs, ts, lse_t[:, :1], logconf_t, idx, adj, 1.0, False, "max_confidence", "cpp")
+    with pytest.raises(ValueError, match="adj"):
+        registry.select(logconf_t, adj[:2, :2], False, "cpp")
+    with pytest.raises(ValueError, match="aggregate"):
+        registry.distill_fwd(zs, ts, lse_t, logconf_t, idx, adj, 1.0, False, "mode", "cpp")
