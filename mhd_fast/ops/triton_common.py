@@ -11,6 +11,8 @@ Conventions of all kernels:
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import triton
@@ -21,11 +23,16 @@ import triton.language as tl
 TILE_ELEMS = 4096
 MAX_BLOCK_V = 4096
 MAX_ROWS = 64
+# Measured on an H100 (S4: 98304 rows of 32000 bf16): with 4096-element tiles, 4 warps beat
+# 8 and 16 (distill forward 3.19 ms vs 3.54 and 5.80; teacher stats 2.21 vs 2.64 and 2.78).
+NUM_WARPS = 4
 
 
+@functools.lru_cache(maxsize=64)
 def split_scalar(x: float) -> tuple[float, float, float]:
     """x as hi + mid + lo, three fp32 numbers: Triton passes Python floats as fp32, so an fp64
-    kernel rebuilds x exactly (3 × 24 bits ≥ 53) and an fp32 kernel takes hi = fp32(x)."""
+    kernel rebuilds x exactly (3 × 24 bits ≥ 53) and an fp32 kernel takes hi = fp32(x).
+    Cached: every launch splits its τ."""
     hi = float(np.float32(x))
     mid = float(np.float32(x - hi))
     return hi, mid, float(np.float32(x - hi - mid))
@@ -41,8 +48,7 @@ def tile_shape(v: int, rows: int, min_block_v: int = 1) -> tuple[int, int, int]:
     and for small V several rows per program so each program still moves a full tile."""
     block_v = min(max(triton.next_power_of_2(v), min_block_v), max(MAX_BLOCK_V, min_block_v))
     n_rows = max(1, min(TILE_ELEMS // block_v, MAX_ROWS, triton.next_power_of_2(rows)))
-    num_warps = 8 if n_rows * block_v >= 4096 else 4
-    return n_rows, block_v, num_warps
+    return n_rows, block_v, NUM_WARPS
 
 
 @triton.jit

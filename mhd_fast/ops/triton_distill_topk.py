@@ -67,10 +67,10 @@ def _sent_chunk(Z, zrow, sz3, VALUES, INDICES, LSE_T, vrow, irow, trow, sv3, si3
 @triton.jit
 def _sent_words(INDICES, irow, si3, has, K, v0, ROWS: tl.constexpr, NW: tl.constexpr,
                 LANES: tl.constexpr, K_BLOCK: tl.constexpr):
-    """[ROWS, NW] int64 bitmask of the sent classes in the tile starting at v0: bit l of word w
-    is set when class v0 + w·LANES + l is sent. Classes of a packet are distinct, so summing
-    their bits is an OR."""
-    words = tl.zeros([ROWS, NW], tl.int64)
+    """[ROWS, NW] int32 bitmask of the sent classes in the tile starting at v0: bit l of word w
+    is set when class v0 + w·LANES + l is sent (LANES <= 32). Classes of a packet are distinct,
+    so summing their bits is an OR (bit 31 included: two's complement adds carry-free)."""
+    words = tl.zeros([ROWS, NW], tl.int32)
     w = tl.arange(0, NW)
     for k0 in range(0, K, K_BLOCK):
         kk = k0 + tl.arange(0, K_BLOCK)
@@ -78,9 +78,9 @@ def _sent_words(INDICES, irow, si3, has, K, v0, ROWS: tl.constexpr, NW: tl.const
         rel = tl.load(INDICES + irow[:, None] + kk[None, :] * si3, mask=kmask,
                       other=-1).to(tl.int64) - v0
         inside = kmask & (rel >= 0) & (rel < NW * LANES)
-        rel = tl.where(inside, rel, 0)
+        rel = tl.where(inside, rel, 0).to(tl.int32)
         hit = inside[:, None, :] & ((rel // LANES)[:, None, :] == w[None, :, None])
-        bit = tl.full([], 1, tl.int64) << (rel % LANES)
+        bit = tl.full([], 1, tl.int32) << (rel % LANES)
         words += tl.sum(tl.where(hit, bit[:, None, :], 0), axis=2)
     return words
 
@@ -118,7 +118,7 @@ def _distill_topk_fwd_kernel(
         s = s * alpha + tl.sum(tl.sum(e, axis=2), axis=1)
         if HAS_REST:
             words = _sent_words(INDICES, irow, si3, has, K, v0, ROWS, NW, LANES, K_BLOCK)
-            sent = ((words[:, :, None] >> lanes[None, None, :].to(tl.int64)) & 1) != 0
+            sent = ((words[:, :, None] >> lanes[None, None, :]) & 1) != 0
             s_rest = s_rest * alpha + tl.sum(tl.sum(tl.where(sent, 0.0, e), axis=2), axis=1)
         m = m_new
     base = finite_base(m)

@@ -3,8 +3,10 @@
     C(i) = { j : adj[i, j], j ≠ i } ∪ ({i} if include_self)      (the diagonal of adj is ignored)
     idx[i, g, b] = argmax_{j ∈ C(i)} logconf[j, g, b]            ties -> lowest j, NaN wins
     has[i] = C(i) ≠ ∅,   idx = −1 where it is empty
-The scan over j runs in increasing order with a strict comparison, which keeps the lowest j on
-ties; a NaN replaces any number and is never replaced (as torch.argmax). No gradient.
+A program takes one client i and a block of (g, b) columns and scans the candidates BLOCK_J at
+a time: within a block the winner is the lowest j holding a NaN, else the lowest j holding the
+maximum; a later block replaces the running winner only if strictly better (or NaN over a
+number), so ties keep the lowest j. No gradient.
 """
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+NO_CLIENT = tl.constexpr(2**31 - 1)  # above every client index: "none yet" in a min over j
+
 
 @triton.jit
 def is_candidate(ADJ, i, j, sa0, sa1, mask, INCLUDE_SELF: tl.constexpr):
-    """[ROWS] bool: client j is a candidate teacher of client i (adj[i, j], diagonal ->
-    include_self)."""
+    """Client j is a candidate teacher of client i (adj[i, j], the diagonal -> include_self),
+    elementwise over i, j and mask."""
     a = (tl.load(ADJ + i * sa0 + j * sa1, mask=mask, other=0) != 0) & mask
     if INCLUDE_SELF:
         cand = a | ((i == j) & mask)
@@ -30,26 +34,34 @@ def _select_kernel(
     LOGCONF, ADJ, IDX, HAS,  # LOGCONF [N, G·B] contiguous; IDX [N, G·B] int64; HAS [N] bool
     N, GB,
     sa0, sa1,
-    INCLUDE_SELF: tl.constexpr, BLOCK: tl.constexpr,
+    INCLUDE_SELF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     i = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < GB
     best = tl.full([BLOCK], float("-inf"), LOGCONF.dtype.element_ty)
+    best_nan = tl.zeros([BLOCK], tl.int1)
     idx = tl.full([BLOCK], -1, tl.int64)
-    any_cand = tl.zeros([], tl.int1)
-    for j in range(0, N):
-        cand = is_candidate(ADJ, i, j, sa0, sa1, i >= 0, INCLUDE_SELF)
-        # tl.where, not `&`: a scalar bool and a block combine into an int32 mask in the
-        # Triton interpreter.
-        cand_cols = tl.where(cand, cmask, False)
-        c = tl.load(LOGCONF + j * GB + cols, mask=cand_cols, other=float("-inf"))
-        take = tl.where(cand, (idx < 0) | (c > best) | ((c != c) & (best == best)), False)
-        best = tl.where(take, c, best)
-        idx = tl.where(take, j, idx)
-        any_cand = any_cand | cand
+    n_cand = tl.zeros([BLOCK_J], tl.int32)
+    for j0 in range(0, N, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        cand = is_candidate(ADJ, i, j, sa0, sa1, j < N, INCLUDE_SELF)
+        n_cand += cand.to(tl.int32)
+        mask = cand[:, None] & cmask[None, :]
+        c = tl.load(LOGCONF + j[:, None].to(tl.int64) * GB + cols[None, :], mask=mask,
+                    other=float("-inf"))
+        is_nan = mask & (c != c)
+        nan_j = tl.min(tl.where(is_nan, j[:, None], NO_CLIENT), axis=0)
+        c_max = tl.max(tl.where(is_nan, float("-inf"), c), axis=0)
+        max_j = tl.min(tl.where(mask & (c == c_max[None, :]), j[:, None], NO_CLIENT), axis=0)
+        blk_nan = nan_j < NO_CLIENT
+        blk_j = tl.where(blk_nan, nan_j, max_j)
+        take = (blk_j < NO_CLIENT) & ~best_nan & ((idx < 0) | blk_nan | (c_max > best))
+        best = tl.where(take, c_max, best)
+        best_nan = best_nan | (take & blk_nan)
+        idx = tl.where(take, blk_j.to(tl.int64), idx)
     tl.store(IDX + i * GB + cols, idx, mask=cmask)
-    tl.store(HAS + i, any_cand, mask=tl.program_id(0) == 0)
+    tl.store(HAS + i, tl.sum(n_cand, axis=0) > 0, mask=tl.program_id(0) == 0)
 
 
 def select(logconf: torch.Tensor, adj: torch.Tensor, include_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +71,9 @@ def select(logconf: torch.Tensor, adj: torch.Tensor, include_self: bool) -> tupl
     gb = logconf[0].numel()
     idx = torch.empty(logconf.shape, dtype=torch.int64, device=logconf.device)
     has = torch.empty((n,), dtype=torch.bool, device=logconf.device)
-    block = min(triton.next_power_of_2(gb), 1024)
+    block_j = min(triton.next_power_of_2(n), 32)
+    block = min(triton.next_power_of_2(gb), 4096 // block_j)
     _select_kernel[(triton.cdiv(gb, block), n)](
         logconf, adj, idx, has, n, gb, *adj.stride(), INCLUDE_SELF=bool(include_self), BLOCK=block,
-        num_warps=4)
+        BLOCK_J=block_j, num_warps=4)
     return idx, has
