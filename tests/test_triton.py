@@ -424,7 +424,8 @@ def test_torch_compile_fullgraph_with_backward(packet):
     n, h1, b, v = (6, 3, 8, 1000) if CUDA else (4, 3, 4, 50)
     z = _on(make_logits((n, h1, b, v), torch.bfloat16, seed=28))
     t = _on(make_logits((n, h1, b, v), torch.bfloat16, seed=29))
-    teacher = mhd_fast.topk_compress(t, 16, value_dtype=torch.bfloat16, backend="triton") if packet else t
+    teacher = (mhd_fast.topk_compress(t, 16, value_dtype=torch.bfloat16, backend="triton")
+               if packet else t)
     adj = _on(make_graph("complete", n))
 
     def step(x):

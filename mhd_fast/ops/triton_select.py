@@ -64,7 +64,8 @@ def _select_kernel(
     tl.store(HAS + i, tl.sum(n_cand, axis=0) > 0, mask=tl.program_id(0) == 0)
 
 
-def select(logconf: torch.Tensor, adj: torch.Tensor, include_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def select(logconf: torch.Tensor, adj: torch.Tensor,
+           include_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """logconf [N, G, B], adj [N, N] bool -> (idx [N, G, B] int64, has [N] bool), one launch."""
     n = logconf.shape[0]
     logconf = logconf.contiguous()  # [N, G, B] row statistics: tiny next to the logits

@@ -41,7 +41,8 @@ def _teacher_stats_kernel(
     tl.store(LOGCONF + r, (m - base - log2s) * ln2, mask=rmask)
 
 
-def teacher_stats(teacher: torch.Tensor, tau: float, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_stats(teacher: torch.Tensor, tau: float,
+                  acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """T [N, G, B, V] -> (lse [N, G, B], logconf [N, G, B]) in ``acc``, one launch for all rows."""
     n, g, b, v = teacher.shape
     rows = n * g * b
