@@ -112,14 +112,23 @@ def distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, tau, include_self,
                                       bool(include_self), aggregate, acc_dtype(student, teacher))
 
 
+def _check_out(out: Tensor | None, student: Tensor) -> None:
+    if out is not None and (out.shape != student.shape or out.dtype != student.dtype
+                            or out.device != student.device):
+        raise ValueError(f"out must be a {student.dtype} tensor of shape {tuple(student.shape)} "
+                         f"on {student.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+
+
 def distill_bwd(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z, tau, include_self,
-                aggregate):
-    """-> dZ: fresh, contiguous, the student's shape and dtype."""
+                aggregate, out=None):
+    """-> dZ of the student's shape and dtype, written into ``out`` (any strides) when given,
+    else fresh and contiguous."""
     lse_t, logconf_t, idx, grad, lse_z = _dense_args(student, teacher, lse_t, logconf_t, idx, adj,
                                                      tau, aggregate, grad=grad, lse_z=lse_z)
+    _check_out(out, student)
     return triton_distill.distill_bwd(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z,
                                       tau, bool(include_self), aggregate,
-                                      acc_dtype(student, teacher))
+                                      acc_dtype(student, teacher), out=out)
 
 
 def _topk_args(student, values, indices, lse_t, logconf_t, idx, adj, tau, aggregate, **more):
@@ -144,14 +153,16 @@ def distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj, tau, 
 
 
 def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj, lse_z, tau,
-                     include_self, aggregate):
-    """-> dZ: fresh, contiguous, the student's shape and dtype."""
+                     include_self, aggregate, out=None):
+    """-> dZ of the student's shape and dtype, written into ``out`` (any strides) when given,
+    else fresh and contiguous."""
     lse_t, logconf_t, idx, grad, lse_z = _topk_args(student, values, indices, lse_t, logconf_t,
                                                     idx, adj, tau, aggregate, grad=grad,
                                                     lse_z=lse_z)
+    _check_out(out, student)
     return triton_distill_topk.distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t,
                                                 idx, adj, lse_z, tau, bool(include_self),
-                                                aggregate, acc_dtype(student, values))
+                                                aggregate, acc_dtype(student, values), out=out)
 
 
 def topk_compress(logits: Tensor, k: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -147,9 +147,9 @@ def _distill_fwd_kernel(
 
 @triton.jit
 def _distill_bwd_kernel(
-    GRAD, Z, T, LSE_T, LOGCONF_T, MASS, IDX, ADJ, LSE_Z, DZ,  # DZ [N, G, B, V] contiguous
+    GRAD, Z, T, LSE_T, LOGCONF_T, MASS, IDX, ADJ, LSE_Z, DZ,  # DZ [N, G, B, V], any strides
     R, N, G, B, V,
-    sz0, sz1, sz2, sz3, st0, st1, st2, st3, sa0, sa1,
+    sz0, sz1, sz2, sz3, st0, st1, st2, st3, sa0, sa1, sd0, sd1, sd2, sd3,
     tau_hi, tau_mid, tau_lo,
     AGG: tl.constexpr, INCLUDE_SELF: tl.constexpr, HAS_MASS: tl.constexpr, ACC: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -163,6 +163,7 @@ def _distill_bwd_kernel(
     lse_z2 = tl.load(LSE_Z + r, mask=rmask, other=0.0).to(ACC) * log2e
     coef = tl.load(GRAD + r, mask=rmask, other=0.0).to(ACC) * tau
     zrow = n * sz0 + g * sz1 + b * sz2
+    drow = n * sd0 + g * sd1 + b * sd2
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < V
@@ -173,7 +174,8 @@ def _distill_bwd_kernel(
                             n, g, b, jsel, has, inv_total, cols, cmask, scale, log2e,
                             AGG, INCLUDE_SELF, ACC, ROWS, BLOCK_V)
         dz = tl.where(has[:, None], coef[:, None] * (mass[:, None] * q - p), 0.0)
-        tl.store(DZ + (r * V)[:, None] + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+        tl.store(DZ + drow[:, None] + cols[None, :].to(tl.int64) * sd3, dz.to(DZ.dtype.element_ty),
+                 mask=mask)
 
 
 def launch_config(student: torch.Tensor) -> tuple[int, int, int, int]:
@@ -200,15 +202,17 @@ def distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, tau, include_self,
 
 
 def distill_bwd(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z, tau, include_self,
-                aggregate, acc, mass=None):
-    """-> dZ, a fresh contiguous tensor of the student's shape and dtype."""
+                aggregate, acc, mass=None, out=None):
+    """-> dZ of the student's shape and dtype: written into ``out`` (any strides) when given,
+    else a fresh contiguous tensor."""
     n, g, b, v = student.shape
     rows, n_rows, block_v, num_warps = launch_config(student)
-    d_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    d_student = out if out is not None else torch.empty(student.shape, dtype=student.dtype,
+                                                        device=student.device)
     _distill_bwd_kernel[(triton.cdiv(rows, n_rows),)](
         grad, student, teacher, lse_t, logconf_t, lse_t if mass is None else mass, idx, adj, lse_z,
         d_student, rows, n, g, b, v, *student.stride(), *teacher.stride(), *adj.stride(),
-        *split_scalar(tau), AGG=AGG_CODES[aggregate], INCLUDE_SELF=include_self,
+        *d_student.stride(), *split_scalar(tau), AGG=AGG_CODES[aggregate], INCLUDE_SELF=include_self,
         HAS_MASS=mass is not None, ACC=acc_tl(acc), ROWS=n_rows, BLOCK_V=block_v,
         num_warps=num_warps)
     return d_student

@@ -145,9 +145,9 @@ def _distill_topk_fwd_kernel(
 
 @triton.jit
 def _distill_topk_bwd_kernel(
-    GRAD, Z, VALUES, INDICES, LSE_T, IDX, LSE_REST, DZ,  # DZ [N, G, B, V] contiguous
+    GRAD, Z, VALUES, INDICES, LSE_T, IDX, LSE_REST, DZ,  # DZ [N, G, B, V], any strides
     R, N, G, B, V, K,
-    sz0, sz1, sz2, sz3, sv0, sv1, sv2, sv3, si0, si1, si2, si3,
+    sz0, sz1, sz2, sz3, sv0, sv1, sv2, sv3, si0, si1, si2, si3, sd0, sd1, sd2, sd3,
     tau_hi, tau_mid, tau_lo,
     HAS_REST: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
     K_BLOCK: tl.constexpr,
@@ -157,6 +157,7 @@ def _distill_topk_bwd_kernel(
     tau = exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
     scale = log2e / tau
     zrow = n * sz0 + g * sz1 + b * sz2
+    drow = n * sd0 + g * sd1 + b * sd2
     has, vrow, irow, trow = _packet_rows(IDX, r, rmask, g, b, G, B, sv0, sv1, sv2, si0, si1, si2)
     # lse of the row in log2 units = log2(2^L_rest + Σ_k 2^u_k), online over packet chunks.
     l_rest = tl.load(LSE_REST + r, mask=rmask, other=float("-inf")).to(ACC) * log2e
@@ -184,7 +185,8 @@ def _distill_topk_bwd_kernel(
         z = tl.load(Z + zrow[:, None] + cols[None, :].to(tl.int64) * sz3, mask=mask, other=0.0)
         q = tl.exp2((z.to(ACC) * scale - base[:, None]) - log2s[:, None])
         dz = tl.where(has[:, None], rest_coef[:, None] * q, 0.0)
-        tl.store(DZ + (r * V)[:, None] + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+        tl.store(DZ + drow[:, None] + cols[None, :].to(tl.int64) * sd3, dz.to(DZ.dtype.element_ty),
+                 mask=mask)
     # The sent classes overwrite what the pass above wrote there: the barrier orders the two
     # stores of this program to the same addresses.
     tl.debug_barrier()
@@ -193,7 +195,7 @@ def _distill_topk_bwd_kernel(
                                             trow, sv3, si3, has, k0, K, scale, log2e, ACC, K_BLOCK)
         q = tl.exp2((u - base[:, None]) - log2s[:, None])
         dz = coef[:, None] * (mass[:, None] * q - tl.exp2(log2p))
-        tl.store(DZ + (r * V)[:, None] + sent, dz.to(DZ.dtype.element_ty), mask=kmask)
+        tl.store(DZ + drow[:, None] + sent * sd3, dz.to(DZ.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
@@ -287,20 +289,22 @@ def distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj, tau, 
 
 
 def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj, row_stat, tau,
-                     include_self, aggregate, acc):
-    """-> dZ, a fresh contiguous tensor of the student's shape and dtype. ``row_stat`` is the
-    forward's second output."""
+                     include_self, aggregate, acc, out=None):
+    """-> dZ of the student's shape and dtype: written into ``out`` (any strides) when given,
+    else a fresh contiguous tensor. ``row_stat`` is the forward's second output."""
     n, g, b, v = student.shape
     if aggregate != "max_confidence":
         expanded, mass = expand_packets(values, indices, lse_t, v, tau, acc)
         return triton_distill.distill_bwd(grad, student, expanded, torch.zeros_like(lse_t),
                                           logconf_t, idx, adj, row_stat, tau, include_self,
-                                          aggregate, acc, mass)
+                                          aggregate, acc, mass, out)
     rows, k, k_block, n_rows, block_v, num_warps = _packet_launch(values, v)
-    d_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    d_student = out if out is not None else torch.empty(student.shape, dtype=student.dtype,
+                                                        device=student.device)
     _distill_topk_bwd_kernel[(triton.cdiv(rows, n_rows),)](
         grad, student, values, indices, lse_t, idx, row_stat, d_student, rows, n, g, b, v, k,
-        *student.stride(), *values.stride(), *indices.stride(), *split_scalar(tau),
+        *student.stride(), *values.stride(), *indices.stride(), *d_student.stride(),
+        *split_scalar(tau),
         HAS_REST=k < v, ACC=acc_tl(acc), ROWS=n_rows, BLOCK_V=block_v, K_BLOCK=k_block,
         num_warps=num_warps)
     return d_student
