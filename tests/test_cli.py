@@ -1,0 +1,138 @@
+"""The command line end to end: a digits run, one-line errors with exit status 2 and no output
+left behind, `mhd-fast graph`, and a run killed mid-way that resumes to the same metrics."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mhd_fast import cli
+
+SMALL = ["--clients", "6", "--rounds", "3", "--steps-per-round", "4", "--model", "mlp:32x16",
+         "--heads", "2", "--no-progress"]
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mhd_fast", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _without_time(metrics: dict) -> dict:
+    for rec in metrics["rounds"]:
+        rec.pop("time_s")
+    metrics["config"].pop("out")
+    return metrics
+
+
+def test_end_to_end_run_on_digits(tmp_path):
+    out = tmp_path / "run"
+    res = _run("run", *SMALL, "--topk", "3", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "best aux head" in res.stdout and str(out) in res.stdout
+    files = set(os.listdir(out))
+    assert {"metrics.json", "metrics.csv", "clients.csv", "accuracy.png", "bytes.png",
+            "report.md", "checkpoint.pt"} <= files
+    m = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in m["rounds"]] == [0, 1, 2]
+    assert set(m["final"]["shared_acc"]) == {"head0", "head1", "head2"}
+    assert m["config"]["topk"] == 3 and m["final"]["bytes_sent"] < m["final"]["bytes_dense"]
+    assert all(0 <= v <= 1 for v in m["final"]["private_acc"].values())
+    # the head-0 private accuracy of a skewed client beats chance by far after 12 steps
+    assert m["final"]["private_acc"]["head0"] > 0.5
+
+
+def test_progress_bar_shows_mean_accuracies(tmp_path):
+    res = _run("run", *SMALL[:-1], "--rounds", "1", "--out", str(tmp_path / "p"))
+    assert res.returncode == 0, res.stderr
+    assert "priv0=" in res.stderr and "shared0=" in res.stderr and "round" in res.stderr
+
+
+@pytest.mark.parametrize("args,option", [
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--graph", "hypercube"], "--graph"),
+    (["--method", "fedprox"], "--method"),
+    (["--clients", "100000"], "--clients"),
+    (["--topk", "11"], "--topk"),
+    (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "data_dir"),
+    (["--config", "/nonexistent/run.toml"], "--config"),
+    (["--skew", "2"], "--skew"),
+    (["--rounds", "0"], "--rounds"),
+    (["--rounds", "many"], "--rounds"),
+    (["--graph", "kring", "--graph-options", "q=1"], "graph options"),
+    (["--device", "cuda:99"], "--device"),
+    (["--resume"], "--resume"),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, args, option):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", *args, "--out", str(out), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mhd-fast: error:") and option in err[0], err
+    assert not out.exists()
+
+
+def test_bad_config_file_from_the_real_entry_point(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("clients = 4\nwidth = 3\n")
+    res = _run("run", "--config", str(path), "--out", str(tmp_path / "never"))
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("mhd-fast: error: unknown key 'width' in --config "
+                                  f"{str(path)!r}; known keys: " + ", ".join(
+                                      __import__("mhd_fast.config").config.FIELDS))
+    assert "Traceback" not in res.stderr and not (tmp_path / "never").exists()
+
+
+def test_graph_command_prints_the_spectral_gap(capsys):
+    assert cli.main(["graph", "ring", "--clients", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "spectral_gap: 0.1464" in out and "degree_mean: 2.0000" in out
+    assert cli.main(["graph", "kring", "--clients", "10", "--graph-options", "k=2"]) == 0
+    assert "degree_mean: 4.0000" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["graph", "nope"])
+
+
+def test_flags_override_the_config_file(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text('clients = 5\nrounds = 9\nmodel = ["mlp:16"]\nheads = 1\nsteps_per_round = 2\n')
+    out = tmp_path / "o"
+    assert cli.main(["run", "--config", str(path), "--rounds", "1", "--out", str(out),
+                     "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["clients"] == 5 and m["config"]["rounds"] == 1 and len(m["rounds"]) == 1
+
+
+def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
+    args = ["run", "--clients", "8", "--rounds", "12", "--steps-per-round", "8", "--model",
+            "mlp:32x16", "--heads", "2", "--exchange-every", "3", "--no-progress"]
+    whole = tmp_path / "whole"
+    assert _run(*args, "--out", str(whole)).returncode == 0
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "mhd_fast", *args, "--out", str(cut)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = cut / "checkpoint.pt"
+    deadline = time.time() + 300
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists():
+            done = torch.load(ckpt, weights_only=True)["rounds_done"]  # whole files only: renamed in
+            if done >= 2:
+                break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert 2 <= done < 12
+    assert not (cut / "metrics.json").exists()
+
+    res = _run(*args, "--out", str(cut), "--resume")
+    assert res.returncode == 0, res.stderr
+    a = _without_time(json.loads((whole / "metrics.json").read_text()))
+    b = _without_time(json.loads((cut / "metrics.json").read_text()))
+    assert a == b

@@ -1,0 +1,93 @@
+"""Private / shared accuracy, summaries and the output files."""
+import csv
+import io
+import json
+import os
+
+import pytest
+import torch
+
+from mhd_fast import metrics as M
+
+
+def test_private_and_shared_accuracy_by_hand():
+    y = torch.tensor([0, 0, 1, 2])
+    correct = torch.tensor([[[1, 0, 1, 1]], [[1, 1, 0, 0]]], dtype=torch.bool)  # [N=2, H1=1, T=4]
+    dist = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+    private, shared = M.private_shared(correct, y, dist)
+    assert shared[:, 0].tolist() == [0.75, 0.5]
+    assert private[0, 0] == pytest.approx(0.5)    # only class-0 rows count: 1 of 2 right
+    assert private[1, 0] == pytest.approx(0.0)    # classes 1 and 2: both wrong
+
+
+def test_private_accuracy_is_shared_accuracy_for_a_uniform_mix_on_a_balanced_test_set():
+    y = torch.arange(5).repeat(4)
+    correct = torch.rand(3, 2, 20, generator=torch.Generator().manual_seed(0)) > 0.5
+    private, shared = M.private_shared(correct, y, torch.full((3, 5), 0.2))
+    torch.testing.assert_close(private, shared)
+
+
+def test_worst_fraction():
+    acc = torch.tensor([[0.9, 0.1], [0.5, 0.2], [0.1, 0.3]] + [[1.0, 1.0]] * 17, dtype=torch.float64)
+    assert M.worst_fraction(acc).tolist() == pytest.approx([0.3, 0.15])  # ceil(20/10) = 2 lowest
+    assert M.worst_fraction(acc[:3]).tolist() == pytest.approx([0.1, 0.1])  # at least one
+
+
+def test_best_aux():
+    assert M.best_aux({"head0": 0.9, "head1": 0.5, "head2": 0.7}) == ("head2", 0.7)
+    assert M.best_aux({"head0": 0.9, "head1": 0.7, "head2": 0.7}) == ("head1", 0.7)
+    assert M.best_aux({"head0": 0.9}) is None
+
+
+def _metrics(rounds=3, heads=2):
+    recs = []
+    for r in range(rounds):
+        p = torch.rand(4, heads, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+        recs.append(M.round_record(r, 0.5, 1000 * (r + 1), p, p / 2, 4000))
+    p = torch.rand(4, heads, dtype=torch.float64)
+    final = M.final_record(p, p / 2, 0.8, 6000, 12000, 500.0)
+    cfg = {"name": "t", "method": "mhd", "dataset": "digits", "clients": 4, "partition": "skew",
+           "graph": "complete", "model": ["mlp:8"], "heads": heads - 1, "steps_per_round": 2}
+    return {"config": cfg, "rounds": recs, "final": final}, p
+
+
+def test_metrics_json_has_the_issue_shape(tmp_path):
+    metrics, p = _metrics()
+    M.write_outputs(str(tmp_path), metrics, p, p / 2, {"spectral_gap": 1.0})
+    with open(tmp_path / "metrics.json") as f:
+        m = json.load(f)
+    assert set(m) == {"config", "rounds", "final"}
+    rec = m["rounds"][1]
+    assert {"round", "time_s", "bytes_sent", "private_acc", "shared_acc"} <= set(rec)
+    assert set(rec["private_acc"]) == {"head0", "head1"}
+    fin = m["final"]
+    assert {"private_acc", "shared_acc", "worst10_shared_acc", "ensemble_shared_acc", "bytes_sent"} <= set(fin)
+    assert fin["shared_acc"]["head1"] == pytest.approx(float((p / 2)[:, 1].mean()))
+    assert all(0 <= v <= 1 for v in fin["private_acc"].values())
+
+
+def test_csv_plots_and_report(tmp_path):
+    metrics, p = _metrics()
+    M.write_outputs(str(tmp_path), metrics, p, p / 2, {"spectral_gap": 0.25})
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "metrics.csv").read_text())))
+    assert len(rows) == 3 * 2 and rows[0]["head"] == "head0"
+    clients = list(csv.DictReader(io.StringIO((tmp_path / "clients.csv").read_text())))
+    assert len(clients) == 4 * 2
+    for png in ("accuracy.png", "bytes.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "report.md").read_text()
+    assert "spectral gap 0.250" in report and "best aux head head1" in report
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    path = str(tmp_path / "f.txt")
+    M.atomic_write(path, "one")
+    M.atomic_write(path, b"two")
+    assert open(path).read() == "two" and os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_human_bytes():
+    assert M.human_bytes(999) == "999 B"
+    assert M.human_bytes(1_500_000) == "1.50 MB"
+    assert M.human_bytes(3e12) == "3000.00 GB"
