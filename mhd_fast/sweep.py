@@ -93,10 +93,14 @@ class Plan:
     seeds: tuple
     out: str
 
+    def settings(self, run: Run) -> C.Config:
+        """What the file asks for ``run``: defaults, base, variant and overrides, before the
+        method's implications and the seeds are resolved (the flags a user would give)."""
+        return _layered(self.base, self.variants.get(run.variant, {}), run.overrides, run.folder)
+
     def config(self, run: Run, seed: int) -> C.Config:
         """The resolved Config of ``run`` with ``seed``, writing to OUT/[VARIANT/]NAME/sSEED."""
-        cfg = _layered(self.base, self.variants.get(run.variant, {}), run.overrides, run.folder)
-        cfg = dataclasses.replace(cfg, name="-".join(filter(None, (run.variant, run.name, f"s{seed}"))),
+        cfg = dataclasses.replace(self.settings(run), name="-".join(filter(None, (run.variant, run.name, f"s{seed}"))),
                                   out=os.path.join(self.out, run.folder, f"s{seed}"))
         return _resolved(cfg, seed, run.folder)
 
@@ -346,7 +350,10 @@ def _execute(cfg: C.Config, resume: bool, threads: int) -> dict:
     from .train import run
 
     torch.set_num_threads(threads)
-    return run(cfg, resume=resume)
+    try:
+        return run(cfg, resume=resume)
+    except ValueError as e:  # bad input found with the data (e.g. topk > classes): name the run
+        raise ValueError(f"run {cfg.name}: {e}") from None
 
 
 def run_plan(plan: Plan, *, jobs: int = 1, threads: int | None = None,

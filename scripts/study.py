@@ -29,14 +29,6 @@ from mhd_fast.metrics import human_bytes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join("configs", "study.toml")
 STUDY_JSON = "study.json"
-# The experiments of issue 7 in page order: (section title, grids it reads).
-SECTIONS = (("heads", "1. Number of aux heads", ("heads",)),
-            ("skew", "2. Data heterogeneity", ("skew", "dirichlet")),
-            ("topology", "3. Topology", ("topology",)),
-            ("models", "4. Model heterogeneity", ("models",)),
-            ("comm", "5. Communication: top-k and wire dtype", ("topk", "wire", "topk_mean")),
-            ("baselines", "6. Baselines", ("baselines",)),
-            ("aggregate", "7. Teacher aggregation", ("aggregate",)))
 PAPER_NOTE = ("Expected from the method (Zhmoginov et al., *Decentralized Learning with "
               "Multi-Headed Distillation*, CVPR 2023)")
 
@@ -60,6 +52,10 @@ class Study:
 
     def config(self, row: dict, seed: int) -> C.Config:
         return self.plan.config(self.runs[(row["variant"], row["run"])], seed)
+
+    def flags(self, row: dict, seed: int) -> str:
+        """`mhd-fast run` flags of one seed of a row's run."""
+        return f"{run_flags(self.plan.settings(self.runs[(row['variant'], row['run'])]))} --seed {seed}"
 
     def base_row(self, variant: str) -> dict:
         """The run of base itself (every grid lists it under the point that equals base)."""
@@ -97,6 +93,11 @@ def best_shared(row: dict) -> dict | None:
     return stat(row, "best_aux_shared_acc") or stat(row, "shared_acc.head0")
 
 
+def signed(x: float) -> str:
+    """'+1.2' / '-0.3' points from a fraction, never '-0.0'."""
+    return f"{round(100 * x, 1) + 0.0:+.1f}"  # -0.0 + 0.0 is +0.0
+
+
 def diff_std(a: dict, b: dict) -> float:
     """Std of the difference of two means over seeds (independent runs)."""
     var = sum((s["std"] or 0.0) ** 2 for s in (a, b))
@@ -106,16 +107,12 @@ def diff_std(a: dict, b: dict) -> float:
 # ---- commands ------------------------------------------------------------------------------
 
 def run_flags(cfg: C.Config) -> str:
-    """The `mhd-fast run` flags that make ``cfg`` (keys that differ from the defaults)."""
+    """The `mhd-fast run` flags that make ``cfg`` (its keys that differ from the defaults)."""
     default = C.Config()
-    skip = ("name", "out", "progress", "split_seed", "init_seed", "train_seed")
-    implied = {"isolated": ("heads", "nu_aux", "topk"), "fedavg": ("heads", "nu_aux", "topk"),
-               "centralized": ("heads", "nu_aux", "topk"),
-               "mean_distill": ("heads", "nu_aux", "aggregate", "nu_main")}.get(cfg.method, ())
     parts = []
     for name in C.FIELDS:
         value = getattr(cfg, name)
-        if name in skip or name in implied or value == getattr(default, name):
+        if value == getattr(default, name):
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
@@ -152,13 +149,13 @@ class Page:
         names = ", ".join(f"`{g}`" for g in grids)
         self.add(f"Made by `{self.command}` (grid {names} of `{CONFIG}`).")
         if example is not None:
-            cfg = self.study.config(example, example["seeds"][0] if example["seeds"] else 0)
-            self.add(f"One point, one seed: `mhd-fast run {run_flags(cfg)}`.")
+            self.add(f"One point, one seed: `mhd-fast run {self.study.flags(example, self.study.plan.seeds[0])}`.")
         self.add("")
 
     def plot(self, fig, name: str, caption: str) -> None:
         os.makedirs(self.plots_dir, exist_ok=True)
         path = os.path.join(self.plots_dir, f"{name}.png")
+        fig.tight_layout()
         fig.savefig(path, dpi=110)
         import matplotlib.pyplot as plt
 
@@ -215,7 +212,7 @@ def section_heads(page: Page, variants: list[str]) -> None:
         rise = accs[-1] - accs[0]
         text = (f"{s.dataset(v)}, H = {len(heads) - 1}: shared accuracy goes from "
                 f"{100 * accs[0]:.1f}% (head 0) to {100 * accs[-1]:.1f}% (head {len(heads) - 1}), "
-                f"{100 * rise:+.1f} points; " + ("it rises at every head" if monotone else
+                f"{signed(rise)} points; " + ("it rises at every head" if monotone else
                 "it does not rise at every head (per head: "
                 + ", ".join(f"{100 * a:.1f}" for a in accs) + ")")
                 + f"; the best head is head {max(range(len(accs)), key=accs.__getitem__)}")
@@ -241,7 +238,7 @@ def section_skew(page: Page, variants: list[str]) -> None:
                 body.append([label.format(value), pct(stat(iso, "private_acc.head0")),
                              pct(stat(iso, "shared_acc.head0")), pct(stat(mhd, "private_acc.head0")),
                              pct(stat(mhd, "shared_acc.head0")), pct(stat(mhd, "best_aux_shared_acc")),
-                             f"{100 * gain:+.1f}"])
+                             signed(gain)])
                 if grid == "skew":
                     curves["isolated head 0"][value] = stat(iso, "shared_acc.head0")
                     curves["MHD head 0"][value] = stat(mhd, "shared_acc.head0")
@@ -257,7 +254,8 @@ def section_skew(page: Page, variants: list[str]) -> None:
         lo, hi = curves["isolated head 0"][skews[0]], curves["isolated head 0"][skews[-1]]
         page.findings.append(
             f"{s.dataset(v)}, heterogeneity: MHD's best aux head minus isolated shared accuracy is "
-            + ", ".join(f"{row[0]}: {row[-1]}" for row in body) + " points; isolated shared "
+            + ", ".join(f"{row[0]}: {row[-1]}" for row in body) + " points (largest at "
+            f"{max(body, key=lambda row: float(row[-1]))[0]}); isolated shared "
             f"accuracy goes from {pct(lo)}% at s = {skews[0]} to {pct(hi)}% at s = {skews[-1]}.")
     page.plot(fig, "skew", "Shared accuracy against label skew: isolated training, MHD's main "
               "head and MHD's best aux head")
@@ -406,7 +404,7 @@ def section_comm(page: Page, variants: list[str]) -> None:
             body.append([cfg.aggregate, what, cfg.wire_dtype, human_bytes(mean(r, "bytes_sent")),
                          f"{ratio:.2f}×", pct(stat(r, "shared_acc.head0")),
                          pct(stat(r, "best_aux_shared_acc")),
-                         f"{100 * delta:+.1f}" + (f" (diverged: {bad[r['run']]} seeds)"
+                         signed(delta) + (f" (diverged: {bad[r['run']]} seeds)"
                                                   if bad[r["run"]] else "")])
             color = "C0" if cfg.aggregate == "max_confidence" else "C1"
             st = stat(r, "best_aux_shared_acc")
@@ -419,7 +417,7 @@ def section_comm(page: Page, variants: list[str]) -> None:
                 page.findings.append(
                     f"{s.dataset(v)}, top-2 packets, {cfg.wire_dtype} values, aggregate "
                     f"{cfg.aggregate}: {ratio:.2f}× fewer bytes than dense fp32 logits, "
-                    f"{100 * delta:+.1f} ± "
+                    f"{signed(delta)} ± "
                     f"{100 * diff_std(stat(r, 'best_aux_shared_acc'), stat(ref, 'best_aux_shared_acc')):.1f}"
                     " points of best aux shared accuracy against dense"
                     + (f" (diverged in {bad[r['run']]} of {len(r['seeds'])} seeds: NaN weights)"
@@ -433,6 +431,13 @@ def section_comm(page: Page, variants: list[str]) -> None:
             page.add("*Diverged*: the last checkpoint of that many seeds holds NaN or inf weights "
                      "(the loss became non-finite and took the weights with it); such a run "
                      "predicts one class, so its accuracy is that class's share of the test set.", "")
+        from matplotlib.lines import Line2D
+
+        handles = ([Line2D([], [], color=c, marker="o", linestyle="none", label=a)
+                    for a, c in (("max_confidence", "C0"), ("mean", "C1"))]
+                   + [Line2D([], [], color="gray", marker=m, linestyle="none", label=d)
+                      for d, m in markers.items()])
+        ax.legend(handles=handles, fontsize=7)
         ax.set_xscale("log")
         ax.set(title=s.dataset(v), xlabel="bytes sent over all edges (log)",
                ylabel="shared accuracy, best aux (%)")
@@ -505,9 +510,14 @@ def section_aggregate(page: Page, variants: list[str]) -> None:
     page.made_by(("aggregate",), s.grid(variants[0], "aggregate")[1])
 
 
-SECTION_FUNCS = {"heads": section_heads, "skew": section_skew, "topology": section_topology,
-                 "models": section_models, "comm": section_comm, "baselines": section_baselines,
-                 "aggregate": section_aggregate}
+# The experiments of issue 7 in page order: (title, the function writing its section).
+SECTIONS = (("1. Number of aux heads", section_heads),
+            ("2. Data heterogeneity", section_skew),
+            ("3. Topology", section_topology),
+            ("4. Model heterogeneity", section_models),
+            ("5. Communication: top-k and wire dtype", section_comm),
+            ("6. Baselines", section_baselines),
+            ("7. Teacher aggregation", section_aggregate))
 
 
 # ---- the page ------------------------------------------------------------------------------
@@ -520,15 +530,29 @@ def _backend() -> str:
         return mhd_fast.resolve_backend("auto", torch.device("cpu"))
 
 
-def write_page(study: Study, results: str, command: str, timing: dict) -> str:
+def _timing(sessions: list[dict]) -> str:
+    """The wall time of the study, over every invocation that ran part of it, with the
+    machine's load (other processes share the cores, so the wall time depends on them)."""
+    wall = sum(x["wall_s"] for x in sessions)
+    ran = sum(x["ran"] for x in sessions)
+    parts = [f"{x['wall_s'] / 60:.1f} min for {x['ran']} runs ({x['jobs']} jobs × {x['threads']} "
+             f"thread(s), 1-min load average {x['load_start']:.1f} at the start, "
+             f"{x['load_end']:.1f} at the end)" for x in sessions]
+    if len(sessions) == 1:
+        return f"Wall time of this study: {parts[0]}."
+    return (f"Wall time of this study: {wall / 60:.1f} min for {ran} runs in "
+            f"{len(sessions)} invocations: " + "; ".join(parts) + ".")
+
+
+def write_page(study: Study, results: str, command: str, sessions: list[dict]) -> str:
     """Build the markdown page and its plots; returns the page's text (also written)."""
     results_dir = os.path.dirname(os.path.abspath(results))
     page = Page(study, command, os.path.join(results_dir, "plots"), results_dir)
     variants = study.variants
     plan = study.plan
-    for key, title, grids in SECTIONS:
+    for title, write_section in SECTIONS:
         page.add(f"## {title}", "")
-        SECTION_FUNCS[key](page, variants)
+        write_section(page, variants)
 
     base = study.config(study.base_row(variants[0]), plan.seeds[0])
     total_runs = len(plan.runs) * len(plan.seeds)
@@ -547,13 +571,11 @@ def write_page(study: Study, results: str, command: str, timing: dict) -> str:
         f"aux heads, ν_aux = {base.nu_aux} per head, τ = {base.tau}, aggregate {base.aggregate}, "
         f"dense fp32 logits, {base.rounds} rounds × {base.steps_per_round} steps (private batch "
         f"{base.batch_size}, public batch {base.public_batch_size}), {base.optimizer} lr {base.lr}. "
-        + " ".join(f"{study.dataset(v)}: `{run_flags(study.config(study.base_row(v), plan.seeds[0]))}`."
+        + " ".join(f"{study.dataset(v)}: `mhd-fast run {study.flags(study.base_row(v), plan.seeds[0])}`."
                    for v in variants),
         "",
         f"Machine: {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch "
-        f"{torch.__version__}, fused-op backend `{_backend()}`. Wall time of this study: "
-        f"{timing['wall_s'] / 60:.1f} min for {timing['ran']} runs made "
-        f"({timing['skipped']} were already done), {timing['jobs']} jobs × {timing['threads']} thread(s).",
+        f"{torch.__version__}, fused-op backend `{_backend()}`. {_timing(sessions)}",
         "",
         "## Findings",
         "",
@@ -594,24 +616,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = sweep.load_plan(CONFIG, out, quick=args.quick)
         stamp = os.path.join(out, STUDY_JSON)
-        if args.report_only:
+        sessions = []  # one entry per invocation that ran the sweep: a resumed study adds up
+        if os.path.exists(stamp):
             with open(stamp) as f:
-                timing = json.load(f)
+                sessions = json.load(f)["sessions"]
+        if args.report_only:
+            if not sessions:
+                raise ValueError(f"--report-only: no study has run in {out!r}")
             rows = sweep.summarize(plan)
         else:
             threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+            load = os.getloadavg()[0]
             t0 = time.perf_counter()
             result = sweep.run_plan(plan, jobs=args.jobs, threads=threads, progress=args.progress)
-            timing = {"wall_s": time.perf_counter() - t0, "ran": result["ran"],
-                      "skipped": result["skipped"], "jobs": args.jobs, "threads": threads}
+            sessions.append({"wall_s": time.perf_counter() - t0, "ran": result["ran"],
+                             "skipped": result["skipped"], "jobs": args.jobs, "threads": threads,
+                             "load_start": load, "load_end": os.getloadavg()[0]})
             with open(stamp, "w") as f:
-                json.dump(timing, f, indent=1)
+                json.dump({"sessions": sessions}, f, indent=1)
             rows = result["summary"]
         missing = [f"{r['variant']}/{r['run']}" for r in rows if len(r["seeds"]) < len(plan.seeds)]
         if missing:
             raise ValueError(f"runs not finished: {', '.join(sorted(set(missing)))} "
                              "(run without --report-only to make them)")
-        write_page(Study(plan, rows), results, command, timing)
+        write_page(Study(plan, rows), results, command, sessions)
     except (ValueError, OSError) as e:
         sys.stderr.write(f"study: error: {str(e).splitlines()[0]}\n")
         return 2

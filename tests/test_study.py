@@ -50,6 +50,12 @@ def test_every_section_and_the_command_that_made_it(quick):
     for part in text.split("\n## ")[2:]:  # every experiment names its command and grid
         assert "Made by `python scripts/study.py --quick`" in part
         assert "One point, one seed: `mhd-fast run " in part
+    # the single-run commands are real: the CLI parses and validates them
+    from mhd_fast import cli, config
+
+    for flags in re.findall(r"`mhd-fast run ([^`]*)`", text):
+        args = cli.build_parser().parse_args(["run", *flags.split()])
+        config.load(None, cli._flags(args))
     findings = text.split("## Findings")[1].split("\n## ")[0]
     assert len([l for l in findings.splitlines() if l.startswith("- ")]) >= 7
 

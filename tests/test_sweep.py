@@ -77,6 +77,7 @@ def test_points_that_resolve_alike_are_one_run(tmp_path):
     iso = plan.runs[0]
     assert len(iso.points) == 1  # listed once in its grid
     assert plan.config(iso, 0).heads == 0
+    assert (plan.settings(iso).method, plan.settings(iso).heads) == ("isolated", 0)
 
 
 def test_a_key_that_implies_the_partition_names_it(tmp_path):
@@ -283,3 +284,11 @@ def test_mean_std():
     assert sweep.mean_std([1.0]) == (1.0, None)
     m, s = sweep.mean_std([1.0, 2.0, 3.0])
     assert m == 2.0 and s == pytest.approx(1.0)
+
+
+def test_an_error_found_with_the_data_names_the_run(tmp_path, capsys):
+    # topk > classes is only known once the dataset is loaded
+    path = write(tmp_path, TINY + "[grid.g]\ntopk = [11]\n")
+    assert sweep.main([path, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mhd-fast: error: run topk=11-s0: --topk must be <=") and err.count("\n") == 1
