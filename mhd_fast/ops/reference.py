@@ -134,7 +134,8 @@ def distill_topk(student: Tensor, values: Tensor, indices: Tensor, lse_packet: T
     lse_packet [N, G, B] -> loss [N, G, B] fp32.
 
     max_confidence: KL over K + 1 buckets (the K sent classes and one rest bucket, none when
-    K = V). mean / confidence_weighted: each candidate's packet is expanded to V classes
+    K = V); q_rest = 1 − Σ_sent q is taken as the sum over the unsent classes (the same number,
+    without cancellation). mean / confidence_weighted: each candidate's packet is expanded to V classes
     (``expand_packet``), averaged, and the dense KL is taken.
     """
     v = student.shape[-1]
@@ -154,8 +155,11 @@ def distill_topk(student: Tensor, values: Tensor, indices: Tensor, lse_packet: T
         terms = torch.where(p != 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
         if k < v:
             p_rest = (1 - p.sum(-1)).clamp(min=0)
-            q_rest = 1 - log_q.exp().sum(-1)
-            rest = torch.where(p_rest != 0, p_rest * (torch.log(p_rest) - torch.log(q_rest)),
+            # log q_rest = log Σ_{unsent} q_v, summed directly: 1 − Σ_sent q_v cancels to 0 when
+            # the student is confident in the sent classes.
+            unsent = torch.ones_like(log_q_all, dtype=torch.bool).scatter(-1, sent, False)
+            log_q_rest = torch.logsumexp(log_q_all.masked_fill(~unsent, float("-inf")), dim=-1)
+            rest = torch.where(p_rest != 0, p_rest * (torch.log(p_rest) - log_q_rest),
                                torch.zeros_like(p_rest))
             terms = terms + rest
         loss = tau * tau * terms
