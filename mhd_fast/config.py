@@ -57,7 +57,7 @@ class Config:
     batch_size: int = 32             # private rows per client per step
     public_batch_size: int = 64      # public rows per step (the same rows for every client)
     optimizer: str = "adam"          # adam | sgd (state is per client: elementwise on stacked weights)
-    lr: float = 3e-3
+    lr: float = 1e-3
     lr_decay: bool = True            # cosine decay from lr to lr / 10 over all steps (nanoGPT style)
     momentum: float = 0.9            # sgd only
     weight_decay: float = 0.0

@@ -195,6 +195,18 @@ def forward_groups(groups: list[Group], x: Tensor, *, shared: bool,
     return logits, emb
 
 
+def activation_floats(arch: Arch, in_shape: tuple[int, ...], out_features: int) -> int:
+    """The widest activation of one client on one row (floats): what bounds the memory of a
+    forward over many clients and rows. out_features = H1 · V."""
+    widest = max(math.prod(in_shape), out_features, *arch.hidden)
+    if arch.kind == "cnn":
+        c, h, w = in_shape
+        for c_out in arch.channels:
+            widest = max(widest, c_out * h * w)  # a conv's output, before its pooling
+            c, h, w = c_out, h // 2, w // 2
+    return widest
+
+
 def parameters(groups: list[Group]) -> list[Tensor]:
     """Every stacked tensor of every group, in a fixed order (the optimizer's order)."""
     return [p for g in groups for p in g.params.values()]

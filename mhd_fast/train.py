@@ -88,9 +88,10 @@ def _pad_rows(parts: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Ragged per-client index lists -> [N, L] (each row repeated cyclically to L) and counts.
     Sampling position u·count from a padded row reads only the client's real rows."""
     counts = torch.tensor([len(p) for p in parts], dtype=torch.int64)
-    width = int(counts.max())
-    rows = torch.stack([p.repeat(math.ceil(width / len(p)))[:width] for p in parts])
-    return rows, counts
+    flat = torch.cat(parts)
+    starts = counts.cumsum(0) - counts
+    k = torch.arange(int(counts.max()))
+    return flat[starts[:, None] + k[None, :] % counts[:, None]], counts
 
 
 def setup(cfg: Config) -> Simulation:
@@ -275,8 +276,10 @@ def evaluate(sim: Simulation, chunk: int | None = None) -> tuple[Tensor, Tensor,
     the activations of N clients stay bounded."""
     x_test, y_test = sim.data.x_test, sim.data.y_test
     n_model = sim.private_rows.shape[0]
-    widest = max(max(g.arch.hidden + g.arch.channels) for g in sim.groups)
-    chunk = chunk or max(64, min(len(y_test), 2**24 // (n_model * widest)))
+    v = sim.data.num_classes
+    per_row = sum(g.size * models.activation_floats(g.arch, sim.data.input_shape, sim.num_heads * v)
+                  for g in sim.groups)
+    chunk = chunk or max(1, min(len(y_test), 2**25 // per_row))  # ~128 MB per activation
     correct, votes = [], []
     for start in range(0, len(y_test), chunk):
         logits, _ = models.forward_groups(sim.groups, x_test[start:start + chunk], shared=True,

@@ -108,3 +108,10 @@ def test_more_architectures_than_clients_is_an_error():
     archs = [models.parse_arch("mlp:4"), models.parse_arch("mlp:8")]
     with pytest.raises(ValueError, match="clients"):
         models.split_groups(1, archs)
+
+
+def test_activation_floats_bound_the_widest_layer():
+    assert models.activation_floats(models.parse_arch("mlp:16x8"), (1, 8, 8), 15) == 64
+    assert models.activation_floats(models.parse_arch("mlp:100"), (1, 8, 8), 15) == 100
+    # conv 4 channels at 8x8 before pooling, then 6 at 4x4
+    assert models.activation_floats(models.parse_arch("cnn:4x6-9"), (1, 8, 8), 15) == 256
