@@ -51,16 +51,16 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for name in C.FIELDS:
         flag = "--" + name.replace("_", "-")
         kind = C.field_kind(name)
-        comment = f"(default: {getattr(C.Config(), name)!r})"
+        comment = f"{C.field_help(name)} (default: {getattr(C.Config(), name)!r})".strip()
         if kind is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                            help=comment)
         elif kind is list:
             p.add_argument(flag, dest=name, nargs="+", default=None, metavar="ARCH",
-                           help=f"one or more of mlp:W1xW2 / cnn:C1xC2-W1 {comment}")
+                           help=f"mlp:W1xW2 or cnn:C1xC2-W1; {comment}")
         elif kind is dict:
             p.add_argument(flag, dest=name, nargs="+", type=_parse_option, default=None,
-                           metavar="KEY=VALUE", help=f"options of the topology {comment}")
+                           metavar="KEY=VALUE", help=comment)
         elif kind is int and C.optional(name):
             p.add_argument(flag, dest=name, type=_int_or_none, default=None, help=comment)
         else:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -76,6 +78,12 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
+
+
+def field_help(name: str) -> str:
+    """The comment after a field in the Config source: the flag's help text."""
+    m = re.search(rf"^\s+{name}:[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M)
+    return m.group(1) if m else ""
 
 
 def field_kind(name: str):

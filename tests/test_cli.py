@@ -13,7 +13,7 @@ import torch
 from mhd_fast import cli
 
 SMALL = ["--clients", "6", "--rounds", "3", "--steps-per-round", "4", "--model", "mlp:32x16",
-         "--heads", "2", "--no-progress"]
+         "--heads", "2", "--lr", "1e-2", "--no-progress"]
 
 
 def _run(*args, timeout=300):
