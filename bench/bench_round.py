@@ -14,19 +14,24 @@ Writes a table to stdout and CSV to bench/results/round_<device>.csv (or --csv).
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import csv
-import json
 import os
-import platform
-import resource
-import statistics
-import subprocess
-import sys
-import time
 
-import torch
+# Before torch loads OpenMP (see mhd_fast/__init__.py): spinning waits distort timings on a
+# shared machine, for both implementations alike.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import loop_round  # noqa: E402
