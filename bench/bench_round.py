@@ -14,25 +14,24 @@ Writes a table to stdout and CSV to bench/results/round_<device>.csv (or --csv).
 """
 from __future__ import annotations
 
+import argparse
+import copy
+import csv
+import json
 import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
 
-# Before torch loads OpenMP (see mhd_fast/__init__.py): spinning waits distort timings on a
-# shared machine, for both implementations alike.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch loads OpenMP here, before mhd_fast could set OMP_WAIT_POLICY=PASSIVE: both
+# implementations run with the environment's OpenMP waits (the default spins, which favours
+# the loop's many small ops; PASSIVE slows the loop ~4x on an idle machine).
+import torch
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import csv  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
+OMP_WAIT = os.environ.get("OMP_WAIT_POLICY", "(default)")  # what OpenMP was started with
 sys.path.insert(0, os.path.dirname(__file__))
 import loop_round  # noqa: E402
 
@@ -128,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, device {a.device}")
+          f"{torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+          f"{OMP_WAIT}, device {a.device}")
     print(f"# round = {BASE['steps_per_round']} steps; digits, {BASE['model'][0]}, {BASE['heads']} aux heads, "
           f"private batch {BASE['batch_size']}, public batch {BASE['public_batch_size']}, complete graph")
     rows = []
