@@ -131,6 +131,10 @@ def setup(cfg: Config) -> Simulation:
     groups = []
     for arch, start, stop in models.split_groups(n_model, archs[:n_model]):
         params = models.init_params(arch, stop - start, data.input_shape, v, num_heads, init_gen)
+        if cfg.method == "fedavg":
+            # FedAvg starts every client from one (server) model: averaging independently
+            # drawn networks would destroy them, as their hidden units do not line up.
+            params = {k: p[:1].expand_as(p).clone() for k, p in params.items()}
         params = {k: p.to(device).requires_grad_() for k, p in params.items()}
         groups.append(models.Group(arch, start, stop, params))
     params = models.parameters(groups)

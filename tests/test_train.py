@@ -85,6 +85,8 @@ def test_distillation_mixes_clients_only_through_predictions():
 
 def test_fedavg_averages_weights_over_the_graph():
     sim = train.setup(small(method="fedavg"))
+    for p in sim.groups[0].params.values():  # one common initial model
+        assert torch.equal(p, p[:1].expand_as(p))
     sent, _ = train.train_round(sim, 0)
     for p in sim.groups[0].params.values():
         torch.testing.assert_close(p, p[:1].expand_as(p), rtol=0, atol=1e-6)
