@@ -134,13 +134,15 @@ MHD_INLINE const In* row(const View& v, int64_t n, int64_t g, int64_t b, int64_t
   return reinterpret_cast<const In*>(buf);
 }
 
-// t = x / τ, bit for bit as torch divides: by a multiply when 1/τ is exact (τ a power of two,
-// the common τ = 1 included), else by a division.
+// The temperature: t = x/τ bit for bit as torch divides (a multiply when 1/τ is exact, τ a
+// power of two such as the common τ = 1, else a division). Log-probabilities are formed as
+// t − lse from the same rounded t that the lse was computed from, so that they are exact where
+// they should be (log p = 0 for V = 1); log2e_tau = log2(e)/τ serves the online sums.
 template <class A>
 struct Scale {
-  A tau, inv;
+  A tau, inv, log2e_tau;
   bool exact;
-  explicit Scale(double t) : tau((A)t), inv(A(1) / (A)t) {
+  explicit Scale(double t) : tau((A)t), inv(A(1) / (A)t), log2e_tau((A)(kLog2e / t)) {
     int e;
     exact = __builtin_frexp((double)tau, &e) == 0.5;
   }
@@ -171,47 +173,75 @@ MHD_INLINE void store_one(void* out, int dtype, int64_t v, A x) {
   }
 }
 
-MHD_INLINE int lanes_left(int64_t n, int w) { return n < w ? (int)n : w; }
+// A lane count known at compile time: loads and stores of whole vectors then skip the tail test.
+template <int N>
+struct Whole {
+  constexpr operator int() const { return N; }
+};
+
+// body(v, n) for the vectors of [begin, end): the whole ones with n = Whole<W>, then the partial
+// tail with its lane count n < W.
+template <int W, class F>
+MHD_INLINE void for_vectors(int64_t begin, int64_t end, F&& body) {
+  int64_t v = begin;
+  for (; v + W <= end; v += W) body(v, Whole<W>{});
+  if (v < end) body(v, (int)(end - v));
+}
 
 // ---- online softmax -------------------------------------------------------------------------
 
+struct NoFeed {
+  template <class Vec>
+  MHD_INLINE void operator()(int64_t, int, const Vec&) const {}
+};
+
 // Online log-sum-exp of t = x/τ over one row. Per block of kBlock logits: a first sweep finds
-// the block max, and when it raises the running max m the running sums are rescaled once
-// (s ← s·e^(m − m')); a second sweep adds e^(t − m). One exp per logit; the block is re-read
-// from L1. With a weight row w (1 = unsent class, 0 = a class of the teacher's packet) the
-// sweep also sums the unsent mass s_w = Σ w·e^(t − m) directly, not as s minus the sent
-// classes, so that q_rest = s_w / s keeps full relative precision when it is tiny.
-// Out: m = max t, lse = m + log s, and log(s_w / s) when w is given.
-template <class A, class In>
+// the block max of x (and hands each vector to feed, top-k's hook), and when it raises the
+// running max m the running sums are rescaled once (s ← s·e^((m − m')/τ)); a second sweep adds
+// e^((x − m)/τ) = 2^((x − m)·log2e/τ) (x − m is exact near the max, so the max adds exactly 1).
+// One exp per logit; the block is re-read from L1.
+// With a weight row w (1 = unsent class, 0 = a class of the teacher's packet) the sweep also
+// sums the unsent mass s_w = Σ w·e^((x − m)/τ) directly, not as s minus the sent classes, so
+// that q_rest = s_w / s keeps full relative precision when it is tiny.
+// Out: m = max t, lse = m + log s, and log(s_w / s) when w is given. A row with NaN or +inf
+// gives lse NaN; a row of all −inf gives lse −inf.
+template <class A, class In, class Feed = NoFeed>
 MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A& lse_out,
-                        const A* w = nullptr, A* log_unsent = nullptr) {
+                        const A* w = nullptr, A* log_unsent = nullptr, const Feed& feed = Feed{}) {
   using L = Lanes<A>;
   using Vec = typename L::V;
   constexpr int W = L::W;
+  const Vec k = L::splat(sc.log2e_tau);
   A m = -kInf, s = 0, sw = 0;
   for (int64_t blk = 0; blk < V; blk += kBlock) {
     const int64_t end = min64(V, blk + kBlock);
     Vec vm = L::splat(-kInf);
-    for (int64_t v = blk; v < end; v += W) vm = L::max(vm, sc(L::load(x + v, lanes_left(end - v, W), -kInf)));
+    for_vectors<W>(blk, end, [&](int64_t v, auto n) {
+      const Vec xv = L::load(x + v, n, -kInf);
+      vm = L::max(vm, xv);
+      feed(v, n, xv);
+    });
     const A bm = L::max(vm);
     if (bm > m) {
-      const A rescale = sexp(m - bm);
-      s *= rescale;
-      sw *= rescale;
+      if (m != -kInf) {  // the first finite block has nothing to rescale
+        const A rescale = sexp2((m - bm) * sc.log2e_tau);
+        s *= rescale;
+        sw *= rescale;
+      }
       m = bm;
     }
-    const A c = m == -kInf ? A(0) : m;  // all −inf so far: e^(−inf − 0) = 0, not NaN
+    const Vec c = L::splat(m == -kInf ? A(0) : m);  // all −inf so far: 2^(−inf − 0) = 0, not NaN
     Vec acc = L::splat(0), acc_w = L::splat(0);
-    for (int64_t v = blk; v < end; v += W) {
-      const Vec e = L::exp(sc(L::load(x + v, lanes_left(end - v, W), -kInf)) - c);
+    for_vectors<W>(blk, end, [&](int64_t v, auto n) {
+      const Vec e = L::exp2((L::load(x + v, n, -kInf) - c) * k);
       acc += e;
       if (w != nullptr) acc_w += e * L::load(w + v, W, 0);
-    }
+    });
     s += L::sum(acc);
     sw += L::sum(acc_w);
   }
-  m_out = m;
-  lse_out = m + slog(s);
+  m_out = sc(m);
+  lse_out = m_out + slog(s);
   if (log_unsent != nullptr) *log_unsent = slog(sw) - slog(s);
 }
 
@@ -244,7 +274,7 @@ struct ProbTeacher {  // an aggregated distribution p̄ [V] in a buffer
 
 // One student row z against one teacher distribution p:
 //   lse_z = logsumexp(z/τ) by row_lse (one exp per logit), then
-//   KL(p‖q) = Σ_{p≠0} p (log p − log q) with log q = z/τ − lse_z, one sweep over z and the
+//   KL(p‖q) = Σ_{p≠0} p (log p − log q), log q = z/τ − lse_z, in one sweep over z and the
 //   teacher (one exp per logit for p; the student row is re-read from cache).
 // Each term is a difference of log-probabilities, so a KL near 0 keeps its relative precision.
 // The test is p ≠ 0, not p > 0, so that a NaN teacher shows as a NaN loss; a student row of
@@ -258,13 +288,12 @@ MHD_INLINE void kl_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teache
   A m;
   row_lse(z, V, sc, m, lse_z);
   Vec acc = L::splat(0);
-  for (int64_t v = 0; v < V; v += W) {
-    const int n = lanes_left(V - v, W);
+  for_vectors<W>(0, V, [&](int64_t v, auto n) {
     const Vec lq = sc(L::load(z + v, n, -kInf)) - lse_z;
     Vec p, lp;
     teacher.get(v, n, p, lp);
     acc += p != Vec{} ? p * (lp - lq) : Vec{};
-  }
+  });
   kl = L::sum(acc);
 }
 
@@ -275,11 +304,10 @@ MHD_INLINE void grad_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teac
   using L = Lanes<A>;
   using Vec = typename L::V;
   constexpr int W = L::W;
-  for (int64_t v = 0; v < V; v += W) {
-    const int n = lanes_left(V - v, W);
+  for_vectors<W>(0, V, [&](int64_t v, auto n) {
     const Vec q = L::exp(sc(L::load(z + v, n, -kInf)) - lse_z);
     store_row<A>(out, dtype, v, gs * (q - teacher.prob(v, n)), n);
-  }
+  });
 }
 
 // ---- candidates and aggregation ---------------------------------------------------------------
@@ -344,12 +372,9 @@ MHD_INLINE void aggregate_logits(const DistillArgs& a, const Candidates& cand, i
   const Weights<A> weight(a.logconf_t, a.aggregate, cand, i, g, b);
   for (int64_t v = 0; v < V; v += W) L::store(pbuf + v, L::splat(0), W);
   for (const int64_t* j = cand.begin(i); j != cand.end(i); ++j) {
-    const TIn* t = row<TIn>(a.t, *j, g, b, V, gather, tbuf);
-    const A w = weight(*j), lse = at<A>(a.lse_t, *j, g, b);
-    for (int64_t v = 0; v < V; v += W) {
-      const auto p = L::exp(sc(L::load(t + v, lanes_left(V - v, W), -kInf)) - lse);
-      L::store(pbuf + v, L::load(pbuf + v, W, 0) + w * p, W);
-    }
+    const LogitTeacher<A, TIn> teacher{row<TIn>(a.t, *j, g, b, V, gather, tbuf), sc, at<A>(a.lse_t, *j, g, b)};
+    const A w = weight(*j);
+    for_vectors<W>(0, V, [&](int64_t v, auto n) { L::store(pbuf + v, L::load(pbuf + v, W, 0) + w * teacher.prob(v, n), W); });
   }
 }
 
@@ -490,11 +515,11 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
         // q_v into pbuf, and q_rest summed over the unsent classes in the same sweep.
         lse_z = at<A>(a.lse_z, n, g, b);
         typename L::V acc = L::splat(0);
-        for (int64_t v = 0; v < V; v += L::W) {
-          const auto q = L::exp(sc(L::load(z + v, lanes_left(V - v, L::W), -kInf)) - lse_z);
+        for_vectors<L::W>(0, V, [&](int64_t v, auto w) {
+          const auto q = L::exp(sc(L::load(z + v, w, -kInf)) - lse_z);
           L::store(pbuf + v, q, L::W);
           acc += q * L::load(wbuf + v, L::W, 0);
-        }
+        });
         q_rest = L::sum(acc);
       }
       if (rest) mark_sent(a, j, g, b, wbuf, A(1));
@@ -508,10 +533,9 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
       } else {
         const A gs = at<A>(a.grad, n, g, b) * tau;
         const A unsent = gs * (rest && p_rest != 0 ? A(1 - p_rest / q_rest) : A(1));
-        for (int64_t v = 0; v < V; v += L::W) {
-          const int w = lanes_left(V - v, L::W);
+        for_vectors<L::W>(0, V, [&](int64_t v, auto w) {
           store_row<A>(dz_row, a.z.dtype, v, unsent * L::load(pbuf + v, w, 0), w);
-        }
+        });
         const A* val = static_cast<const A*>(a.values.data) + offset(a.values, j, g, b);
         const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, j, g, b);
         for (int64_t k = 0; k < K; ++k) {
@@ -624,28 +648,38 @@ template <> struct Keys<double> {
 };
 
 // The best k keys seen so far in a binary min-heap (the lowest-ranked at the root), stored as a
-// complete tree of 2^D − 1 ≥ k slots: slots [0, k) start at key 0 (below every real key, so the
-// first k offers fill them) and the others hold the maximum key, which never rises. With a
-// complete tree every sift-down walks all D − 1 levels with conditional moves and no
-// data-dependent branch; once the new key has found its slot, the walk goes on re-placing keys
-// onto themselves. A rejected offer costs one compare.
+// complete tree of 2^D − 1 ≥ k slots whose slots past k hold the maximum key, which never rises.
+// The first k keys are pushed (sift-up, O(1) on average); after that an offer costs one compare
+// when rejected, and a kept key walks all D − 1 levels down with conditional moves and no
+// data-dependent branch (once it has found its slot the walk goes on re-placing keys onto
+// themselves). Keys are unique (they hold the index).
 template <class Key>
 struct Heap {
   Key* h;
-  int64_t levels;  // D
+  int64_t size, k, levels;  // levels = D
 
   static int64_t slots(int64_t k) {
     int64_t s = 1;
     while (s - 1 < k) s *= 2;
     return s - 1;
   }
-  void reset(int64_t k) {
+  void reset(int64_t k_) {
+    k = k_;
+    size = 0;
     const int64_t n = slots(k);
-    for (int64_t i = 0; i < n; ++i) h[i] = i < k ? Key(0) : ~Key(0);
+    for (int64_t i = k; i < n; ++i) h[i] = ~Key(0);
     levels = 0;
     for (int64_t m = n + 1; m > 1; m /= 2) ++levels;
   }
-  MHD_INLINE bool full() const { return h[0] != Key(0); }
+  MHD_INLINE bool full() const { return size == k; }
+  MHD_INLINE void push(Key e) {
+    int64_t c = size++;
+    while (c > 0 && e < h[(c - 1) / 2]) {
+      h[c] = h[(c - 1) / 2];
+      c = (c - 1) / 2;
+    }
+    h[c] = e;
+  }
   MHD_INLINE void sift_down(Key e) {
     int64_t c = 0;
     for (int64_t d = 1; d < levels; ++d) {
@@ -660,58 +694,65 @@ struct Heap {
     h[c] = e;
   }
   MHD_INLINE void offer(Key e) {
-    if (h[0] < e) sift_down(e);
+    if (!full()) push(e);
+    else if (h[0] < e) sift_down(e);
   }
-  MHD_INLINE Key pop() {  // the lowest-ranked key; its slot gets the maximum key
-    const Key top = h[0];
-    sift_down(~Key(0));
-    return top;
+  // a > b for unsigned keys; for 64-bit keys as a signed compare of the sign-flipped keys,
+  // which vectorizes (AVX2 has no unsigned 64-bit compare).
+  static MHD_INLINE bool greater(Key a, Key b) {
+    if constexpr (sizeof(Key) == 8) {
+      return (int64_t)(a ^ (Key(1) << 63)) > (int64_t)(b ^ (Key(1) << 63));
+    } else {
+      return a > b;
+    }
+  }
+  // The k keys best first into out. Small k: by rank counting (each key's rank is the number
+  // of larger keys: k² compares without a branch); larger k: by popping the heap.
+  void sorted(Key* out) {
+    if (k <= 64) {
+      for (int64_t i = 0; i < k; ++i) {
+        int64_t rank = 0;
+        for (int64_t j = 0; j < k; ++j) rank += greater(h[j], h[i]);
+        out[rank] = h[i];
+      }
+      return;
+    }
+    for (int64_t pos = k - 1; pos >= 0; --pos) {
+      out[pos] = h[0];
+      sift_down(~Key(0));
+    }
   }
 };
 
 // One row of X: values = the k largest of t = x/τ (descending), their indices, and
-// lse = logsumexp(t), in one sweep. The sweep is row_lse's; its block-max pass also feeds the
-// heap, with a vector rejection test against the k-th value so far (t > thr, or NaN) that
-// skips almost every vector once the heap is full.
+// lse = logsumexp(t), in one sweep: row_lse's, whose block-max pass feeds the heap. Once the
+// heap is full a vector test rejects the lanes with x ≤ the k-th largest x so far (division by
+// τ > 0 is monotone, so a lane with t above the k-th t passes it; NaN passes too), which skips
+// almost every vector of a long row; the lanes that pass are ranked by their exact t.
 template <class A, class In>
 MHD_INLINE void topk_row(const In* x, int64_t V, int64_t K, const Scale<A>& sc, Heap<typename Keys<A>::Key>& heap,
                          A* values, int32_t* indices, A& lse) {
   using L = Lanes<A>;
   using Vec = typename L::V;
   using Kx = Keys<A>;
-  constexpr int W = L::W;
   heap.reset(K);
-  A thr = -kInf;
-  A m = -kInf, s = 0;
-  for (int64_t blk = 0; blk < V; blk += kBlock) {
-    const int64_t end = min64(V, blk + kBlock);
-    Vec vm = L::splat(-kInf);
-    for (int64_t v = blk; v < end; v += W) {
-      const int n = lanes_left(end - v, W);
-      const Vec t = sc(L::load(x + v, n, -kInf));
-      vm = L::max(vm, t);
-      const bool full = heap.full();
-      unsigned pass = (full ? L::bits((t > L::splat(thr)) | (t != t)) : ~0u) & ((1u << n) - 1);
-      if (pass == 0) continue;
-      for (; pass != 0; pass &= pass - 1) {
-        const int l = __builtin_ctz(pass);
-        heap.offer(Kx::make(L::lane(t, l), v + l));
-      }
-      if (heap.full()) thr = Kx::value(heap.h[0]);
+  A thr = -kInf;  // x of the k-th best entry, once the heap is full
+  const auto feed = [&](int64_t v, int n, const Vec& xv) {
+    const bool full = heap.full();
+    unsigned pass = (full ? L::bits((xv > L::splat(thr)) | (xv != xv)) : ~0u) & ((1u << n) - 1);
+    if (pass == 0) return;
+    for (; pass != 0; pass &= pass - 1) {
+      const int l = __builtin_ctz(pass);
+      heap.offer(Kx::make(sc(L::lane(xv, l)), v + l));
     }
-    const A bm = L::max(vm);
-    if (bm > m) {
-      s *= sexp(m - bm);
-      m = bm;
-    }
-    const A c = m == -kInf ? A(0) : m;
-    Vec acc = L::splat(0);
-    for (int64_t v = blk; v < end; v += W) acc += L::exp(sc(L::load(x + v, lanes_left(end - v, W), -kInf)) - c);
-    s += L::sum(acc);
-  }
-  lse = m + slog(s);
-  for (int64_t pos = K - 1; pos >= 0; --pos) {
-    const int32_t i = Kx::index(heap.pop());
+    if (heap.full()) thr = to_acc<A>(x[Kx::index(heap.h[0])]);
+  };
+  A m;
+  row_lse(x, V, sc, m, lse, static_cast<const A*>(nullptr), static_cast<A*>(nullptr), feed);
+  typename Kx::Key* best = heap.h + Heap<typename Kx::Key>::slots(K);
+  heap.sorted(best);
+  for (int64_t pos = 0; pos < K; ++pos) {
+    const int32_t i = Kx::index(best[pos]);
     values[pos] = sc(to_acc<A>(x[i]));  // the exact value, −0 and NaN payloads included
     indices[pos] = i;
   }
@@ -726,10 +767,10 @@ void topk_compress(const View& x, int64_t K, double tau, A* values, int32_t* ind
   const Scale<A> sc(tau);
   const int nt = team(threads, R * V);
   Scratch<A> rows(gather ? nt * V : 0);
-  const int64_t slots = Heap<Key>::slots(K);
+  const int64_t slots = Heap<Key>::slots(K) + K;  // the heap, then the sorted keys
   Scratch<Key> heaps(nt * slots);
   for_rows(1, 1, R, nt, [&](int64_t r, int64_t, int64_t, int64_t, int tid) {
-    Heap<Key> heap{heaps.data() + tid * slots, 0};
+    Heap<Key> heap{heaps.data() + tid * slots, 0, 0, 0};
     const In* xr = row<In>(x, 0, 0, r, V, gather, rows.data() + (gather ? tid * V : 0));
     topk_row(xr, V, K, sc, heap, values + r * K, indices + r * K, lse[r]);
   });

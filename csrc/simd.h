@@ -19,6 +19,7 @@ typedef uint32_t vu __attribute__((vector_size(4 * MHD_LANES)));
 typedef uint16_t vh __attribute__((vector_size(2 * MHD_LANES)));
 
 constexpr float kInf = __builtin_inff();
+constexpr double kLog2e = 1.44269504088896340736;  // log2 e
 
 MHD_INLINE vf splat(float x) { return vf{} + x; }
 MHD_INLINE vu splat_u(uint32_t x) { return vu{} + x; }
@@ -108,25 +109,24 @@ MHD_INLINE vf min_keep_nan(vf c, vf x) {
 #endif
 }
 
-// exp(x) = 2^n · (1 + poly(r)), n = round(x·log2 e), r = x − n·ln 2 ∈ [−ln2/2, ln2/2] (ln 2
-// split in two for an exact product); poly is the degree-5 minimax polynomial of e^r − 1 of
-// ARM's optimized-routines (max error ≈ 1.5 ulp). 1.5·2^23 added to x·log2 e rounds it to n
-// and leaves n in the low mantissa bits, from which 2^n is built with one shift and one add.
-// Branch-free so that it vectorizes. x is clamped to [−88, 88]: exp(−inf) = 0 exactly (a
-// masked class), results below 2^−126 flush to 0, NaN stays NaN. The kernels call it with
-// x ≤ 0 (a logit minus its row max or its lse) or NaN.
-MHD_INLINE vf vexp(vf x) {
-  x = min_keep_nan(splat(88.0f), max_keep_nan(splat(-88.0f), x));
+// 2^y = 2^n · (1 + poly(r)), n = round(y), r = y − n ∈ [−1/2, 1/2] (exact); poly is the
+// degree-5 minimax polynomial of 2^r − 1 of ARM's optimized-routines (max error ≈ 2 ulp).
+// Adding 1.5·2^23 rounds y to n and leaves n in the low mantissa bits, from which 2^n is built
+// with one shift and one add. Branch-free, 6 multiply-adds. y is clamped to [−127, 127]:
+// 2^(−inf) = 0 exactly (a masked class), results below 2^−126 flush to 0, NaN stays NaN.
+// The kernels call it with y ≤ 0 (a log2-probability) or NaN; e^x = 2^(x·log2 e) costs one
+// multiply more and still three fewer multiply-adds than a direct e^x polynomial, whose range
+// reduction needs ln 2 in two parts.
+MHD_INLINE vf vexp2(vf y) {
+  y = min_keep_nan(splat(127.0f), max_keep_nan(splat(-127.0f), y));
   const vf shift = splat(0x1.8p23f);
-  const vf z = fmadd(x, splat(0x1.715476p+0f), shift);
-  const vf n = z - shift;
-  vf r = fmadd(n, splat(-0x1.62e4p-1f), x);
-  r = fmadd(n, splat(-0x1.7f7d1cp-20f), r);
-  const vf scale = (vf)(((vu)z << 23) + 0x3F800000u);  // 2^n; 0 for n = −127
-  vf p = fmadd(splat(0x1.0e4020p-7f), r, splat(0x1.573e2ep-5f));
-  p = fmadd(p, r, splat(0x1.555e66p-3f));
-  p = fmadd(p, r, splat(0x1.fffdb6p-2f));
-  p = fmadd(p, r, splat(0x1.ffffecp-1f));
+  const vf t = y + shift;
+  const vf r = y - (t - shift);
+  const vf scale = (vf)(((vu)t << 23) + 0x3F800000u);  // 2^n; 0 for n = −127
+  vf p = fmadd(splat(0x1.59977ap-10f), r, splat(0x1.3ce9e4p-7f));
+  p = fmadd(p, r, splat(0x1.c6bd32p-5f));
+  p = fmadd(p, r, splat(0x1.ebf9bcp-3f));
+  p = fmadd(p, r, splat(0x1.62e422p-1f));
   return fmadd(p * r, scale, scale);
 }
 
@@ -169,7 +169,8 @@ template <> struct Lanes<float> {
   static constexpr int W = kLanes;
 
   static MHD_INLINE V splat(float x) { return ::mhd::MHD_ISA::splat(x); }
-  static MHD_INLINE V exp(V x) { return vexp(x); }
+  static MHD_INLINE V exp2(V y) { return vexp2(y); }
+  static MHD_INLINE V exp(V x) { return vexp2(x * splat(kLog2e)); }
   static MHD_INLINE V log(V x) { return vlog(x); }
   static MHD_INLINE V max(V a, V b) {
 #ifdef MHD_AVX2
@@ -179,16 +180,23 @@ template <> struct Lanes<float> {
 #endif
   }
   static MHD_INLINE float lane(V v, int l) { return v[l]; }
-  // Lane order is fixed, so a row's sum never depends on the thread that computes it.
+  // Horizontal reductions as a fixed tree of halvings: a row's sum never depends on the thread
+  // that computes it.
+  template <class Op>
+  static MHD_INLINE float reduce(V v, Op op) {
+    typedef float v4 __attribute__((vector_size(16)));
+    typedef float v2 __attribute__((vector_size(8)));
+    v4 q;
+    if constexpr (W == 8) q = op(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7));
+    else q = v;
+    const v2 h = op(__builtin_shufflevector(q, q, 0, 1), __builtin_shufflevector(q, q, 2, 3));
+    return op(h, __builtin_shufflevector(h, h, 1, 0))[0];
+  }
   static MHD_INLINE float sum(V v) {
-    float s = v[0];
-    for (int l = 1; l < W; ++l) s += v[l];
-    return s;
+    return reduce(v, [](auto a, auto b) { return a + b; });
   }
   static MHD_INLINE float max(V v) {
-    float s = v[0];
-    for (int l = 1; l < W; ++l) s = v[l] > s ? v[l] : s;
-    return s;
+    return reduce(v, [](auto a, auto b) { return a > b ? a : b; });
   }
   // Bit l set when lane l of the mask is set.
   static MHD_INLINE unsigned bits(M m) {
@@ -251,6 +259,7 @@ template <> struct Lanes<double> {
   static constexpr int W = 1;
 
   static MHD_INLINE V splat(double x) { return x; }
+  static MHD_INLINE V exp2(V y) { return __builtin_exp2(y); }
   static MHD_INLINE V exp(V x) { return __builtin_exp(x); }
   static MHD_INLINE V log(V x) { return __builtin_log(x); }
   static MHD_INLINE V max(V a, V b) { return a > b ? a : b; }
@@ -269,6 +278,8 @@ template <> struct Lanes<double> {
 // Scalar exp / log in the accumulation type (per-row and per-block bookkeeping).
 MHD_INLINE float sexp(float x) { return __builtin_expf(x); }
 MHD_INLINE double sexp(double x) { return __builtin_exp(x); }
+MHD_INLINE float sexp2(float x) { return __builtin_exp2f(x); }
+MHD_INLINE double sexp2(double x) { return __builtin_exp2(x); }
 MHD_INLINE float slog(float x) { return __builtin_logf(x); }
 MHD_INLINE double slog(double x) { return __builtin_log(x); }
 MHD_INLINE bool is_nan(float x) { return x != x; }
