@@ -70,7 +70,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Decentralized learning with multi-headed distillation: "
                "batched simulation of many clients.")
-    sub = p.add_subparsers(dest="command", metavar="{run,graph}", parser_class=Parser)
+    sub = p.add_subparsers(dest="command", metavar="{run,graph,sweep}", parser_class=Parser)
     run = sub.add_parser("run", help="train and evaluate (the digits default with no options)")
     run.add_argument("--config", default=None, metavar="FILE", help="a TOML or YAML file of Config keys")
     run.add_argument("--resume", action="store_true",
@@ -82,6 +82,8 @@ def build_parser() -> Parser:
     graph.add_argument("--seed", type=int, default=0, help="seed of random topologies (default: 0)")
     graph.add_argument("--graph-options", nargs="+", type=_parse_option, default=None,
                        metavar="KEY=VALUE", help="options of the topology, e.g. k=2")
+    from .sweep import add_subcommand as add_sweep
+    add_sweep(sub)
     return p
 
 
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["run", *(argv if argv is not None else sys.argv[1:])])
+    if args.command == "sweep":
+        from .sweep import sweep_main
+        return sweep_main(args)  # prints its own one-line errors (status 2)
     try:
         return cmd_run(args) if args.command == "run" else cmd_graph(args)
     except (ValueError, TypeError) as e:

@@ -292,3 +292,10 @@ def test_an_error_found_with_the_data_names_the_run(tmp_path, capsys):
     assert sweep.main([path, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mhd-fast: error: run topk=11-s0: --topk must be <=") and err.count("\n") == 1
+
+
+def test_cli_sweep_subcommand_reports_bad_file(tmp_path, capsys):
+    from mhd_fast.cli import main
+    assert main(["sweep", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CONFIG" in err[0] and "missing.toml" in err[0]
