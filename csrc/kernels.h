@@ -1,19 +1,21 @@
 // The fused kernels of mhd_fast, written once and compiled once per ISA.
 //
 // kernels_generic.cpp and kernels_avx2.cpp include this file inside namespace mhd::MHD_ISA,
-// after setting the ISA (MHD_LANES, MHD_FMA and, for AVX2, a target pragma), so every
+// after setting the ISA (MHD_LANES, MHD_AVX2 and, for AVX2, a target pragma), so every
 // function here, templates included, gets a distinct symbol per ISA and the linker never mixes
 // AVX2 code into the portable build. Standard headers are included by those files before the
-// ISA switch; this file uses no std templates that would be instantiated under it.
+// ISA switch; this file instantiates no std templates under it.
 //
 // Shared conventions (the kernel contract of mhd_fast/ops/registry.py):
 //   * One call covers the flat row space r = (n·G + g)·B + b of all N clients × G groups ×
-//     B rows; OpenMP threads take rows in a static schedule. A row is always summed by one
-//     thread in a fixed order, so results are bit-identical whatever the thread count.
+//     B rows; OpenMP threads take contiguous chunks of rows (a static schedule, for_rows). A
+//     row is always summed by one thread in a fixed order, so results are bit-identical
+//     whatever the thread count.
 //   * Inputs are read in place through their element strides when the class dim is contiguous;
 //     otherwise (or on the fp64 path) each row is first gathered into a per-thread buffer.
 //   * Arithmetic in the accumulation type A: fp32, or fp64 when an input is fp64.
-//   * t = x / τ exactly as torch computes it (a multiply when 1/τ is exact).
+//   * t = x / τ exactly as torch computes it (a multiply when 1/τ is exact); exponentials
+//     go through a base-2 polynomial (simd.h).
 //   * NaN or +inf in a row -> NaN outputs for that row; −inf = a masked class (p = 0, and
 //     0·log 0 = 0); a row of all −inf has lse = −inf and NaN loss.
 

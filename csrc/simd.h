@@ -1,6 +1,6 @@
 // Portable SIMD layer of the kernels: GCC/Clang vector extensions, one vector = MHD_LANES fp32.
 //
-// Included by kernels.h inside the namespace of one ISA build (see kernels_generic.cpp and
+// Included, with kernels.h, inside the namespace of one ISA build (kernels_generic.cpp,
 // kernels_avx2.cpp): the same source becomes SSE2/NEON code (4 lanes) and AVX2+FMA code
 // (8 lanes). Everything here is always_inline so that it takes the ISA of the kernel it is
 // inlined into. Needs MHD_LANES, and MHD_AVX2 in the AVX2 + FMA build (intrinsics for fma,
@@ -22,7 +22,6 @@ constexpr float kInf = __builtin_inff();
 constexpr double kLog2e = 1.44269504088896340736;  // log2 e
 
 MHD_INLINE vf splat(float x) { return vf{} + x; }
-MHD_INLINE vu splat_u(uint32_t x) { return vu{} + x; }
 MHD_INLINE vi splat_i(int32_t x) { return vi{} + x; }
 
 // Bit casts that read the same for scalars and vectors, so that the fp16 / bf16 conversions
