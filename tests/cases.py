@@ -59,3 +59,41 @@ def with_confidence_ties(teacher: torch.Tensor) -> torch.Tensor:
 def with_topk_ties(logits: torch.Tensor) -> torch.Tensor:
     """Logits on a coarse grid, so that rows hold many equal values (ties in top-k)."""
     return (logits.float() * 0.7).round().to(logits.dtype)
+
+
+def opcheck_every_op(backend: str, device: str = "cpu", v: int = 11, k: int = 4) -> None:
+    """torch.library.opcheck of every op of ``registry`` with ``backend``: schema, fake tensors,
+    autograd registration and AOT dispatch; the distillation ops with and without the fused
+    unit gradient, on the full student with a head offset (how mhd_loss calls them)."""
+    from mhd_fast.ops import reference, registry
+
+    n, h, b = 4, 3, 3
+    z = make_logits((n, h, b, v), seed=13).to(device).requires_grad_()
+    t = make_logits((n, h - 1, b, v), torch.bfloat16, seed=14).to(device)
+    adj = make_graph("ring", n).to(device)
+    lse_t, logconf_t = reference.teacher_stats(t, 1.3)
+    idx, _ = reference.select(logconf_t, adj, False)
+    values, indices, packet_lse = reference.topk_compress(t, k, 1.3)
+    indices = indices.int()
+    p_lse, p_logconf = reference.packet_stats(values, packet_lse)
+    p_idx, _ = reference.select(p_logconf, adj, False)
+    grad = torch.rand(n, h - 1, b, device=device)
+    zd = z.detach()
+    lse_z = torch.logsumexp(zd[:, 1:] / 1.3, -1)
+    checks = [(registry.teacher_stats, (t, 1.3, backend)),
+              (registry.select, (logconf_t, adj, False, backend)),
+              (registry.topk_compress, (t.reshape(-1, v), k, 1.3, backend))]
+    for aggregate in AGGREGATES:
+        for need_grad in (False, True):
+            checks += [(registry.distill_fwd, (z, t, lse_t, logconf_t, idx, adj, 1, 1.3, False,
+                                               aggregate, need_grad, backend)),
+                       (registry.distill_topk_fwd, (z, values, indices, p_lse, p_logconf, p_idx, adj,
+                                                    1, 1.3, False, aggregate, need_grad, backend))]
+        checks += [(registry.distill_bwd, (grad, zd, t, lse_t, logconf_t, idx, adj, lse_z, 1, 1.3,
+                                           False, aggregate, backend))]
+        if aggregate != "max_confidence":  # max_confidence packets save a backend-specific statistic
+            checks += [(registry.distill_topk_bwd, (grad, zd, values, indices, p_lse, p_logconf,
+                                                    p_idx, adj, lse_z, 1, 1.3, False, aggregate,
+                                                    backend))]
+    for op, args in checks:
+        torch.library.opcheck(op, args)

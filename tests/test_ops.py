@@ -22,7 +22,7 @@ import mhd_fast
 from mhd_fast.ops import api, reference, registry
 
 from cases import (AGGREGATES, DTYPES, GRAD_TOL, GRAPHS, LOSS_TOL, TAUS, VOCABS, make_graph, make_logits,
-                   with_confidence_ties, with_topk_ties)
+                   opcheck_every_op, with_confidence_ties, with_topk_ties)
 
 BACKENDS = ["cpp"]
 
@@ -410,33 +410,7 @@ def test_nan_and_inf_in_topk_compress(backend):
 # ---- registration, compile, backend choice ------------------------------------------------------
 
 def test_opcheck_every_op(backend):
-    n, g, b, v, k = 4, 2, 3, 11, 4
-    z = make_logits((n, g, b, v), seed=13).requires_grad_()
-    t = make_logits((n, g, b, v), seed=14)
-    adj = make_graph("ring", n)
-    lse_t, logconf_t = registry.teacher_stats(t, 1.3, backend)
-    idx, _ = registry.select(logconf_t, adj, False, backend)
-    values, indices, packet_lse = registry.topk_compress(t.reshape(-1, v), k, 1.3, backend)
-    values, indices = values.reshape(n, g, b, k), indices.reshape(n, g, b, k)
-    p_lse, p_logconf = packet_lse.reshape(n, g, b), values[..., 0] - packet_lse.reshape(n, g, b)
-    p_idx, _ = registry.select(p_logconf, adj, False, backend)
-    grad = torch.rand(n, g, b)
-    torch.library.opcheck(registry.teacher_stats, (t, 1.3, backend))
-    torch.library.opcheck(registry.select, (logconf_t, adj, False, backend))
-    torch.library.opcheck(registry.topk_compress, (t.reshape(-1, v), k, 1.3, backend))
-    for aggregate in AGGREGATES:
-        _, lse_z = registry.distill_fwd(z, t, lse_t, logconf_t, idx, adj, 1.3, False, aggregate, backend)
-        torch.library.opcheck(registry.distill_fwd,
-                              (z, t, lse_t, logconf_t, idx, adj, 1.3, False, aggregate, backend))
-        torch.library.opcheck(registry.distill_bwd, (grad, z.detach(), t, lse_t, logconf_t, idx, adj,
-                                                     lse_z.detach(), 1.3, False, aggregate, backend))
-        _, lse_z = registry.distill_topk_fwd(z, values, indices, p_lse, p_logconf, p_idx, adj, 1.3, False,
-                                             aggregate, backend)
-        torch.library.opcheck(registry.distill_topk_fwd, (z, values, indices, p_lse, p_logconf, p_idx, adj,
-                                                          1.3, False, aggregate, backend))
-        torch.library.opcheck(registry.distill_topk_bwd, (grad, z.detach(), values, indices, p_lse, p_logconf,
-                                                          p_idx, adj, lse_z.detach(), 1.3, False, aggregate,
-                                                          backend))
+    opcheck_every_op(backend)
 
 
 def test_torch_compile_fullgraph_forward_and_backward(backend):
@@ -465,7 +439,7 @@ def test_auto_picks_cpp_on_cpu():
 
 def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
     monkeypatch.setattr(api, "backend_available", lambda name: None if name == "torch" else "not built here")
-    api._warn_fallback.cache_clear()
+    monkeypatch.setattr(api, "_WARNED", set())
     z, t, adj = _case(torch.float32, 6, "ring", n=3)
     with pytest.warns(RuntimeWarning, match="falls back to 'torch'"):
         loss = mhd_fast.mhd_loss(z, t, adj, backend="auto")
@@ -476,7 +450,6 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
     torch.testing.assert_close(loss, mhd_fast.mhd_loss(z, t, adj, backend="torch"))
     with pytest.raises(RuntimeError, match="backend='cpp' is not available"):
         mhd_fast.mhd_loss(z, t, adj, backend="cpp")
-    api._warn_fallback.cache_clear()
 
 
 def test_import_works_without_the_extension():
@@ -550,19 +523,19 @@ def test_kernel_launchers_check_what_memory_safety_needs():
     """The custom ops validate indices and shapes themselves (the API skips its host-syncing
     checks under torch.compile), and reject non-CPU tensors."""
     z, t, adj = _case(torch.float32, 6, "ring", n=3)
-    zs, ts = z[:, 1:], t[:, :-1]
+    ts = t[:, :-1]  # the ops take the full student and head offset 1, as mhd_loss calls them
     lse_t, logconf_t = registry.teacher_stats(ts, 1.0, "cpp")
     idx, _ = registry.select(logconf_t, adj, False, "cpp")
     with pytest.raises(ValueError, match="idx"):
-        registry.distill_fwd(zs, ts, lse_t, logconf_t, idx + 5, adj, 1.0, False, "max_confidence", "cpp")
+        registry.distill_fwd(z, ts, lse_t, logconf_t, idx + 5, adj, 1, 1.0, False, "max_confidence", False, "cpp")
     values, indices, plse = registry.topk_compress(ts.reshape(-1, 6), 2, 1.0, "cpp")
     values, indices = values.reshape(3, 2, 4, 2), indices.reshape(3, 2, 4, 2)
     with pytest.raises(ValueError, match="indices"):
-        registry.distill_topk_fwd(zs, values, indices - 1, plse.reshape(3, 2, 4), logconf_t, idx, adj, 1.0,
-                                  False, "max_confidence", "cpp")
+        registry.distill_topk_fwd(z, values, indices - 1, plse.reshape(3, 2, 4), logconf_t, idx, adj, 1, 1.0,
+                                  False, "max_confidence", False, "cpp")
     with pytest.raises(ValueError, match="lse_t"):
-        registry.distill_fwd(zs, ts, lse_t[:, :1], logconf_t, idx, adj, 1.0, False, "max_confidence", "cpp")
+        registry.distill_fwd(z, ts, lse_t[:, :1], logconf_t, idx, adj, 1, 1.0, False, "max_confidence", False, "cpp")
     with pytest.raises(ValueError, match="adj"):
         registry.select(logconf_t, adj[:2, :2], False, "cpp")
     with pytest.raises(ValueError, match="aggregate"):
-        registry.distill_fwd(zs, ts, lse_t, logconf_t, idx, adj, 1.0, False, "mode", "cpp")
+        registry.distill_fwd(z, ts, lse_t, logconf_t, idx, adj, 1, 1.0, False, "mode", False, "cpp")

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 import mhd_fast  # noqa: E402
 from mhd_fast.ops import reference, registry, triton_backend  # noqa: E402
 
-from cases import (AGGREGATES, GRAD_TOL, GRAPHS, LOSS_TOL, TAUS, make_graph, make_logits,  # noqa: E402
+from cases import (AGGREGATES, GRAD_TOL, GRAPHS, LOSS_TOL, TAUS, make_graph, make_logits, opcheck_every_op,  # noqa: E402
                    with_confidence_ties, with_topk_ties)
 
 CUDA = torch.cuda.is_available()
@@ -351,36 +351,8 @@ def test_backend_errors_name_the_argument():
 # ---- torch.library and torch.compile -------------------------------------------------------
 
 def test_opcheck_every_op():
-    """torch.library.opcheck of every op with backend="triton": schema, fake tensors,
-    autograd registration and AOT dispatch (tiny shapes, so it runs in the interpreter too)."""
-    n, g, b, v, k = 4, 2, 3, 300 if CUDA else 10, 8
-    z = _on(make_logits((n, g, b, v), seed=26)).requires_grad_()
-    t = _on(make_logits((n, g, b, v), torch.bfloat16, seed=27))
-    adj = _on(make_graph("ring", n))
-    lse, logconf = reference.teacher_stats(t, 1.0)
-    idx, _ = reference.select(logconf, adj, False)
-    values, indices, plse = reference.topk_compress(t, k, 1.0)
-    indices = indices.int()
-    p_lse, p_logconf = reference.packet_stats(values, plse)
-    grad = _on(torch.rand(n, g, b))
-    lse_z = torch.logsumexp(z.detach(), -1)
-    zd = z.detach()
-    for aggregate in AGGREGATES:
-        cases = [
-            (registry.teacher_stats, (t, 1.0, "triton")),
-            (registry.select, (logconf, adj, False, "triton")),
-            (registry.distill_fwd, (z, t, lse, logconf, idx, adj, 1.0, False, aggregate, "triton")),
-            (registry.distill_bwd, (grad, zd, t, lse, logconf, idx, adj, lse_z, 1.0, False, aggregate,
-                                    "triton")),
-            (registry.distill_topk_fwd, (z, values, indices, p_lse, p_logconf, idx, adj, 1.0, False,
-                                         aggregate, "triton")),
-            (registry.distill_topk_bwd, (grad, zd, values, indices, p_lse, p_logconf, idx, adj, lse_z,
-                                         1.0, False, aggregate, "triton")),
-            (registry.topk_compress, (t.reshape(-1, v), k, 1.0, "triton")),
-        ]
-        for op, args in cases:
-            torch.library.opcheck(op, args)
-
+    """Every op with backend="triton" (tiny shapes, so it runs in the interpreter too)."""
+    opcheck_every_op("triton", "cuda" if CUDA else "cpu", v=300 if CUDA else 10, k=8)
 
 
 # ---- GPU: full sizes and fp64 gradcheck over several column tiles --------------------------

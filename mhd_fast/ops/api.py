@@ -6,7 +6,6 @@ custom ops of ``registry`` that run a compiled backend.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
@@ -40,31 +39,39 @@ class TopKLogits(NamedTuple):
 
 # ---- backends ------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def backend_available(name: str) -> str | None:
-    """None when the backend can run here, else the reason it cannot."""
-    if name == "torch":
-        return None
+_AVAILABLE: dict[str, str | None] = {"torch": None}  # backend -> None or why it cannot run
+_WARNED: set[str] = set()
+
+
+def _probe(name: str) -> str | None:
     if name == "cpp":
         try:
             from .. import _C  # noqa: F401
         except ImportError as e:
             return f"the C++ extension mhd_fast._C is not built ({e}); reinstall with `pip install -e .`"
         return None
-    if name == "triton":
-        try:
-            import triton  # noqa: F401
-            from . import triton_backend  # noqa: F401
-        except ImportError as e:
-            return f"Triton is not usable ({e}); install it with `pip install triton`"
-        return None
-    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    try:
+        import triton  # noqa: F401
+        from . import triton_backend  # noqa: F401
+    except ImportError as e:
+        return f"Triton is not usable ({e}); install it with `pip install triton`"
+    return None
 
 
-@functools.lru_cache(maxsize=None)
+def backend_available(name: str) -> str | None:
+    """None when the backend can run here, else the reason it cannot (probed once)."""
+    if name not in BACKENDS or name == "auto":
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {name!r}")
+    if name not in _AVAILABLE:
+        _AVAILABLE[name] = _probe(name)
+    return _AVAILABLE[name]
+
+
 def _warn_fallback(wanted: str, reason: str) -> None:
-    warnings.warn(f"mhd_fast: backend 'auto' falls back to 'torch': {reason}", RuntimeWarning,
-                  stacklevel=4)
+    if wanted not in _WARNED:  # one warning per process
+        _WARNED.add(wanted)
+        warnings.warn(f"mhd_fast: backend 'auto' falls back to 'torch': {reason}", RuntimeWarning,
+                      stacklevel=4)
 
 
 def _triton_runs_on(device: torch.device) -> bool:
@@ -253,6 +260,57 @@ def select_teachers(teacher_logits, adj: Tensor, *, tau: float = 1.0, include_se
     return registry.select(logconf, adj, bool(include_self), be)
 
 
+def _check_loss_args(student_logits, teacher, adj, tau, aggregate, reduction) -> float:
+    _check_logits("student_logits", student_logits)
+    device = student_logits.device
+    _check_teacher(teacher, tuple(student_logits.shape), device)
+    _check_adj(adj, student_logits.shape[0], device)
+    _check_choice("aggregate", aggregate, AGGREGATES)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    return check_tau(tau)
+
+
+def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float,
+             include_self: bool, aggregate: str, reduction: str, backend: str) -> Tensor:
+    """The loss of student heads head_offset.. against teacher groups (checked arguments).
+    ``student`` is the full [N, H, B, V] tensor: compiled backends take it whole, so that their
+    backward writes the full gradient in one pass."""
+    be = resolve_backend(backend, student.device)
+    g = (teacher.values if isinstance(teacher, TopKLogits) else teacher).shape[1]
+    if be == "torch":
+        z = student[:, head_offset:head_offset + g]
+        if isinstance(teacher, TopKLogits):
+            loss = reference.distill_topk(z, *teacher, adj, tau=tau, include_self=include_self,
+                                          aggregate=aggregate)
+        else:
+            loss = reference.distill_dense(z, teacher, adj, tau=tau, include_self=include_self,
+                                           aggregate=aggregate)
+    else:
+        from . import registry
+        need_grad = torch.is_grad_enabled() and student.requires_grad
+        if isinstance(teacher, TopKLogits):
+            dt = acc_dtype(student, teacher.values, teacher.lse)
+            values = teacher.values.detach().to(dt)
+            indices = teacher.indices.detach().to(torch.int32)
+            lse_t, logconf_t = reference.packet_stats(values, teacher.lse.detach())
+            idx, _ = registry.select(logconf_t, adj, include_self, be)
+            loss, _, _ = registry.distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx,
+                                                   adj, head_offset, tau, include_self, aggregate,
+                                                   need_grad, be)
+        else:
+            teacher = teacher.detach()
+            lse_t, logconf_t = registry.teacher_stats(teacher, tau, be)
+            idx, _ = registry.select(logconf_t, adj, include_self, be)
+            loss, _, _ = registry.distill_fwd(student, teacher, lse_t, logconf_t, idx, adj,
+                                              head_offset, tau, include_self, aggregate, need_grad,
+                                              be)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / loss.numel()
+    return loss
+
+
 def distill_loss(student_logits: Tensor, teacher, adj: Tensor, *, tau: float = 1.0,
                  include_self: bool = False, aggregate: str = "max_confidence",
                  reduction: str = "none", backend: str = "auto") -> Tensor:
@@ -265,44 +323,9 @@ def distill_loss(student_logits: Tensor, teacher, adj: Tensor, *, tau: float = 1
     "mean" -> sum / (N·G·B). Clients with no candidate get 0 and gradient 0. The teacher gets
     no gradient. Rows whose logits hold NaN or +inf give NaN; −inf logits are masked classes.
     """
-    _check_logits("student_logits", student_logits)
-    device = student_logits.device
-    _check_teacher(teacher, tuple(student_logits.shape), device)
-    _check_adj(adj, student_logits.shape[0], device)
-    tau = check_tau(tau)
-    _check_choice("aggregate", aggregate, AGGREGATES)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    include_self = bool(include_self)
-    be = resolve_backend(backend, device)
-
-    if be == "torch":
-        if isinstance(teacher, TopKLogits):
-            loss = reference.distill_topk(student_logits, *teacher, adj, tau=tau,
-                                          include_self=include_self, aggregate=aggregate)
-        else:
-            loss = reference.distill_dense(student_logits, teacher, adj, tau=tau,
-                                           include_self=include_self, aggregate=aggregate)
-    else:
-        from . import registry
-        if isinstance(teacher, TopKLogits):
-            dt = acc_dtype(student_logits, teacher.values, teacher.lse)
-            values = teacher.values.detach().to(dt)
-            indices = teacher.indices.detach().to(torch.int32)
-            lse_t, logconf_t = reference.packet_stats(values, teacher.lse.detach())
-            idx, _ = registry.select(logconf_t, adj, include_self, be)
-            loss, _ = registry.distill_topk_fwd(student_logits, values, indices, lse_t, logconf_t,
-                                                idx, adj, tau, include_self, aggregate, be)
-        else:
-            teacher = teacher.detach()
-            lse_t, logconf_t = registry.teacher_stats(teacher, tau, be)
-            idx, _ = registry.select(logconf_t, adj, include_self, be)
-            loss, _ = registry.distill_fwd(student_logits, teacher, lse_t, logconf_t, idx, adj,
-                                           tau, include_self, aggregate, be)
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        return loss.sum() / loss.numel()
-    return loss
+    tau = _check_loss_args(student_logits, teacher, adj, tau, aggregate, reduction)
+    return _distill(student_logits, teacher, adj, 0, tau, bool(include_self), aggregate,
+                    reduction, backend)
 
 
 def _shift_teacher(teacher):
@@ -322,11 +345,9 @@ def mhd_loss(student_logits: Tensor, teacher, adj: Tensor, *, tau: float = 1.0,
     dims [N, H1, B]; adj [N, N] bool. "none" -> [N, H1−1, B] fp32; "sum" -> its sum;
     "mean" -> its sum / (N·(H1−1)·B).
     """
-    _check_logits("student_logits", student_logits)
+    tau = _check_loss_args(student_logits, teacher, adj, tau, aggregate, reduction)
     if student_logits.shape[1] < 2:
         raise ValueError(f"student_logits must have H1 >= 2 heads (main + aux), got shape "
                          f"{tuple(student_logits.shape)}")
-    _check_teacher(teacher, tuple(student_logits.shape), student_logits.device)
-    return distill_loss(student_logits[:, 1:], _shift_teacher(teacher), adj, tau=tau,
-                        include_self=include_self, aggregate=aggregate, reduction=reduction,
-                        backend=backend)
+    return _distill(student_logits, _shift_teacher(teacher), adj, 1, tau, bool(include_self),
+                    aggregate, reduction, backend)

@@ -45,6 +45,9 @@ def _aggregate_code(aggregate: str) -> int:
     return AGGREGATES.index(aggregate)
 
 
+FUSED_GRAD = False
+
+
 def _threads() -> int:
     return torch.get_num_threads()
 
@@ -93,10 +96,12 @@ def _forward(student, dt, **args) -> tuple[Tensor, Tensor]:
     return loss, lse_z
 
 
-def _backward(student, dt, **args) -> Tensor:
-    d_student = torch.empty(student.shape, dtype=student.dtype)
+def _backward(student, dt, out, **args) -> Tensor:
+    d_student = out if out.is_contiguous() else torch.empty(student.shape, dtype=student.dtype)
     _distill(_C.distill_bwd, student, dt, dict(dz=d_student.data_ptr()), **args)
-    return d_student
+    if d_student is not out:
+        out.copy_(d_student)
+    return out
 
 
 def distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, tau, include_self, aggregate):
@@ -106,9 +111,9 @@ def distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, tau, include_self,
                     aggregate=aggregate)
 
 
-def distill_bwd(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z, tau, include_self, aggregate):
+def distill_bwd(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z, tau, include_self, aggregate, out):
     """Dense teacher: dZ = grad·τ·(q − p̄), a fresh contiguous tensor of Z's dtype."""
-    return _backward(student, acc_dtype(student, teacher), teacher=teacher, values=None, indices=None,
+    return _backward(student, acc_dtype(student, teacher), out, teacher=teacher, values=None, indices=None,
                      lse_t=lse_t, logconf_t=logconf_t, idx=idx, adj=adj, tau=tau, include_self=include_self,
                      aggregate=aggregate, grad=grad, lse_z=lse_z)
 
@@ -121,10 +126,10 @@ def distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj, tau, 
 
 
 def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj, lse_z, tau, include_self,
-                     aggregate):
+                     aggregate, out):
     """Top-k packet teacher: dZ by the bucket formula of SPEC §3 (mean / confidence_weighted:
     grad·τ·(q − p̄) against the expanded packets)."""
-    return _backward(student, acc_dtype(student, values), teacher=None, values=values, indices=indices,
+    return _backward(student, acc_dtype(student, values), out, teacher=None, values=values, indices=indices,
                      lse_t=lse_t, logconf_t=logconf_t, idx=idx, adj=adj, tau=tau, include_self=include_self,
                      aggregate=aggregate, grad=grad, lse_z=lse_z)
 
