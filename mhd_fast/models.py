@@ -99,30 +99,54 @@ def split_groups(num_clients: int, archs: list[Arch]) -> list[tuple[Arch, int, i
     return out
 
 
-def _uniform(shape, bound: float, generator: torch.Generator) -> Tensor:
-    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+# Floats drawn at once while initialising: bounds the temporary memory of many clients.
+_DRAW_FLOATS = 2**22
+
+
+def _uniform(n: int, shape: tuple[int, ...], bound: float, generator: torch.Generator,
+             rows: range) -> Tensor:
+    """U(±bound) weights [len(rows), *shape] of clients ``rows`` out of n drawn in order.
+
+    Every client's draw is made, so client i gets the same numbers whichever rows are kept
+    (a process of a sharded run keeps its own); draws go in chunks of clients, which the CPU
+    generator fills exactly as one draw of all n."""
+    out = torch.empty(len(rows), *shape)
+    chunk = max(1, _DRAW_FLOATS // max(1, math.prod(shape)))
+    buf = torch.empty(min(chunk, n), *shape)
+    for c0 in range(0, n, chunk):  # chunks of clients, not one client at a time
+        u = torch.rand(min(chunk, n - c0), *shape, generator=generator, out=buf[:n - c0])
+        lo, hi = max(c0, rows.start), min(c0 + len(u), rows.stop)
+        if lo < hi:
+            out[lo - rows.start:hi - rows.start] = u[lo - c0:hi - c0]
+    return (out * 2 - 1) * bound
 
 
 def init_params(arch: Arch, n: int, in_shape: tuple[int, ...], num_classes: int,
-                num_heads: int, generator: torch.Generator) -> dict[str, Tensor]:
+                num_heads: int, generator: torch.Generator,
+                rows: range | None = None) -> dict[str, Tensor]:
     """Stacked weights of n clients, each drawn like torch.nn's default init
     (U(±1/sqrt(fan_in)) for weights and biases), in a fixed order from ``generator``.
 
     in_shape = (C, H, W) (a cnn needs it), or any shape an mlp flattens; num_heads = H1
-    (main + aux). Returns fp32 CPU tensors:
-    conv{l}.weight [n, C_out, C_in, 3, 3], conv{l}.bias [n, C_out], fc{l}.weight [n, in, out],
-    fc{l}.bias [n, out], heads.weight [n, E, H1·V], heads.bias [n, H1·V].
+    (main + aux); rows: the clients kept (default all): all n are drawn, so the kept rows
+    hold what a draw of all n gives them and the generator ends in the same state.
+    Returns fp32 CPU tensors with R = len(rows):
+    conv{l}.weight [R, C_out, C_in, 3, 3], conv{l}.bias [R, C_out], fc{l}.weight [R, in, out],
+    fc{l}.bias [R, out], heads.weight [R, E, H1·V], heads.bias [R, H1·V].
     """
     if arch.kind == "cnn" and len(in_shape) != 3:
         raise ValueError(f"model: a cnn needs image inputs (C, H, W), got input shape {in_shape}")
+    rows = range(n) if rows is None else rows
+    if rows.step != 1 or not 0 <= rows.start <= rows.stop <= n:
+        raise ValueError(f"rows must be a contiguous range inside [0, {n}), got {rows}")
     params: dict[str, Tensor] = {}
     fan_in = math.prod(in_shape)
     if arch.kind == "cnn":
         c, h, w = in_shape
     for l, c_out in enumerate(arch.channels):
         bound = 1 / math.sqrt(c * 9)
-        params[f"conv{l}.weight"] = _uniform((n, c_out, c, 3, 3), bound, generator)
-        params[f"conv{l}.bias"] = _uniform((n, c_out), bound, generator)
+        params[f"conv{l}.weight"] = _uniform(n, (c_out, c, 3, 3), bound, generator, rows)
+        params[f"conv{l}.bias"] = _uniform(n, (c_out,), bound, generator, rows)
         c, h, w = c_out, h // 2, w // 2
         if h < 1 or w < 1:
             raise ValueError(f"model: {len(arch.channels)} conv blocks halve an input of "
@@ -130,12 +154,12 @@ def init_params(arch: Arch, n: int, in_shape: tuple[int, ...], num_classes: int,
         fan_in = c * h * w
     for l, width in enumerate(arch.hidden):
         bound = 1 / math.sqrt(fan_in)
-        params[f"fc{l}.weight"] = _uniform((n, fan_in, width), bound, generator)
-        params[f"fc{l}.bias"] = _uniform((n, width), bound, generator)
+        params[f"fc{l}.weight"] = _uniform(n, (fan_in, width), bound, generator, rows)
+        params[f"fc{l}.bias"] = _uniform(n, (width,), bound, generator, rows)
         fan_in = width
     bound = 1 / math.sqrt(fan_in)
-    params["heads.weight"] = _uniform((n, fan_in, num_heads * num_classes), bound, generator)
-    params["heads.bias"] = _uniform((n, num_heads * num_classes), bound, generator)
+    params["heads.weight"] = _uniform(n, (fan_in, num_heads * num_classes), bound, generator, rows)
+    params["heads.bias"] = _uniform(n, (num_heads * num_classes,), bound, generator, rows)
     return params
 
 
