@@ -8,10 +8,16 @@
 Every field of ``config.Config`` is a flag of ``run`` (``public_fraction`` ->
 ``--public-fraction``); flags override the file, the file overrides the defaults. Bad input
 prints one line ``mhd-fast: error: ...`` naming the option and exits with status 2.
+
+Under torchrun (``torchrun --nproc-per-node P -m mhd_fast run ...``) the same command shards
+the clients over the P processes (``mhd_fast.distributed``); rank 0 prints and writes the
+outputs. A process whose peer died or hangs past ``--dist-timeout`` prints one line and exits
+with status 1.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import config as C
@@ -100,6 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = C.load(args.config, _flags(args))
     metrics = run(cfg, resume=args.resume)
+    if metrics is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
+        return 0
     fin = metrics["final"]
     heads = "  ".join(f"{h}: private {fin['private_acc'][h]:.4f} shared {fin['shared_acc'][h]:.4f}"
                       for h in fin["shared_acc"])
@@ -134,11 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from .sweep import sweep_main
         return sweep_main(args)  # prints its own one-line errors (status 2)
+    from .distributed import PeerFailure, launched
     try:
         return cmd_run(args) if args.command == "run" else cmd_graph(args)
     except (ValueError, TypeError) as e:
         # TypeError: a topology given an option it does not take (its keyword arguments).
-        parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        where = f"rank {os.environ.get('RANK', '?')}: " if launched() else ""
+        parser.error(where + (str(e).splitlines()[0] if str(e) else type(e).__name__))
+    except PeerFailure as e:  # another process of a torchrun launch died or hangs
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted (resume with --resume)\n")
         return 130

@@ -74,6 +74,7 @@ class Config:
     out: str | None = None           # output folder; None = runs/NAME
     progress: bool = True            # tqdm bar per round
     checkpoint: bool = True          # write OUT/checkpoint.pt atomically after every round
+    dist_timeout: float = 300.0      # seconds a process of a torchrun launch waits for the others before it stops with an error
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -216,6 +217,7 @@ def validate(cfg: Config) -> None:
     _need(cfg.public_batch_size >= 1, f"--public-batch-size must be >= 1, got {cfg.public_batch_size}")
     _need(cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     _need(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    _need(cfg.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
     _need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
     _need(cfg.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     _need(cfg.device == "cpu" or cfg.device == "cuda" or cfg.device.startswith("cuda:"),

@@ -1,11 +1,12 @@
 """What crosses the graph: predictions on the public batch -> what each client receives, and
 how many bytes every directed edge carried.
 
-The simulator keeps every client in one process, so "receiving" means: the predictions of all
-clients in their wire form (dense logits cast to the wire dtype, or top-k packets, SPEC §3),
-together with the adjacency that says who hears whom; ``mhd_loss`` then reads, for client i,
-only the rows of the clients j with adj[i, j]. A distributed run replaces ``exchange`` with a
-function of the same signature that gathers neighbours' rows over torch.distributed.
+In one process "receiving" means: the predictions of all clients in their wire form (dense
+logits cast to the wire dtype, or top-k packets, SPEC §3), together with the adjacency that says
+who hears whom; ``mhd_loss`` then reads, for client i, only the rows of the clients j with
+adj[i, j]. A sharded run (``distributed.exchange``) sends the same wire rows over the graph's
+cut (``wire_rows`` -> bytes -> ``place``), so that a process holds the rows of its own clients
+and of the clients they hear: its *candidates*, in ascending client order.
 
 Byte accounting (per directed edge j -> i, i.e. adj[i, j], self-loops never sent):
     rows  = heads_sent · B                                     (prediction rows per exchange)
@@ -29,20 +30,36 @@ WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 
 @dataclass
 class Received:
-    """The outcome of one exchange.
+    """The outcome of one exchange, seen by the process that holds the students.
 
-    teacher     [N, H1, B, V] logits in the wire dtype, or TopKLogits with leading dims [N, H1, B]
-    emb         [N, B, E] embeddings in the wire dtype, or None when not exchanged
-    adj         [N, N] bool, the graph the exchange ran on (adj[i, j]: i heard j)
-    edge_bytes  [N, N] int64, bytes that went over each directed edge (0 off the graph)
-    dense_edge_bytes [N, N] int64, what dense fp32 logits would have cost on the same edges
+    teacher     [M, H1, B, V] logits in the wire dtype, or TopKLogits with leading dims [M, H1, B]:
+                the rows of the M candidates (one process: M = N, every client)
+    emb         [M, B, E] embeddings in the wire dtype, or None when not exchanged
+    adj         [M, M] bool, the graph among the candidates (adj[i, j]: i heard j); rows of
+                clients held elsewhere are empty
+    edge_bytes  [n, N] int64, bytes that went over each directed edge j -> i into this process's
+                n clients (0 off the graph); None for an exchange restored from a checkpoint
+                (its bytes were counted when it ran)
+    dense_edge_bytes [n, N] int64, what dense fp32 logits would have cost on the same edges
+    rows        the candidates that are this process's clients (the students); None = all M
+    graph       [N, N] bool, the whole graph of the exchange; None = adj (one process)
+    cross_rank_bytes  bytes this process sent to other processes (0 in one process)
     """
 
     teacher: Tensor | TopKLogits
     emb: Tensor | None
     adj: Tensor
-    edge_bytes: Tensor
-    dense_edge_bytes: Tensor
+    edge_bytes: Tensor | None
+    dense_edge_bytes: Tensor | None
+    rows: slice | None = None
+    graph: Tensor | None = None
+    cross_rank_bytes: int = 0
+
+    def __post_init__(self):
+        if self.rows is None:
+            self.rows = slice(0, self.adj.shape[0])
+        if self.graph is None:
+            self.graph = self.adj
 
     @property
     def bytes_sent(self) -> int:
@@ -68,10 +85,53 @@ def packet_row_bytes(v: int, k: int, wire_dtype: torch.dtype) -> int:
     return k * torch.finfo(wire_dtype).bits // 8 + k * index_bytes + 4
 
 
+def encode(logits: Tensor, emb: Tensor | None, *, topk: int = 0,
+           wire_dtype: torch.dtype = torch.float32, tau: float = 1.0,
+           backend: str = "auto") -> tuple[Tensor | TopKLogits, Tensor | None]:
+    """Predictions [n, H1, B, V] (and embeddings [n, B, E]) -> their wire form, detached:
+    nothing received carries gradient. topk: 0 = dense logits in ``wire_dtype``, else K-class
+    packets compressed at temperature ``tau`` (the same τ the loss uses)."""
+    v = logits.shape[-1]
+    if topk < 0 or topk > v:
+        raise ValueError(f"topk must be 0 (dense) or in [1, V = {v}], got {topk}")
+    if wire_dtype not in WIRE_DTYPES.values():
+        raise ValueError(f"wire_dtype must be one of {list(WIRE_DTYPES)}, got {wire_dtype}")
+    logits = logits.detach()
+    if topk:
+        teacher = mhd_fast.topk_compress(logits, topk, tau=tau, value_dtype=wire_dtype,
+                                         backend=backend)
+    else:
+        teacher = logits.to(wire_dtype)
+    return teacher, emb.detach().to(wire_dtype) if emb is not None else None
+
+
+def edge_costs(v: int, b: int, num_heads: int, *, topk: int, wire_dtype: torch.dtype,
+               emb_dim: int | None) -> tuple[int, int]:
+    """(bytes, dense fp32 bytes) over one directed edge per exchange: ``num_heads`` heads of B
+    rows of V classes (or K-class packets), plus B embeddings of emb_dim when exchanged."""
+    wire_bytes = torch.finfo(wire_dtype).bits // 8
+    row_bytes = packet_row_bytes(v, topk, wire_dtype) if topk else v * wire_bytes
+    per_edge, dense = num_heads * b * row_bytes, num_heads * b * v * 4
+    if emb_dim is not None:
+        per_edge += b * emb_dim * wire_bytes
+        dense += b * emb_dim * 4
+    return per_edge, dense
+
+
+def edges_into(adj_rows: Tensor, first: int) -> Tensor:
+    """adj_rows [n, N] bool (the graph rows of clients first .. first + n − 1) -> [n, N] int64,
+    1 on the directed edges that carry something: self-loops are never sent."""
+    n = adj_rows.shape[0]
+    own = torch.arange(n, device=adj_rows.device)
+    edges = adj_rows.clone()
+    edges[own, own + first] = False
+    return edges.to(torch.int64)
+
+
 def exchange(logits: Tensor, emb: Tensor | None, adj: Tensor, *, heads: list[int], topk: int = 0,
              wire_dtype: torch.dtype = torch.float32, tau: float = 1.0,
              backend: str = "auto") -> Received:
-    """Send every client's predictions to the clients that hear it.
+    """Send every client's predictions to the clients that hear it (all clients in one process).
 
     logits [N, H1, B, V] (any float dtype; detached here: nothing received carries gradient),
     emb [N, B, E] or None, adj [N, N] bool, heads: the head indices that are sent (for the
@@ -79,31 +139,59 @@ def exchange(logits: Tensor, emb: Tensor | None, adj: Tensor, *, heads: list[int
     temperature ``tau`` (the same τ the loss uses), wire_dtype: fp32 / fp16 / bf16.
     """
     n, h1, b, v = logits.shape
-    if topk < 0 or topk > v:
-        raise ValueError(f"topk must be 0 (dense) or in [1, V = {v}], got {topk}")
-    if wire_dtype not in WIRE_DTYPES.values():
-        raise ValueError(f"wire_dtype must be one of {list(WIRE_DTYPES)}, got {wire_dtype}")
     if tuple(adj.shape) != (n, n) or adj.dtype != torch.bool:
         raise ValueError(f"adj must be a bool [N, N] = [{n}, {n}] tensor, got {adj.dtype} "
                          f"{tuple(adj.shape)}")
-    logits = logits.detach()
-    wire_bytes = torch.finfo(wire_dtype).bits // 8
-    if topk:
-        teacher = mhd_fast.topk_compress(logits, topk, tau=tau, value_dtype=wire_dtype,
-                                         backend=backend)
-        row_bytes = packet_row_bytes(v, topk, wire_dtype)
-    else:
-        teacher = logits.to(wire_dtype)
-        row_bytes = v * wire_bytes
-    per_edge = len(heads) * b * row_bytes
-    dense_per_edge = len(heads) * b * v * 4
+    teacher, emb = encode(logits, emb, topk=topk, wire_dtype=wire_dtype, tau=tau, backend=backend)
+    per_edge, dense = edge_costs(v, b, len(heads), topk=topk, wire_dtype=wire_dtype,
+                                 emb_dim=emb.shape[2] if emb is not None else None)
+    edges = edges_into(adj, 0)
+    return Received(teacher, emb, adj, edges * per_edge, edges * dense)
+
+
+def wire_rows(teacher: Tensor | TopKLogits, emb: Tensor | None, heads: list[int]) -> list[Tensor]:
+    """What crosses for each of n clients, as tensors [n, ...]: its heads that somebody reads
+    (dense logits, or packet values, indices and lse) and its embeddings."""
+    parts = list(teacher) if isinstance(teacher, TopKLogits) else [teacher]
+    parts = [p[:, heads] for p in parts]
+    return parts + [emb] if emb is not None else parts
+
+
+def place(teacher: Tensor | TopKLogits, emb: Tensor | None, received: list[Tensor],
+          heads: list[int], rows: slice, m: int) -> tuple[Tensor | TopKLogits, Tensor | None]:
+    """The [M] candidate rows: this process's own wire rows (all heads) at ``rows``, the rows
+    received (``wire_rows`` of other clients, in candidate order) at the others. Heads that
+    were not sent stay zero: no loss reads them."""
+    device = received[0].device
+    others = torch.cat([torch.arange(rows.start, device=device),
+                        torch.arange(rows.stop, m, device=device)])
+    h = torch.tensor(heads, dtype=torch.int64, device=device)
+
+    def put(own: Tensor, got: Tensor, by_head: bool) -> Tensor:
+        out = own.new_zeros(m, *own.shape[1:])
+        out[rows] = own
+        if by_head:
+            out[others[:, None], h[None, :]] = got
+        else:
+            out[others] = got
+        return out
+
+    parts = list(teacher) if isinstance(teacher, TopKLogits) else [teacher]
+    placed = [put(own, got, True) for own, got in zip(parts, received)]
+    teacher = TopKLogits(*placed) if isinstance(teacher, TopKLogits) else placed[0]
     if emb is not None:
-        emb = emb.detach().to(wire_dtype)
-        per_edge += emb.shape[1] * emb.shape[2] * wire_bytes
-        dense_per_edge += emb.shape[1] * emb.shape[2] * 4
-    edges = adj & ~torch.eye(n, dtype=torch.bool, device=adj.device)
-    edges = edges.to(torch.int64)
-    return Received(teacher, emb, adj, edges * per_edge, edges * dense_per_edge)
+        emb = put(emb, received[len(parts)], False)
+    return teacher, emb
+
+
+def students(z: Tensor, got: Received) -> Tensor:
+    """This process's student logits [n, ...] at their candidate rows of ``got`` -> [M, ...],
+    zero rows elsewhere (those rows hear nobody: loss 0, no gradient). One process: z itself."""
+    m = got.adj.shape[0]
+    if got.rows.start == 0 and got.rows.stop == m:
+        return z
+    return torch.cat([z.new_zeros(got.rows.start, *z.shape[1:]), z,
+                      z.new_zeros(m - got.rows.stop, *z.shape[1:])])
 
 
 def neighbour_mean(x: Tensor, adj: Tensor, *, include_self: bool) -> tuple[Tensor, Tensor]:

@@ -41,21 +41,25 @@ def by_head(values: Tensor) -> dict[str, float]:
 
 
 def round_record(r: int, time_s: float, bytes_sent: int, private: Tensor, shared: Tensor,
-                 bytes_dense: int) -> dict:
-    """One entry of metrics.json's "rounds": per-head means over clients."""
+                 bytes_dense: int, bytes_cross_rank: int = 0) -> dict:
+    """One entry of metrics.json's "rounds": per-head means over clients. bytes_cross_rank:
+    what the processes of a sharded run sent each other (0 in one process)."""
     return {"round": r, "time_s": time_s, "bytes_sent": bytes_sent, "bytes_dense": bytes_dense,
+            "bytes_cross_rank": bytes_cross_rank,
             "private_acc": by_head(private.mean(0)), "shared_acc": by_head(shared.mean(0))}
 
 
 def final_record(private: Tensor, shared: Tensor, ensemble: float, bytes_sent: int,
-                 bytes_dense: int, bytes_per_edge: float) -> dict:
+                 bytes_dense: int, bytes_per_edge: float, bytes_cross_rank: int = 0) -> dict:
     """metrics.json's "final": means over clients per head, worst-10 %, the main-head
-    ensemble and the bytes of the whole run (bytes_per_edge: the mean over directed edges)."""
+    ensemble and the bytes of the whole run (bytes_per_edge: the mean over directed edges;
+    bytes_cross_rank: between the processes of a sharded run)."""
     return {"private_acc": by_head(private.mean(0)), "shared_acc": by_head(shared.mean(0)),
             "worst10_private_acc": by_head(worst_fraction(private)),
             "worst10_shared_acc": by_head(worst_fraction(shared)),
             "ensemble_shared_acc": ensemble, "bytes_sent": bytes_sent,
-            "bytes_dense": bytes_dense, "bytes_per_edge": bytes_per_edge}
+            "bytes_dense": bytes_dense, "bytes_per_edge": bytes_per_edge,
+            "bytes_cross_rank": bytes_cross_rank}
 
 
 def best_aux(shared_acc: dict[str, float]) -> tuple[str, float] | None:
@@ -80,14 +84,16 @@ def atomic_write(path: str, data: bytes | str) -> None:
 
 
 def rounds_csv(metrics: dict) -> str:
-    """One row per (round, head): round, time_s, bytes_sent, bytes_dense, head, private, shared."""
+    """One row per (round, head): round, time_s, bytes_sent, bytes_dense, bytes_cross_rank,
+    head, private, shared."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["round", "time_s", "bytes_sent", "bytes_dense", "head", "private_acc", "shared_acc"])
+    w.writerow(["round", "time_s", "bytes_sent", "bytes_dense", "bytes_cross_rank", "head",
+                "private_acc", "shared_acc"])
     for rec in metrics["rounds"]:
         for head, priv in rec["private_acc"].items():
             w.writerow([rec["round"], f"{rec['time_s']:.4f}", rec["bytes_sent"], rec["bytes_dense"],
-                        head, f"{priv:.6f}", f"{rec['shared_acc'][head]:.6f}"])
+                        rec["bytes_cross_rank"], head, f"{priv:.6f}", f"{rec['shared_acc'][head]:.6f}"])
     return buf.getvalue()
 
 
@@ -182,6 +188,9 @@ def report_md(metrics: dict, graph_info: dict) -> str:
     lines += [f"- bytes sent: {human_bytes(fin['bytes_sent'])} in total "
               f"(dense fp32 would be {human_bytes(fin['bytes_dense'])}), "
               f"{human_bytes(fin['bytes_per_edge'])} per directed edge",
+              *([f"- sharded over {metrics['world_size']} processes (torch.distributed): "
+                 f"{human_bytes(fin['bytes_cross_rank'])} crossed between them"]
+                if metrics.get("world_size", 1) > 1 else []),
               f"- training time: {total_time:.1f} s ({total_time / max(1, len(metrics['rounds'])):.3f} s per round)",
               "", "Files: metrics.json, metrics.csv (per round and head), clients.csv (per client and head), "
               "accuracy.png, bytes.png.", ""]

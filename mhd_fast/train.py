@@ -16,6 +16,11 @@ Teachers are the predictions received in the latest exchange: this step's own pr
 (detached) when exchange_every = 1, else up to exchange_every − 1 steps stale, on the public
 batch of that exchange.
 
+A process holds the clients of its shard (``distributed``): all of them in one process, a
+contiguous block of them under torchrun. Every random stream is drawn for all clients and each
+process keeps its rows, and the exchange brings each process the rows of the clients its own
+clients hear, so the numbers do not depend on the number of processes.
+
 Host-device syncs are marked "# sync:" — a CUDA run pays for each of them.
 """
 from __future__ import annotations
@@ -32,11 +37,12 @@ from torch import Tensor
 
 import mhd_fast
 from . import checkpoint as ckpt
+from . import distributed as D
 from . import metrics as M
 from . import models
 from .config import Config, to_dict
 from .data import Dataset, load_dataset, split_public
-from .exchange import WIRE_DTYPES, Received, exchange, heads_sent, neighbour_mean
+from .exchange import WIRE_DTYPES, Received, edges_into, heads_sent, neighbour_mean, students
 from .ops.api import TopKLogits
 from .partition import label_distribution, partition
 from .topology import describe, make_schedule
@@ -48,12 +54,15 @@ class Simulation:
 
     cfg: Config
     device: torch.device
+    shard: D.Shard                # the clients this process holds: [shard.start, shard.stop)
     data: Dataset                 # x_train / y_train / x_test / y_test on ``device``
-    private_rows: Tensor          # [N_model, L] int64 indices into x_train, padded by repetition
-    private_count: Tensor         # [N_model] int64 (CPU): real rows per model client
+    layout: list                  # (arch, start, stop) of every group of the run's model clients
+    model_rows: range             # this process's rows of the N_model model clients
+    private_rows: Tensor          # [n_model, L] int64 indices into x_train, padded by repetition
+    private_count: Tensor         # [n_model] int64 (CPU): real rows per model client
     public_rows: Tensor           # [P] int64 indices into x_train (labels never used)
-    label_dist: Tensor            # [N, V] each client's training label distribution
-    groups: list[models.Group]    # client groups, one per architecture, batched
+    label_dist: Tensor            # [n, V] the training label distribution of this process's clients
+    groups: list[models.Group]    # this process's client groups, one per architecture, batched
     optimizer: torch.optim.Optimizer
     schedule: object              # round -> adj [N, N] bool
     num_heads: int                # H1 = 1 + aux heads
@@ -62,6 +71,7 @@ class Simulation:
     step: int = 0                 # local steps done over the whole run
     received: Received | None = None     # the latest exchange (stale between refreshes)
     public_batch: Tensor | None = None   # [B] the public rows of that exchange
+    bytes_cross_rank: int = 0     # bytes this process sent to other processes, over the run
 
     @property
     def distills(self) -> bool:
@@ -71,6 +81,11 @@ class Simulation:
     @property
     def num_clients(self) -> int:
         return self.cfg.clients
+
+    @property
+    def num_model(self) -> int:
+        """N_model: the run's client models (1 for centralized, else N)."""
+        return self.layout[-1][2]
 
 
 # ---- setup ---------------------------------------------------------------------------------
@@ -94,10 +109,16 @@ def _pad_rows(parts: list[Tensor]) -> tuple[Tensor, Tensor]:
     return flat[starts[:, None] + k[None, :] % counts[:, None]], counts
 
 
-def setup(cfg: Config) -> Simulation:
-    """Data, partition, graph, models and optimizer of a resolved, validated Config.
+def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
+    """Data, partition, graph, models and optimizer of a resolved, validated Config, for the
+    clients of ``shard`` (default: this process's shard, every client without torchrun).
     Raises ValueError (naming the option) for anything that depends on the data."""
     device = resolve_device(cfg.device)
+    shard = shard or D.current(cfg.clients, cfg.dist_timeout)
+    if shard.world > 1 and cfg.method == "centralized":
+        raise ValueError(f"--method centralized trains one model on the union of the data; it "
+                         f"runs in one process, not over {shard.world} ranks")
+    device = D.rank_device(device, shard)
     split_gen = torch.Generator().manual_seed(cfg.split_seed)
     seeds = torch.randint(0, 2**31 - 1, (3,), generator=split_gen).tolist()  # data, partition, graph
 
@@ -122,21 +143,29 @@ def setup(cfg: Config) -> Simulation:
 
     if cfg.method == "centralized":  # one model on the union of private data (upper bound)
         parts = [torch.cat(parts)]
-    rows, counts = _pad_rows(parts)
+    n_model = len(parts)
+    mine = shard.clients if n_model == cfg.clients else range(n_model)
+    rows, counts = _pad_rows(parts[mine.start:mine.stop])
 
     num_heads = 1 + cfg.heads
-    n_model = len(parts)
     archs = [models.parse_arch(s, option="--model") for s in cfg.model]
+    layout = models.split_groups(n_model, archs[:n_model])
     init_gen = torch.Generator().manual_seed(cfg.init_seed)
     groups = []
-    for arch, start, stop in models.split_groups(n_model, archs[:n_model]):
-        params = models.init_params(arch, stop - start, data.input_shape, v, num_heads, init_gen)
+    for arch, start, stop in layout:  # every group is drawn, so the generator runs as in one process
+        keep = D.overlap(range(start, stop), mine)
+        # FedAvg starts every client from one (server) model, its first client's: averaging
+        # independently drawn networks would destroy them, as their hidden units do not line up.
+        drawn = (range(1) if cfg.method == "fedavg"
+                 else range(keep.start - start, keep.stop - start) if keep else range(0))
+        params = models.init_params(arch, stop - start, data.input_shape, v, num_heads, init_gen,
+                                    rows=drawn)
         if cfg.method == "fedavg":
-            # FedAvg starts every client from one (server) model: averaging independently
-            # drawn networks would destroy them, as their hidden units do not line up.
-            params = {k: p[:1].expand_as(p).clone() for k, p in params.items()}
+            params = {k: p.expand(len(keep), *p.shape[1:]).clone() for k, p in params.items()}
+        if not keep:
+            continue
         params = {k: p.to(device).requires_grad_() for k, p in params.items()}
-        groups.append(models.Group(arch, start, stop, params))
+        groups.append(models.Group(arch, keep.start - mine.start, keep.stop - mine.start, params))
     params = models.parameters(groups)
     # Both are elementwise, so the state of stacked weights is per client; the fused kernels
     # update all of a tensor in one pass (~10x faster than the per-op loop on CPU).
@@ -148,8 +177,9 @@ def setup(cfg: Config) -> Simulation:
 
     data = dataclasses.replace(data, x_train=data.x_train.to(device), y_train=data.y_train.to(device),
                                x_test=data.x_test.to(device), y_test=data.y_test.to(device))
-    return Simulation(cfg, device, data, rows.to(device), counts, public_idx.to(device),
-                      label_dist.to(device), groups, optimizer, schedule, num_heads,
+    return Simulation(cfg, device, shard, data, layout, mine, rows.to(device), counts,
+                      public_idx.to(device), label_dist[shard.start:shard.stop].to(device), groups,
+                      optimizer, schedule, num_heads,
                       heads_sent(num_heads, nu_aux=cfg.nu_aux, nu_main=cfg.nu_main),
                       torch.Generator().manual_seed(cfg.train_seed))
 
@@ -163,23 +193,21 @@ def _head_slice(teacher: Tensor | TopKLogits, heads: slice) -> Tensor | TopKLogi
 
 
 def _sample_private(sim: Simulation) -> Tensor:
-    """[N_model, B] training rows: each client draws uniformly (with replacement) from its own."""
-    u = torch.rand(sim.private_rows.shape[0], sim.cfg.batch_size, generator=sim.gen)
+    """[n_model, B] training rows: each client draws uniformly (with replacement) from its own.
+    The draw covers all N_model clients and keeps this process's rows."""
+    u = torch.rand(sim.num_model, sim.cfg.batch_size, generator=sim.gen)
+    u = u[sim.model_rows.start:sim.model_rows.stop]
     pos = (u * sim.private_count.unsqueeze(1)).long()
     return sim.private_rows.gather(1, pos.to(sim.device))
 
 
-def _fedavg(sim: Simulation, adj: Tensor) -> Tensor:
+def _fedavg(sim: Simulation, adj: Tensor, cut: D.Cut) -> Tensor:
     """Each client's weights <- the mean over itself and the clients it hears (complete graph:
-    FedAvg with equal client weights). Returns the bytes per directed edge [N, N] (all fp32
-    weights over every edge)."""
-    eye = torch.eye(sim.num_clients, dtype=torch.bool, device=adj.device)
-    mix = (adj | eye).to(torch.float32)
-    mix = mix / mix.sum(dim=1, keepdim=True)
-    with torch.no_grad():
-        for p in models.parameters(sim.groups):
-            p.copy_(torch.einsum("ij,j...->i...", mix, p))
-    return (adj & ~eye).to(torch.int64) * (sum(models.num_params_per_client(sim.groups)) * 4)
+    FedAvg with equal client weights). Returns the bytes per directed edge into this process's
+    clients [n, N] (all fp32 weights over every edge)."""
+    sim.bytes_cross_rank += D.average_weights(models.parameters(sim.groups), adj, cut, sim.shard)
+    edges = edges_into(adj[sim.shard.start:sim.shard.stop], sim.shard.start)
+    return edges * (sum(models.num_params_per_client(sim.groups)) * 4)
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -204,8 +232,9 @@ def sample_batches(sim: Simulation) -> tuple[Tensor, bool]:
     return rows, refresh
 
 
-def local_step(sim: Simulation, adj: Tensor) -> Received | None:
-    """One step for every client; returns the exchange it refreshed, if any."""
+def local_step(sim: Simulation, adj: Tensor, cut: D.Cut | None = None) -> Received | None:
+    """One step for every client of this process; returns the exchange it refreshed, if any.
+    adj: the round's graph [N, N]; cut: its ``distributed.make_cut`` (made here if None)."""
     cfg, d = sim.cfg, sim.data
     rows, refresh = sample_batches(sim)                                  # [N, Bp]
     x, y = d.x_train[rows], d.y_train[rows]
@@ -225,22 +254,27 @@ def local_step(sim: Simulation, adj: Tensor) -> Received | None:
         z = logits[:, :, bp:]                                            # [N, H1, B, V]
         emb_pub = emb[:, bp:] if emb is not None else None
         if refresh:
-            sim.received = fresh = exchange(z, emb_pub if cfg.nu_emb > 0 else None, adj,
-                                            heads=sim.heads_sent, topk=cfg.topk,
-                                            wire_dtype=WIRE_DTYPES[cfg.wire_dtype], tau=cfg.tau,
-                                            backend=cfg.backend)
+            cut = cut if cut is not None else D.make_cut(adj, sim.shard)
+            sim.received = fresh = D.exchange(z, emb_pub if cfg.nu_emb > 0 else None, adj, cut,
+                                              sim.shard, heads=sim.heads_sent, topk=cfg.topk,
+                                              wire_dtype=WIRE_DTYPES[cfg.wire_dtype],
+                                              tau=cfg.tau, backend=cfg.backend)
         got = sim.received
+        # One call covers every student of this process: the loss runs over the M candidates
+        # of the exchange (this process's clients at got.rows, the teachers they heard around).
+        zc = students(z, got)                                            # [M, H1, B, V]
         opts = dict(tau=cfg.tau, include_self=cfg.include_self, aggregate=cfg.aggregate,
                     backend=cfg.backend)
         if cfg.nu_aux > 0 and sim.num_heads > 1:
-            aux = mhd_fast.mhd_loss(z, got.teacher, got.adj, **opts)     # [N, H, B]
+            aux = mhd_fast.mhd_loss(zc, got.teacher, got.adj, **opts)[got.rows]  # [n, H, B]
             loss = loss + cfg.nu_aux * aux.mean(dim=-1).sum()
         if cfg.nu_main > 0:
-            main = mhd_fast.distill_loss(z[:, :1], _head_slice(got.teacher, slice(0, 1)),
-                                         got.adj, **opts)                # [N, 1, B]
+            main = mhd_fast.distill_loss(zc[:, :1], _head_slice(got.teacher, slice(0, 1)),
+                                         got.adj, **opts)[got.rows]      # [n, 1, B]
             loss = loss + cfg.nu_main * main.mean(dim=-1).sum()
         if cfg.nu_emb > 0:
             target, has = neighbour_mean(got.emb, got.adj, include_self=cfg.include_self)
+            target, has = target[got.rows], has[got.rows]
             mse = (emb_pub - target).square().mean(dim=(1, 2))
             loss = loss + cfg.nu_emb * torch.where(has, mse, torch.zeros_like(mse)).sum()
 
@@ -255,17 +289,20 @@ def local_step(sim: Simulation, adj: Tensor) -> Received | None:
 
 def train_round(sim: Simulation, r: int) -> tuple[Tensor, Tensor]:
     """The local steps of round r (0-based), then FedAvg's averaging for that method.
-    Returns the bytes of the round per directed edge [N, N] int64: (sent, dense fp32)."""
+    Returns the bytes of the round per directed edge into this process's clients [n, N]
+    int64: (sent, dense fp32); the bytes sent to other processes add to sim.bytes_cross_rank."""
     adj = sim.schedule(r).to(sim.device)  # the graph of this round (time-varying schedules)
-    sent = torch.zeros(adj.shape, dtype=torch.int64, device=sim.device)
+    cut = D.make_cut(adj, sim.shard)
+    sent = torch.zeros(sim.shard.size, adj.shape[1], dtype=torch.int64, device=sim.device)
     dense = torch.zeros_like(sent)
     for _ in range(sim.cfg.steps_per_round):
-        got = local_step(sim, adj)
+        got = local_step(sim, adj, cut)
         if got is not None:
             sent += got.edge_bytes
             dense += got.dense_edge_bytes
+            sim.bytes_cross_rank += got.cross_rank_bytes
     if sim.cfg.method == "fedavg":
-        weights = _fedavg(sim, adj)
+        weights = _fedavg(sim, adj, cut)
         sent += weights
         dense += weights
     return sent, dense
@@ -274,73 +311,102 @@ def train_round(sim: Simulation, r: int) -> tuple[Tensor, Tensor]:
 # ---- evaluation ----------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(sim: Simulation, chunk: int | None = None) -> tuple[Tensor, Tensor, float]:
+def evaluate(sim: Simulation, chunk: int | None = None) -> tuple[Tensor | None, Tensor | None, float]:
     """Private [N, H1] and shared [N, H1] accuracy of every client and head on the test set,
     and the shared accuracy of the ensemble of all main heads. Test rows go in chunks so that
-    the activations of N clients stay bounded."""
+    the activations of N clients stay bounded. Each process measures its own clients; the
+    accuracies are gathered to rank 0 (None on the other ranks), the ensemble's votes are
+    summed over ranks."""
     x_test, y_test = sim.data.x_test, sim.data.y_test
-    n_model = sim.private_rows.shape[0]
     v = sim.data.num_classes
     per_row = sum(g.size * models.activation_floats(g.arch, sim.data.input_shape, sim.num_heads * v)
                   for g in sim.groups)
     chunk = chunk or max(1, min(len(y_test), 2**25 // per_row))  # ~128 MB per activation
-    correct, votes = [], []
+    correct = []
+    votes = torch.zeros(len(y_test), v, dtype=torch.float64, device=sim.device)
     for start in range(0, len(y_test), chunk):
         logits, _ = models.forward_groups(sim.groups, x_test[start:start + chunk], shared=True,
-                                          num_heads=sim.num_heads)      # [N, H1, b, V]
+                                          num_heads=sim.num_heads)      # [n, H1, b, V]
         correct.append(logits.argmax(-1) == y_test[start:start + chunk])
-        votes.append(logits[:, 0].float().softmax(-1).mean(0).argmax(-1))
+        # fp64 sums: the vote does not depend on how the clients are split over ranks
+        votes[start:start + chunk] = logits[:, 0].float().softmax(-1).sum(0, dtype=torch.float64)
+    D.all_sum(votes, sim.shard, "the ensemble's votes")
     correct = torch.cat(correct, dim=-1)
-    if n_model != sim.num_clients:  # centralized: one model, judged on every client's label mix
+    if sim.num_model != sim.num_clients:  # centralized: one model, judged on every client's label mix
         correct = correct.expand(sim.num_clients, *correct.shape[1:])
     private, shared = M.private_shared(correct, y_test, sim.label_dist)
-    ensemble = float((torch.cat(votes) == y_test).double().mean())  # sync: one scalar
-    return private, shared, ensemble
+    ensemble = float((votes.argmax(-1) == y_test).double().mean())  # sync: one scalar
+    parts = D.gather_objects((private, shared), sim.shard, "gathering the accuracies")
+    if parts is None:
+        return None, None, ensemble
+    return torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts]), ensemble
 
 
 # ---- the run -------------------------------------------------------------------------------
 
-def run(cfg: Config, *, resume: bool = False) -> dict:
+def run(cfg: Config, *, resume: bool = False) -> dict | None:
     """Train for cfg.rounds rounds, checkpointing after each; write the outputs to cfg.out.
-    Returns the metrics dict (the content of metrics.json)."""
+    Returns the metrics dict (the content of metrics.json); under torchrun the run is
+    sharded over the ranks, rank 0 writes and returns the metrics, the others return None."""
+    owned = D.init(resolve_device(cfg.device), cfg.dist_timeout)
+    try:
+        return _run(cfg, resume)
+    finally:
+        if owned:
+            D.shutdown()
+
+
+def _run(cfg: Config, resume: bool) -> dict | None:
     from tqdm import tqdm
 
     sim = setup(cfg)
+    lead = sim.shard.lead
     path = os.path.join(cfg.out, ckpt.FILENAME)
     history: list[dict] = []
-    n = cfg.clients
-    totals = {"edge_bytes": torch.zeros(n, n, dtype=torch.int64), "bytes_dense": 0}
+    totals = {"edge_bytes": torch.zeros(sim.shard.size, cfg.clients, dtype=torch.int64),
+              "bytes_dense": 0}
     start = 0
     if resume:
         start, history, totals = ckpt.restore(path, sim)
-    os.makedirs(cfg.out, exist_ok=True)
+    if lead:
+        os.makedirs(cfg.out, exist_ok=True)
 
-    graph_info = describe(sim.schedule)
     bar = tqdm(range(start, cfg.rounds), initial=start, total=cfg.rounds, desc=cfg.name,
-               unit="round", disable=not cfg.progress, dynamic_ncols=True)
-    private = shared = ensemble = None
+               unit="round", disable=not (cfg.progress and lead), dynamic_ncols=True)
+    evaluated = False
     for r in bar:
         t0 = time.perf_counter()
+        cross_before = sim.bytes_cross_rank
         edge_sent, edge_dense = train_round(sim, r)
-        sent, dense = int(edge_sent.sum()), int(edge_dense.sum())  # sync: also an honest round time
+        counts = torch.stack([edge_sent.sum(), edge_dense.sum(),
+                              edge_sent.new_tensor(sim.bytes_cross_rank - cross_before)])
+        # sync: also an honest round time
+        sent, dense, cross = D.all_sum(counts, sim.shard, "the byte counts").tolist()
         time_s = time.perf_counter() - t0
         totals["edge_bytes"] += edge_sent.cpu()
         totals["bytes_dense"] += dense
         private, shared, ensemble = evaluate(sim)
-        rec = M.round_record(r, time_s, sent, private, shared, dense)
-        history.append(rec)
-        bar.set_postfix(_postfix(rec))
+        evaluated = True
+        if lead:
+            rec = M.round_record(r, time_s, sent, private, shared, dense, bytes_cross_rank=cross)
+            history.append(rec)
+            bar.set_postfix(_postfix(rec))
         if cfg.checkpoint:
             ckpt.save(path, sim, r + 1, history, totals)
-    if private is None:  # resumed a run that had already finished: measure the final state
+    if not evaluated:  # resumed a run that had already finished: measure the final state
         private, shared, ensemble = evaluate(sim)
 
     edge_bytes = totals["edge_bytes"]
-    used = int((edge_bytes > 0).sum())  # directed edges that carried anything in the run
-    metrics = {"config": to_dict(cfg), "rounds": history,
-               "final": M.final_record(private, shared, ensemble, int(edge_bytes.sum()),
-                                       totals["bytes_dense"], int(edge_bytes.sum()) / max(1, used))}
-    M.write_outputs(cfg.out, metrics, private, shared, graph_info)
+    counts = torch.stack([edge_bytes.sum(), (edge_bytes > 0).sum(),
+                          torch.tensor(sim.bytes_cross_rank)]).to(sim.device)
+    # used: directed edges that carried anything in the run
+    total, used, cross = D.all_sum(counts, sim.shard, "the byte totals").tolist()
+    if not lead:
+        return None
+    metrics = {"config": to_dict(cfg), "world_size": sim.shard.world, "rounds": history,
+               "final": M.final_record(private, shared, ensemble, total, totals["bytes_dense"],
+                                       total / max(1, used), bytes_cross_rank=cross)}
+    M.write_outputs(cfg.out, metrics, private, shared, describe(sim.schedule))
     return metrics
 
 

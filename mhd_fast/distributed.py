@@ -1,0 +1,338 @@
+"""Past one process: the clients of a run sharded over torch.distributed ranks.
+
+    torchrun --standalone --nproc-per-node P -m mhd_fast run ...            one node
+    torchrun --nnodes M --node-rank R --nproc-per-node P --rdzv-backend c10d \\
+             --rdzv-endpoint HOST:PORT -m mhd_fast run ...                    M nodes
+
+A run launched by torchrun (WORLD_SIZE > 1 in the environment) joins the process group (gloo on
+CPU, NCCL on CUDA with the LOCAL_RANK-th GPU) and holds one contiguous block of clients
+(``shard_bounds``: balanced, the first ranks take the remainder): their batched models, data
+rows and optimizer state. The numbers do not depend on the number of ranks: every rank draws
+the run's random streams (weights, batches) for all clients and keeps its clients' rows, and a
+client's loss reads only the rows it receives.
+
+The exchange follows the graph's cut (``make_cut``). The *candidates* of a rank are its own
+clients and every client one of them hears, in ascending client order. Rank s sends rank r, in
+one all_to_all, the wire rows (dense logits or top-k packets of the heads somebody reads, and
+the embeddings for nu_emb) of its clients that r needs, each once however many of r's clients
+hear it. The fused loss then runs once over the M candidates with the graph restricted to
+them: rows of other ranks' clients are empty (no candidate: loss 0), and since candidates keep
+the client order, ties still go to the lowest client index. Bytes are counted per directed
+client edge (as in one process) and per rank (what this rank sent to other ranks).
+
+Faults: every collective runs under the process group's timeout (``--dist-timeout``); a peer
+that died (its connection closes) or hangs (nothing arrives in time) makes it raise
+``PeerFailure``, which the command line prints as one line. Checkpoints are per run: rank 0
+gathers every rank's rows and writes the file a one-process run writes; a resumed run
+scatters the rows by its own sharding, so it may use another number of ranks.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import exchange as ex
+from .ops.api import TopKLogits
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed: another rank died, hung past --dist-timeout, or the network broke."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rank ``rank`` of ``world`` holds clients [bounds[rank], bounds[rank + 1]).
+    ``timeout``: the seconds a collective waits for the other ranks (for messages)."""
+
+    rank: int
+    world: int
+    bounds: tuple[int, ...]
+    timeout: float = 0.0
+
+    @property
+    def start(self) -> int:
+        return self.bounds[self.rank]
+
+    @property
+    def stop(self) -> int:
+        return self.bounds[self.rank + 1]
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def num_clients(self) -> int:
+        return self.bounds[-1]
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0: the one that writes output."""
+        return self.rank == 0
+
+    @property
+    def clients(self) -> range:
+        return range(self.start, self.stop)
+
+    def clients_of(self, rank: int) -> range:
+        return range(self.bounds[rank], self.bounds[rank + 1])
+
+
+def overlap(a: range, b: range) -> range:
+    """The clients in both ranges (contiguous ranges)."""
+    lo = max(a.start, b.start)
+    return range(lo, max(lo, min(a.stop, b.stop)))
+
+
+def shard_bounds(n: int, world: int) -> tuple[int, ...]:
+    """world + 1 boundaries of balanced contiguous blocks of n clients (first ranks take one
+    more when world does not divide n)."""
+    base, extra = divmod(n, world)
+    return tuple(r * base + min(r, extra) for r in range(world + 1))
+
+
+def make_shard(n: int, rank: int = 0, world: int = 1, timeout: float = 0.0) -> Shard:
+    if world > n:
+        raise ValueError(f"--clients {n} must be >= the number of ranks {world}: every rank "
+                         "holds at least one client")
+    return Shard(rank, world, shard_bounds(n, world), timeout)
+
+
+# ---- the process group ---------------------------------------------------------------------
+
+def launched() -> bool:
+    """True in a process that torchrun started as one of several (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device, timeout: float) -> bool:
+    """Join the process group of a torchrun launch: gloo for CPU runs, NCCL for CUDA runs (each
+    rank on GPU LOCAL_RANK), ``timeout`` seconds for every collective. Returns True when this
+    call created the group (so the caller closes it); False in one process or when the caller
+    made the group itself."""
+    if dist.is_initialized() or not launched():
+        return False
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world = os.environ.get("RANK", "?"), os.environ["WORLD_SIZE"]
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
+    except RuntimeError as e:  # the store or the rendezvous: a peer that never came
+        raise PeerFailure(f"rank {rank} of {world}: joining the process group failed within "
+                          f"--dist-timeout {timeout:g} s ({_first_line(e)})") from None
+    return True
+
+
+def current(n: int, timeout: float) -> Shard:
+    """This process's shard of n clients: the whole range without a process group."""
+    if not dist.is_initialized():
+        return make_shard(n, timeout=timeout)
+    return make_shard(n, dist.get_rank(), dist.get_world_size(), timeout)
+
+
+def rank_device(device: torch.device, shard: Shard) -> torch.device:
+    """Several ranks on CUDA: each its own GPU (set by ``init``)."""
+    if shard.world > 1 and device.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def shutdown() -> None:
+    dist.destroy_process_group()
+
+
+def _first_line(e: BaseException) -> str:
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # gloo prefixes its source file and line
+    return re.split(r"(?<=\.)\s", line)[0]      # and follows with advice about other logs
+
+
+@contextmanager
+def _collective(shard: Shard, what: str):
+    """Turn a failed collective (gloo / NCCL errors are RuntimeErrors) into a PeerFailure."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise PeerFailure(f"rank {shard.rank} of {shard.world}: {what} failed: another rank died, "
+                          f"hung past --dist-timeout {shard.timeout:g} s or lost its connection "
+                          f"({_first_line(e)})") from None
+
+
+def all_sum(x: Tensor, shard: Shard, what: str) -> Tensor:
+    """x summed over ranks, in place (x itself in one process)."""
+    if shard.world > 1:
+        with _collective(shard, what):
+            dist.all_reduce(x)
+    return x
+
+
+def gather_objects(obj, shard: Shard, what: str) -> list | None:
+    """Every rank's ``obj`` (picklable; tensors on the CPU) as a list in rank order on rank 0,
+    None on the others."""
+    if shard.world == 1:
+        return [obj]
+    out = [None] * shard.world if shard.lead else None
+    with _collective(shard, what):
+        dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def scatter_objects(objs: list | None, shard: Shard, what: str):
+    """objs[r] (a list on rank 0, None elsewhere) -> rank r."""
+    if shard.world == 1:
+        return objs[0]
+    out = [None]
+    with _collective(shard, what):
+        dist.scatter_object_list(out, objs if shard.lead else None, src=0)
+    return out[0]
+
+
+# ---- the cut of a graph --------------------------------------------------------------------
+
+@dataclass
+class Cut:
+    """A round's graph [N, N] seen from one rank.
+
+    adj   [M, M] bool: the graph among the rank's M candidates (its clients and every client
+          they hear, ascending); rows of other ranks' clients are empty
+    rows  the candidates that are this rank's clients
+    send  per rank: offsets (into this rank's clients) of the clients whose rows it needs,
+          ascending; empty for this rank
+    recv  per rank: how many client rows come from it (0 for this rank)
+    """
+
+    adj: Tensor
+    rows: slice
+    send: list[Tensor]
+    recv: list[int]
+
+
+def make_cut(graph: Tensor, shard: Shard) -> Cut:
+    """The cut of ``graph`` for ``shard`` (every rank computes every other rank's needs from
+    the same graph, so nothing is negotiated). One process: the graph itself."""
+    n = graph.shape[0]
+    a, b = shard.start, shard.stop
+    none = graph.new_zeros(0, dtype=torch.int64)
+    if shard.world == 1:
+        return Cut(graph, slice(0, n), [none], [0])
+    own = graph[a:b]                                   # [n_local, N]: whom my clients hear
+    need = own.any(dim=0)
+    need[a:b] = True
+    candidates = need.nonzero().squeeze(1)             # ascending client indices
+    lo = int((candidates < a).sum())                   # sync: the sizes below are host ints
+    m = len(candidates)
+    adj = torch.zeros(m, m, dtype=torch.bool, device=graph.device)
+    adj[lo:lo + (b - a)] = own[:, candidates]
+    send, recv = [], []
+    for s in range(shard.world):  # a loop over ranks, not clients
+        lo_s, hi_s = shard.bounds[s], shard.bounds[s + 1]
+        mine = s == shard.rank
+        send.append(none if mine else graph[lo_s:hi_s, a:b].any(dim=0).nonzero().squeeze(1))
+        recv.append(need[lo_s:hi_s].sum() * (not mine))
+    recv = torch.stack(recv).tolist()                  # sync: the split sizes are host ints
+    return Cut(adj, slice(lo, lo + (b - a)), send, recv)
+
+
+def send_rows(parts: list[Tensor], cut: Cut, shard: Shard, what: str) -> tuple[list[Tensor], int]:
+    """Rows of this rank's clients -> the rows it needs from the others, in candidate order.
+
+    parts: tensors [n_local, ...] of any dtypes; a client's row crosses as one block of bytes
+    (all its parts), in one all_to_all. Returns (the received parts [n_received, ...], the
+    bytes this rank sent to other ranks)."""
+    n = parts[0].shape[0]
+    flat = [p.detach().reshape(n, -1).contiguous() for p in parts]
+    widths = [f.shape[1] * f.element_size() for f in flat]
+    rows = torch.cat([f.view(torch.uint8) for f in flat], dim=1)   # [n_local, R]
+    width = rows.shape[1]
+    out = rows[torch.cat(cut.send)]
+    got = rows.new_empty(sum(cut.recv), width)
+    send_sizes = [len(s) * width for s in cut.send]
+    with _collective(shard, what):
+        dist.all_to_all_single(got.view(-1), out.view(-1), [c * width for c in cut.recv],
+                               send_sizes)
+    received, col = [], 0
+    for p, w in zip(parts, widths):
+        block = got[:, col:col + w].contiguous().view(p.dtype)
+        received.append(block.reshape(len(got), *p.shape[1:]))
+        col += w
+    return received, sum(send_sizes)
+
+
+# ---- the exchange and FedAvg over the cut ---------------------------------------------------
+
+def route(teacher: Tensor | TopKLogits, emb: Tensor | None, graph: Tensor, cut: Cut,
+          shard: Shard, heads: list[int]) -> ex.Received:
+    """This rank's clients' wire rows [n_local, ...] -> what its students receive: the rows of
+    its candidates (no byte counts; ``exchange`` adds them)."""
+    if shard.world == 1:
+        return ex.Received(teacher, emb, graph, None, None)
+    got, sent = send_rows(ex.wire_rows(teacher, emb, heads), cut, shard, "the exchange")
+    teacher, emb = ex.place(teacher, emb, got, heads, cut.rows, cut.adj.shape[0])
+    return ex.Received(teacher, emb, cut.adj, None, None, rows=cut.rows, graph=graph,
+                       cross_rank_bytes=sent)
+
+
+def exchange(logits: Tensor, emb: Tensor | None, graph: Tensor, cut: Cut, shard: Shard, *,
+             heads: list[int], topk: int = 0, wire_dtype: torch.dtype = torch.float32,
+             tau: float = 1.0, backend: str = "auto") -> ex.Received:
+    """``exchange.exchange`` for this rank's clients: logits [n_local, H1, B, V], emb
+    [n_local, B, E] or None, graph [N, N] the round's graph, cut = make_cut(graph, shard).
+    Edge bytes are the rows of this rank's clients [n_local, N]."""
+    if shard.world == 1:
+        return ex.exchange(logits, emb, graph, heads=heads, topk=topk, wire_dtype=wire_dtype,
+                           tau=tau, backend=backend)
+    teacher, emb = ex.encode(logits, emb, topk=topk, wire_dtype=wire_dtype, tau=tau,
+                             backend=backend)
+    got = route(teacher, emb, graph, cut, shard, heads)
+    per_edge, dense = ex.edge_costs(logits.shape[-1], logits.shape[2], len(heads), topk=topk,
+                                    wire_dtype=wire_dtype,
+                                    emb_dim=emb.shape[2] if emb is not None else None)
+    edges = ex.edges_into(graph[shard.start:shard.stop], shard.start)
+    return replace(got, edge_bytes=edges * per_edge, dense_edge_bytes=edges * dense)
+
+
+def average_weights(params: list[Tensor], graph: Tensor, cut: Cut, shard: Shard) -> int:
+    """FedAvg's averaging, in place: each client's weights <- the mean over itself and the
+    clients it hears. params: this rank's stacked weights [n_local, ...] (one architecture).
+
+    A complete graph (everybody hears everybody) is the plain mean over all N: one all_reduce
+    of the ranks' sums. Any other graph sends the weights over the cut like predictions.
+    Returns the bytes this rank sent to other ranks; an all_reduce is counted as a ring's
+    2 (P − 1) / P of its buffer per rank (gloo and NCCL pick their own algorithm)."""
+    n_local, n = shard.size, shard.num_clients
+    heard = int(graph.sum()) - int(graph.diagonal().sum())  # sync: directed edges, no self-loops
+    with torch.no_grad():
+        if heard == n * (n - 1):
+            total = all_sum(torch.cat([p.sum(dim=0).reshape(-1) for p in params]), shard,
+                            "FedAvg's all_reduce")
+            mean = total / n
+            for p, m in zip(params, mean.split([p[0].numel() for p in params])):
+                p.copy_(m.view(p.shape[1:]).expand_as(p))
+            return 2 * (shard.world - 1) * mean.numel() * mean.element_size() // shard.world
+        own = torch.cat([p.reshape(n_local, -1) for p in params], dim=1)  # [n_local, P]
+        sent = 0
+        weights = own
+        if shard.world > 1:
+            got, sent = send_rows([own], cut, shard, "FedAvg's weight exchange")
+            m = cut.adj.shape[0]
+            weights = own.new_empty(m, own.shape[1])
+            weights[cut.rows] = own
+            others = torch.cat([torch.arange(cut.rows.start), torch.arange(cut.rows.stop, m)])
+            weights[others.to(own.device)] = got[0]
+        local = torch.arange(n_local, device=graph.device)
+        mix = cut.adj[cut.rows].clone()
+        mix[local, local + cut.rows.start] = True       # a client keeps its own weights too
+        mix = mix.to(own.dtype)
+        new = (mix / mix.sum(dim=1, keepdim=True)) @ weights  # [n_local, P]
+        for p, w in zip(params, new.split([p[0].numel() for p in params], dim=1)):
+            p.copy_(w.view(p.shape))
+        return sent
