@@ -138,9 +138,11 @@ def test_a_shard_holds_the_rows_of_the_whole_run(tmp_path, kw):
         assert all(torch.equal(s.public_batch, whole.public_batch) for s in ranks)
 
 
-def test_centralized_refuses_ranks(tmp_path):
+def test_centralized_refuses_ranks_and_the_timeout_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="centralized .* one process, not over 2 ranks"):
         train.setup(small(tmp_path, method="centralized"), D.make_shard(6, 0, 2))
+    with pytest.raises(ValueError, match="--dist-timeout must be > 0"):
+        small(tmp_path, dist_timeout=0.0)
 
 
 # ---- several processes ---------------------------------------------------------------------
