@@ -250,7 +250,8 @@ PYBIND11_MODULE(_C, m) {
       [](const TensorArg& grad, const TensorArg& z, const std::optional<TensorArg>& t,
          const std::optional<TensorArg>& values, const std::optional<TensorArg>& indices, const TensorArg& lse_t,
          const TensorArg& logconf_t, const TensorArg& idx, const TensorArg& adj, const TensorArg& lse_z, double tau,
-         bool include_self, int aggregate, int acc, uintptr_t dz, int threads) {
+         bool include_self, int aggregate, int acc, uintptr_t dz, const std::vector<int64_t>& dz_strides,
+         int threads) {
         DistillArgs a = distill_args(z, t, values, indices, lse_t, logconf_t, idx, adj, tau, include_self, aggregate,
                                      acc, threads);
         a.grad = view(grad, "grad", 3);
@@ -261,12 +262,15 @@ PYBIND11_MODULE(_C, m) {
         expect_rows(a.lse_z, "lse_z", a.z, 3);
         DistillOut out;
         out.dz = ptr(dz);
+        if (dz_strides.size() != 3) throw py::value_error("dz_strides must hold 3 element strides (n, g, b)");
+        for (int d = 0; d < 3; ++d) out.dz_stride[d] = dz_strides[d];
         py::gil_scoped_release nogil;
         kernels().distill_bwd(a, acc, out);
       },
       py::arg("grad"), py::arg("student"), py::arg("teacher"), py::arg("values"), py::arg("indices"),
       py::arg("lse_t"), py::arg("logconf_t"), py::arg("idx"), py::arg("adj"), py::arg("lse_z"), py::arg("tau"),
-      py::arg("include_self"), py::arg("aggregate"), py::arg("acc"), py::arg("dz"), py::arg("threads"));
+      py::arg("include_self"), py::arg("aggregate"), py::arg("acc"), py::arg("dz"), py::arg("dz_strides"),
+      py::arg("threads"));
 
   m.def(
       "topk_compress",

@@ -39,11 +39,14 @@ struct DistillArgs {
 
 enum Aggregate : int { MAX_CONFIDENCE = 0, MEAN = 1, CONFIDENCE_WEIGHTED = 2 };
 
-// Outputs are fresh contiguous buffers allocated by the caller.
+// Outputs allocated by the caller: loss and lse_z fresh contiguous buffers; dz rows of V
+// contiguous elements at element strides dz_stride (n, g, b), e.g. the aux heads of a full
+// [N, H1, B, V] gradient, so that the backward writes into it without a copy.
 struct DistillOut {
   void* loss = nullptr;   // [N, G, B] accumulation dtype (forward)
   void* lse_z = nullptr;  // [N, G, B] accumulation dtype (forward)
   void* dz = nullptr;     // [N, G, B, V] Z's dtype (backward)
+  int64_t dz_stride[3] = {0, 0, 0};
 };
 
 // One ISA build of the kernels (kernels_generic.cpp, kernels_avx2.cpp).

@@ -476,7 +476,9 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
     A* wbuf = pbuf + vpad;
     const ZIn* z = row<ZIn>(a.z, n, g, b, V, gather, zbuf);
     const int64_t j = at<int64_t>(a.idx, n, g, b);
-    void* dz_row = backward ? dz + r * row_bytes : nullptr;
+    void* dz_row = backward
+        ? dz + (n * out.dz_stride[0] + g * out.dz_stride[1] + b * out.dz_stride[2]) * dtype_size(a.z.dtype)
+        : nullptr;
     const auto finish = [&](const auto& teacher) {
       if (backward) {
         grad_row(z, V, sc, teacher, at<A>(a.lse_z, n, g, b), at<A>(a.grad, n, g, b) * tau, dz_row, a.z.dtype);

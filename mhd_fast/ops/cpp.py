@@ -97,8 +97,12 @@ def _forward(student, dt, **args) -> tuple[Tensor, Tensor]:
 
 
 def _backward(student, dt, out, **args) -> Tensor:
-    d_student = out if out.is_contiguous() else torch.empty(student.shape, dtype=student.dtype)
-    _distill(_C.distill_bwd, student, dt, dict(dz=d_student.data_ptr()), **args)
+    """Writes dZ into out directly when its rows are contiguous (any strides over n, g, b, as
+    for the aux heads of a full gradient), else through a contiguous buffer and a copy."""
+    direct = out.stride(-1) == 1 or out.shape[-1] == 1
+    d_student = out if direct else torch.empty(student.shape, dtype=student.dtype)
+    _distill(_C.distill_bwd, student, dt, dict(dz=d_student.data_ptr(), dz_strides=list(d_student.stride()[:3])),
+             **args)
     if d_student is not out:
         out.copy_(d_student)
     return out
