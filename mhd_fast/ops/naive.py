@@ -25,18 +25,27 @@ def _teacher_probs(teacher_rows: list[Tensor], tau: float, aggregate: str) -> Te
     return (w.unsqueeze(-1) * probs).sum(dim=0)
 
 
+def _candidates(adj: Tensor, i: int, include_self: bool) -> list[int]:
+    """The clients that client i hears (itself too with include_self), ascending."""
+    return [j for j in range(adj.shape[0]) if (j == i and include_self) or (j != i and bool(adj[i, j]))]
+
+
+def _no_teacher(rows: Tensor) -> Tensor:
+    """Loss 0 for the [B, V] rows of a client with no candidate, still connected to the graph."""
+    return torch.zeros(rows.shape[0], dtype=acc_dtype(rows), device=rows.device) + 0 * rows.sum()
+
+
 def distill_loop(student: Tensor, teacher: Tensor, adj: Tensor, *, tau: float = 1.0,
                  include_self: bool = False, aggregate: str = "max_confidence") -> Tensor:
     """student, teacher [N, G, B, V] -> loss [N, G, B] (fp32; fp64 for fp64 input), one client and group at a time."""
     n, g_count, b, _ = student.shape
     out = []
     for i in range(n):
-        cands = [j for j in range(n) if (j == i and include_self) or (j != i and bool(adj[i, j]))]
+        cands = _candidates(adj, i, include_self)
         per_group = []
         for g in range(g_count):
             if not cands:
-                per_group.append(torch.zeros(b, dtype=acc_dtype(student), device=student.device)
-                                 + 0 * student[i, g].sum())
+                per_group.append(_no_teacher(student[i, g]))
                 continue
             p = _teacher_probs([teacher[j, g] for j in cands], tau, aggregate)
             log_q = F.log_softmax(student[i, g].to(p.dtype) / tau, dim=-1)
@@ -55,12 +64,11 @@ def distill_topk_loop(student: Tensor, values: Tensor, indices: Tensor, lse: Ten
     k = values.shape[-1]
     out = []
     for i in range(n):
-        cands = [j for j in range(n) if (j == i and include_self) or (j != i and bool(adj[i, j]))]
+        cands = _candidates(adj, i, include_self)
         per_group = []
         for g in range(g_count):
             if not cands:
-                per_group.append(torch.zeros(b, dtype=acc_dtype(student), device=student.device)
-                                 + 0 * student[i, g].sum())
+                per_group.append(_no_teacher(student[i, g]))
                 continue
             dt = acc_dtype(student, values)
             conf = torch.stack([values[j, g, :, 0].to(dt) - lse[j, g].to(dt) for j in cands])
