@@ -73,6 +73,16 @@ MHD_INLINE int64_t dtype_size(int dtype) {
   return dtype == F64 || dtype == I64 ? 8 : dtype == F16 || dtype == BF16 ? 2 : dtype == BOOL ? 1 : 4;
 }
 
+// Elements of T that one thread's share of a Scratch takes for n of them: whole 128-byte
+// blocks (two cache lines, the unit the adjacent-line prefetcher pulls), so that two threads
+// never write the same line — a few keys of top-k state per thread in one line made two
+// threads slower than one.
+template <class T>
+MHD_INLINE int64_t per_thread(int64_t n) {
+  constexpr int64_t block = 128 / (int64_t)sizeof(T);
+  return round_up(n, block);
+}
+
 // A heap buffer freed on scope exit (aligned for whole-vector access).
 template <class T>
 class Scratch {
@@ -459,18 +469,18 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
   if (aggregated) cand.build(a.adj, a.include_self);
   const int64_t vpad = round_up(V, L::W);
   // Per thread: the student row, a teacher row, p̄ (or the student's q), unsent-class weights.
-  const int64_t per_thread = 4 * vpad;
+  const int64_t share = per_thread<A>(4 * vpad);
   const int nt = team(a.threads, N * G * B * V);
-  Scratch<A> scratch(nt * per_thread);
+  Scratch<A> scratch(nt * share);
   for (int tid = 0; tid < nt; ++tid)
-    for (int64_t v = 0; v < vpad; ++v) scratch[tid * per_thread + 3 * vpad + v] = A(1);
+    for (int64_t v = 0; v < vpad; ++v) scratch[tid * share + 3 * vpad + v] = A(1);
   A* loss = static_cast<A*>(out.loss);
   A* lse_out = static_cast<A*>(out.lse_z);
   char* dz = static_cast<char*>(out.dz);
   const int64_t row_bytes = V * dtype_size(a.z.dtype);
 
   for_rows(N, G, B, nt, [&](int64_t r, int64_t n, int64_t g, int64_t b, int tid) {
-    A* zbuf = scratch.data() + tid * per_thread;
+    A* zbuf = scratch.data() + tid * share;
     A* tbuf = zbuf + vpad;
     A* pbuf = tbuf + vpad;
     A* wbuf = pbuf + vpad;
@@ -560,10 +570,11 @@ void teacher_stats(const View& t, double tau, A* lse, A* logconf, int threads, b
   const int64_t N = t.size[0], G = t.size[1], B = t.size[2], V = t.size[3];
   const Scale<A> sc(tau);
   const int nt = team(threads, N * G * B * V);
-  Scratch<A> scratch(gather ? nt * V : 0);
+  const int64_t share = per_thread<A>(V);
+  Scratch<A> scratch(gather ? nt * share : 0);
   for_rows(N, G, B, nt, [&](int64_t r, int64_t n, int64_t g, int64_t b, int tid) {
     A m, l;
-    row_lse(row<TIn>(t, n, g, b, V, gather, scratch.data() + (gather ? tid * V : 0)), V, sc, m, l);
+    row_lse(row<TIn>(t, n, g, b, V, gather, scratch.data() + (gather ? tid * share : 0)), V, sc, m, l);
     lse[r] = l;
     logconf[r] = m - l;
   });
@@ -580,11 +591,12 @@ void select(const View& logconf, const View& adj, bool include_self, int64_t* id
   cand.build(adj, include_self);
   for (int64_t i = 0; i < N; ++i) has[i] = cand.count(i) > 0;
   const int nt = team(threads, N * G * B * (cand.count(0) + 1));
-  Scratch<A> scratch(nt * B);
+  const int64_t share = per_thread<A>(B);
+  Scratch<A> scratch(nt * share);
   const A* lc = static_cast<const A*>(logconf.data);
   const int64_t sj = logconf.stride[0], sg = logconf.stride[1], sb = logconf.stride[2];
   for_rows(N, G, 1, nt, [&](int64_t, int64_t i, int64_t g, int64_t, int tid) {
-    A* best = scratch.data() + tid * B;
+    A* best = scratch.data() + tid * share;
     int64_t* out = idx + (i * G + g) * B;
     const int64_t* c = cand.begin(i);
     if (c == cand.end(i)) {
@@ -701,6 +713,7 @@ struct Heap {
     if (!full()) push(e);
     else if (h[0] < e) sift_down(e);
   }
+  MHD_INLINE Key worst() const { return h[0]; }
   // a > b for unsigned keys; for 64-bit keys as a signed compare of the sign-flipped keys,
   // which vectorizes (AVX2 has no unsigned 64-bit compare).
   static MHD_INLINE bool greater(Key a, Key b) {
@@ -709,6 +722,12 @@ struct Heap {
     } else {
       return a > b;
     }
+  }
+  // The k keys best first, in the k slots after the heap's (its scratch holds slots(k) + k keys).
+  const Key* best() {
+    Key* out = h + slots(k);
+    sorted(out);
+    return out;
   }
   // The k keys best first into out. Small k: by rank counting (each key's rank is the number
   // of larger keys: k² compares without a branch); larger k: by popping the heap.
@@ -728,14 +747,40 @@ struct Heap {
   }
 };
 
+// The best k keys seen so far as an array kept sorted best first, for small k: an offer that
+// beats the k-th key moves the keys below it one slot down (at most k − 1 moves), which at a
+// handful of keys is cheaper than the heap's walk and its final sort. Same interface as Heap.
+template <class Key>
+struct SortedKeys {
+  Key* h;
+  int64_t size, k;
+
+  static constexpr int64_t kMaxK = 8;  // topk_compress takes this container up to this k
+  void reset(int64_t k_) {
+    k = k_;
+    size = 0;
+  }
+  MHD_INLINE bool full() const { return size == k; }
+  MHD_INLINE Key worst() const { return h[k - 1]; }
+  MHD_INLINE void offer(Key e) {
+    int64_t c;
+    if (!full()) c = size++;
+    else if (h[k - 1] < e) c = k - 1;
+    else return;
+    for (; c > 0 && h[c - 1] < e; --c) h[c] = h[c - 1];
+    h[c] = e;
+  }
+  const Key* best() const { return h; }
+};
+
 // One row of X: values = the k largest of t = x/τ (descending), their indices, and
 // lse = logsumexp(t), in one sweep: row_lse's, whose block-max pass feeds the heap. Once the
 // heap is full a vector test rejects the lanes with x ≤ the k-th largest x so far (division by
 // τ > 0 is monotone, so a lane with t above the k-th t passes it; NaN passes too), which skips
 // almost every vector of a long row; the lanes that pass are ranked by their exact t.
-template <class A, class In>
-MHD_INLINE void topk_row(const In* x, int64_t V, int64_t K, const Scale<A>& sc, Heap<typename Keys<A>::Key>& heap,
-                         A* values, int32_t* indices, A& lse) {
+template <class A, class In, class Best>
+MHD_INLINE void topk_row(const In* x, int64_t V, int64_t K, const Scale<A>& sc, Best& heap, A* values,
+                         int32_t* indices, A& lse) {
   using L = Lanes<A>;
   using Vec = typename L::V;
   using Kx = Keys<A>;
@@ -749,12 +794,11 @@ MHD_INLINE void topk_row(const In* x, int64_t V, int64_t K, const Scale<A>& sc, 
       const int l = __builtin_ctz(pass);
       heap.offer(Kx::make(sc(L::lane(xv, l)), v + l));
     }
-    if (heap.full()) thr = to_acc<A>(x[Kx::index(heap.h[0])]);
+    if (heap.full()) thr = to_acc<A>(x[Kx::index(heap.worst())]);
   };
   A m;
   row_lse(x, V, sc, m, lse, static_cast<const A*>(nullptr), static_cast<A*>(nullptr), feed);
-  typename Kx::Key* best = heap.h + Heap<typename Kx::Key>::slots(K);
-  heap.sorted(best);
+  const typename Kx::Key* best = heap.best();
   for (int64_t pos = 0; pos < K; ++pos) {
     const int32_t i = Kx::index(best[pos]);
     values[pos] = sc(to_acc<A>(x[i]));  // the exact value, −0 and NaN payloads included
@@ -770,13 +814,20 @@ void topk_compress(const View& x, int64_t K, double tau, A* values, int32_t* ind
   const int64_t R = x.size[2], V = x.size[3];
   const Scale<A> sc(tau);
   const int nt = team(threads, R * V);
-  Scratch<A> rows(gather ? nt * V : 0);
-  const int64_t slots = Heap<Key>::slots(K) + K;  // the heap, then the sorted keys
+  const int64_t row_share = per_thread<A>(V);
+  Scratch<A> rows(gather ? nt * row_share : 0);
+  const bool small = K <= SortedKeys<Key>::kMaxK;
+  const int64_t slots = per_thread<Key>(small ? K : Heap<Key>::slots(K) + K);  // the heap, then the sorted keys
   Scratch<Key> heaps(nt * slots);
   for_rows(1, 1, R, nt, [&](int64_t r, int64_t, int64_t, int64_t, int tid) {
-    Heap<Key> heap{heaps.data() + tid * slots, 0, 0, 0};
-    const In* xr = row<In>(x, 0, 0, r, V, gather, rows.data() + (gather ? tid * V : 0));
-    topk_row(xr, V, K, sc, heap, values + r * K, indices + r * K, lse[r]);
+    const In* xr = row<In>(x, 0, 0, r, V, gather, rows.data() + (gather ? tid * row_share : 0));
+    if (small) {
+      SortedKeys<Key> best{heaps.data() + tid * slots, 0, 0};
+      topk_row(xr, V, K, sc, best, values + r * K, indices + r * K, lse[r]);
+    } else {
+      Heap<Key> heap{heaps.data() + tid * slots, 0, 0, 0};
+      topk_row(xr, V, K, sc, heap, values + r * K, indices + r * K, lse[r]);
+    }
   });
 }
 
