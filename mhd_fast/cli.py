@@ -151,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(where + (str(e).splitlines()[0] if str(e) else type(e).__name__))
     except PeerFailure as e:  # another process of a torchrun launch died or hangs
         sys.stderr.write(f"{PROG}: error: {e}\n")
+        if launched():
+            # The process group is broken: tearing it down at interpreter exit can abort in
+            # gloo's / NCCL's worker threads ("terminate called ...", status -6 instead of 1).
+            # Nothing is left to save (checkpoints are written atomically each round), so leave
+            # without running destructors.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted (resume with --resume)\n")
