@@ -7,7 +7,8 @@ reference and torch.compile of the reference, side by side in one run.
 
 Modes: ``fwd`` (mhd_loss forward), ``fwd_bwd`` (forward + backward to the student logits),
 ``topk`` (top-k compression of the teacher logits; its eager baseline is torch.topk +
-torch.logsumexp). Each figure is the median of ``--reps`` (>= 20) timed runs after warm-up.
+torch.logsumexp). Each figure is the median of ``--reps`` (>= 20) timed runs after warm-up,
+the runs of the implementations interleaved.
 GB/s counts the fewest bytes the op must move (read the logits once, write the outputs once),
 printed next to the measured copy bandwidth of the device (a large tensor clone, read + write)
 and, on GPU, the card's peak memory bandwidth.
@@ -161,6 +162,25 @@ def time_median(fn, device: str, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict, device: str, reps: int, warmup: int = 3) -> dict:
+    """Median seconds of ``reps`` runs of each callable, the runs interleaved (one run of each in
+    turn, the order rotating each round) so that a noisy neighbour slows every column alike
+    instead of whichever implementation happened to be running."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    names = list(fns)
+    times = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(times[name]) for name in names}
+
+
 def nbytes(shape: Shape, mode: str) -> int:
     """The fewest bytes the op must move: read the logits once, write the outputs once."""
     el = torch.tensor([], dtype=shape.dtype).element_size()
@@ -207,9 +227,8 @@ def bench(device: str, shapes: list[str], modes: list[str], impls: list[str],
             continue
         c = make_case(shape, device)
         for mode in modes:
-            res = {}
+            res = time_interleaved({impl: runner(c, mode, impl) for impl in impls}, device, reps)
             for impl in impls:
-                res[impl] = time_median(runner(c, mode, impl), device, reps)
                 print(f"  {name} {mode:8s} {impl:8s} {res[impl] * 1e3:10.3f} ms", file=sys.stderr)
             fused = res.get("fused")
             gbs = nbytes(shape, mode) / fused if fused else None
