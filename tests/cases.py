@@ -1,9 +1,11 @@
-"""Shared cases for the op tests: graphs, logits with planted ties, tolerances per dtype.
+"""Shared cases for the op tests: graphs, logits with planted ties, tolerances per dtype; and
+a simulation run killed mid-way, for the resume tests.
 
 Every backend's tests draw from here so that they sweep the same cross product.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 GRAPHS = ("complete", "ring", "directed", "lonely", "selfloops")
@@ -97,3 +99,22 @@ def opcheck_every_op(backend: str, device: str = "cpu", v: int = 11, k: int = 4)
                                                     backend))]
     for op, args in checks:
         torch.library.opcheck(op, args)
+
+
+def run_killed_in_round(cfg, monkeypatch, round_index: int) -> None:
+    """Run the simulation of ``cfg`` until it dies in round ``round_index`` (train_round raises,
+    as a killed process would stop: the checkpoints of the rounds before it are on disk), then
+    put train_round back for the resumed run."""
+    from mhd_fast import train
+
+    real_round = train.train_round
+
+    def crash(sim, r):
+        if r == round_index:
+            raise RuntimeError("killed")
+        return real_round(sim, r)
+
+    monkeypatch.setattr(train, "train_round", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        train.run(cfg)
+    monkeypatch.setattr(train, "train_round", real_round)

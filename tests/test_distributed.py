@@ -21,7 +21,7 @@ from mhd_fast import config as C
 from mhd_fast import distributed as D
 from mhd_fast import models, train
 
-from cases import make_graph
+from cases import make_graph, run_killed_in_round
 
 SMALL = dict(dataset="digits", clients=6, rounds=2, steps_per_round=3, model=["mlp:16x8"], heads=2,
              batch_size=8, public_batch_size=16, progress=False, backend="torch")
@@ -215,17 +215,7 @@ def test_uneven_shards_of_three_processes_and_a_resume_from_one(tmp_path, monkey
               include_self=True, graph="exponential", exchange_every=2, rounds=4)
     # a one-process run that dies in round 2, to be resumed by three processes
     cut = small(tmp_path / "cut", **kw)
-    real_round = train.train_round
-
-    def crash_in_round_2(sim, r):
-        if r == 2:
-            raise RuntimeError("killed")
-        return real_round(sim, r)
-
-    monkeypatch.setattr(train, "train_round", crash_in_round_2)
-    with pytest.raises(RuntimeError, match="killed"):
-        train.run(cut)
-    monkeypatch.setattr(train, "train_round", real_round)
+    run_killed_in_round(cut, monkeypatch, 2)
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["rounds_done"] == 2
 
     jobs = [("three", {**SMALL, **kw, "out": str(tmp_path / "three")}, False),

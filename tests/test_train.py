@@ -12,6 +12,8 @@ import torch
 from mhd_fast import config as C
 from mhd_fast import models, train
 
+from cases import run_killed_in_round
+
 _LOOP = os.path.join(os.path.dirname(__file__), "..", "bench", "loop_round.py")
 _spec = importlib.util.spec_from_file_location("loop_round", _LOOP)
 loop_round = sys.modules["loop_round"] = importlib.util.module_from_spec(_spec)
@@ -203,20 +205,10 @@ def test_same_seeds_same_metrics_other_seed_other_metrics(tmp_path):
 def test_resume_after_a_crash_reaches_the_same_metrics(tmp_path, monkeypatch):
     full = train.run(small(tmp_path, rounds=4, exchange_every=2, steps_per_round=3))
     cfg = small(tmp_path, rounds=4, exchange_every=2, steps_per_round=3, out=str(tmp_path / "cut"))
-    real_round = train.train_round
-
-    def crash_in_round_2(sim, r):
-        if r == 2:
-            raise RuntimeError("killed")
-        return real_round(sim, r)
-
-    monkeypatch.setattr(train, "train_round", crash_in_round_2)
-    with pytest.raises(RuntimeError, match="killed"):
-        train.run(cfg)
+    run_killed_in_round(cfg, monkeypatch, 2)
     assert not os.path.exists(os.path.join(cfg.out, "metrics.json"))  # no final output
     state = torch.load(os.path.join(cfg.out, "checkpoint.pt"), weights_only=True)
     assert state["rounds_done"] == 2 and state["received"] is not None  # stale buffers saved
-    monkeypatch.setattr(train, "train_round", real_round)
     resumed = train.run(cfg, resume=True)
     full["config"].pop("out"), resumed["config"].pop("out")
     assert _final(resumed) == _final(full)
