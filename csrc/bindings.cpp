@@ -273,6 +273,55 @@ PYBIND11_MODULE(_C, m) {
       py::arg("threads"));
 
   m.def(
+      "distill_dense",
+      [](const TensorArg& z, const TensorArg& t, const TensorArg& adj, double tau, bool include_self, int aggregate,
+         int acc, uintptr_t lse_t, uintptr_t logconf_t, uintptr_t idx, uintptr_t loss, uintptr_t lse_z,
+         uintptr_t grad, const std::vector<int64_t>& grad_strides, int64_t heads, int64_t head_offset, int threads) {
+        DistillArgs a;
+        expect_acc_code(acc);
+        a.z = view(z, "student", 4);
+        a.t = view(t, "teacher", 4);
+        a.adj = view(adj, "adj", 2);
+        expect_float(a.z, "student");
+        expect_float(a.t, "teacher");
+        expect_dtype(a.adj, "adj", {BOOL}, "bool");
+        if (a.z.size[3] < 1) throw py::value_error("student must have V >= 1 classes");
+        expect_rows(a.t, "teacher", a.z, 4);
+        if (a.adj.size[0] != a.z.size[0] || a.adj.size[1] != a.z.size[0])
+          throw py::value_error("adj must have shape [N, N] with N = " + std::to_string(a.z.size[0]) + ", got " +
+                                dims(a.adj, 2));
+        if (!(tau > 0)) throw py::value_error("tau must be > 0, got " + std::to_string(tau));
+        if (aggregate < MAX_CONFIDENCE || aggregate > CONFIDENCE_WEIGHTED)
+          throw py::value_error("aggregate must be 0 (max_confidence), 1 (mean) or 2 (confidence_weighted)");
+        a.tau = tau;
+        a.include_self = include_self;
+        a.aggregate = aggregate;
+        a.threads = threads;
+        FusedOut out;
+        out.lse_t = ptr(lse_t);
+        out.logconf_t = ptr(logconf_t);
+        out.idx = static_cast<int64_t*>(ptr(idx));
+        out.loss = ptr(loss);
+        out.lse_z = ptr(lse_z);
+        out.grad = ptr(grad);
+        out.grad_dtype = acc;
+        if (grad != 0) {
+          if (grad_strides.size() != 3) throw py::value_error("grad_strides must hold 3 element strides (n, h, b)");
+          if (head_offset < 0 || head_offset + a.z.size[1] > heads)
+            throw py::value_error("head_offset + G must lie within the gradient's " + std::to_string(heads) + " heads");
+          for (int d = 0; d < 3; ++d) out.grad_stride[d] = grad_strides[d];
+          out.heads = heads;
+          out.head_offset = head_offset;
+        }
+        py::gil_scoped_release nogil;
+        kernels().distill_dense(a, acc, out);
+      },
+      py::arg("student"), py::arg("teacher"), py::arg("adj"), py::arg("tau"), py::arg("include_self"),
+      py::arg("aggregate"), py::arg("acc"), py::arg("lse_t"), py::arg("logconf_t"), py::arg("idx"), py::arg("loss"),
+      py::arg("lse_z"), py::arg("grad"), py::arg("grad_strides"), py::arg("heads"), py::arg("head_offset"),
+      py::arg("threads"));
+
+  m.def(
       "topk_compress",
       [](const TensorArg& logits, int64_t k, double tau, int acc, uintptr_t values, uintptr_t indices,
          uintptr_t lse, int threads) {

@@ -49,6 +49,23 @@ struct DistillOut {
   int64_t dz_stride[3] = {0, 0, 0};
 };
 
+// Outputs of the one-launch dense loss (distill_dense), allocated by the caller: the statistics,
+// choice, loss and lse_z of every row ([N, G, B], contiguous; idx int64, the rest in the
+// accumulation dtype) and, when grad is set, the unit gradient τ(q − p̄) of the full student
+// [N, heads, B, V] (grad_dtype, rows of V contiguous elements at element strides grad_stride);
+// student group g is head head_offset + g, the other heads get zeros.
+struct FusedOut {
+  void* lse_t = nullptr;
+  void* logconf_t = nullptr;
+  int64_t* idx = nullptr;
+  void* loss = nullptr;
+  void* lse_z = nullptr;
+  void* grad = nullptr;
+  int grad_dtype = F32;
+  int64_t grad_stride[3] = {0, 0, 0};
+  int64_t heads = 0, head_offset = 0;
+};
+
 // One ISA build of the kernels (kernels_generic.cpp, kernels_avx2.cpp).
 struct KernelTable {
   const char* isa;
@@ -59,6 +76,8 @@ struct KernelTable {
                  bool* has, int threads);
   void (*distill_fwd)(const DistillArgs& a, int acc, const DistillOut& out);
   void (*distill_bwd)(const DistillArgs& a, int acc, const DistillOut& out);
+  // Dense teacher: statistics, choice, loss and unit gradient in one launch (FusedOut).
+  void (*distill_dense)(const DistillArgs& a, int acc, const FusedOut& out);
   // X [R, V] -> values [R, K] acc, indices [R, K] int32, lse [R] acc.
   void (*topk_compress)(const View& x, int64_t k, double tau, int acc, void* values,
                         int32_t* indices, void* lse, int threads);

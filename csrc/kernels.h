@@ -216,10 +216,13 @@ struct NoFeed {
 // sums the unsent mass s_w = Σ w·e^((x − m)/τ) directly, not as s minus the sent classes, so
 // that q_rest = s_w / s keeps full relative precision when it is tiny.
 // Out: m = max t, lse = m + log s, and log(s_w / s) when w is given. A row with NaN or +inf
-// gives lse NaN; a row of all −inf gives lse −inf.
+// gives lse NaN; a row of all −inf gives lse −inf. For a row of one block (V <= kBlock), keep
+// (vpad elements) receives the terms e_v = e^(t_v − m) and sum the total s, so that the
+// softmax is keep·(1/s) without another exp.
 template <class A, class In, class Feed = NoFeed>
 MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A& lse_out,
-                        const A* w = nullptr, A* log_unsent = nullptr, const Feed& feed = Feed{}) {
+                        const A* w = nullptr, A* log_unsent = nullptr, const Feed& feed = Feed{},
+                        A* keep = nullptr, A* sum = nullptr) {
   using L = Lanes<A>;
   using Vec = typename L::V;
   constexpr int W = L::W;
@@ -248,12 +251,14 @@ MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A&
       const Vec e = L::exp2((L::load(x + v, n, -kInf) - c) * k);
       acc += e;
       if (w != nullptr) acc_w += e * L::load(w + v, W, 0);
+      if (keep != nullptr) L::store(keep + v, e, W);
     });
     s += L::sum(acc);
     sw += L::sum(acc_w);
   }
   m_out = sc(m);
   lse_out = m_out + slog(s);
+  if (sum != nullptr) *sum = s;
   if (log_unsent != nullptr) *log_unsent = slog(sw) - slog(s);
 }
 
@@ -320,6 +325,51 @@ MHD_INLINE void grad_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teac
     const Vec q = L::exp(sc(L::load(z + v, n, -kInf)) - lse_z);
     store_row<A>(out, dtype, v, gs * (q - teacher.prob(v, n)), n);
   });
+}
+
+// A teacher row whose softmax terms are kept from its statistics sweep (row_lse's keep):
+// p = e·(1/s), log p = t/τ − lse.
+template <class A, class TIn>
+struct KeptTeacher {
+  using L = Lanes<A>;
+  using Vec = typename L::V;
+  const TIn* t;
+  Scale<A> sc;
+  A lse;
+  const A* e;
+  A inv_s;
+  MHD_INLINE void get(int64_t v, int n, Vec& p, Vec& lp) const {
+    lp = sc(L::load(t + v, n, -kInf)) - lse;
+    p = L::load(e + v, n, 0) * L::splat(inv_s);
+  }
+  MHD_INLINE Vec prob(int64_t v, int n) const { return L::load(e + v, n, 0) * L::splat(inv_s); }
+};
+
+// kl_row and grad_row at once: the loss of one student row and its gradient gs·(q − p) from the
+// same sweep (the teacher's p and the student's log q formed once for both). With a row of one
+// block (V <= kBlock, qbuf of vpad elements) q comes from the terms row_lse kept, q = e·(1/s),
+// instead of a second exp.
+template <class A, class ZIn, class Teacher>
+MHD_INLINE void kl_grad_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teacher& teacher, A gs, A& kl,
+                            A& lse_z, void* out, int dtype, A* qbuf) {
+  using L = Lanes<A>;
+  using Vec = typename L::V;
+  constexpr int W = L::W;
+  A m, s;
+  const bool kept = qbuf != nullptr && V <= kBlock;
+  row_lse(z, V, sc, m, lse_z, static_cast<const A*>(nullptr), static_cast<A*>(nullptr), NoFeed{},
+          kept ? qbuf : nullptr, &s);
+  const Vec k = L::splat(gs), inv_s = L::splat(A(1) / s);
+  Vec acc = L::splat(0);
+  for_vectors<W>(0, V, [&](int64_t v, auto n) {
+    const Vec lq = sc(L::load(z + v, n, -kInf)) - lse_z;
+    Vec p, lp;
+    teacher.get(v, n, p, lp);
+    acc += p != Vec{} ? p * (lp - lq) : Vec{};
+    const Vec q = kept ? L::load(qbuf + v, n, 0) * inv_s : L::exp(lq);
+    store_row<A>(out, dtype, v, k * (q - p), n);
+  });
+  kl = L::sum(acc);
 }
 
 // ---- candidates and aggregation ---------------------------------------------------------------
@@ -558,6 +608,161 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
         }
       }
     }
+  });
+}
+
+// ---- the whole dense loss in one launch ---------------------------------------------------------
+
+// body(tile, tid) for tiles [0, T) on nt threads, each taking one contiguous chunk.
+template <class F>
+void for_tiles(int64_t T, int nt, F&& body) {
+  if (T == 0) return;
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = thread_id(), size = team_size();
+    for (int64_t t = T * tid / size, t1 = T * (tid + 1) / size; t < t1; ++t) body(t, tid);
+  }
+}
+
+// Rows b per tile of distill_dense: the tile's N·bb teacher rows in about 128 KiB (with their
+// softmax terms, a share of the L2 cache) so that the loss finds them there after the
+// statistics, and at least 4 tiles
+// per thread when the rows allow it.
+MHD_INLINE int64_t tile_rows(int64_t N, int64_t G, int64_t B, int64_t row_bytes, int nt) {
+  const int64_t per_b = N * row_bytes;
+  int64_t bb = per_b > 0 ? (int64_t(128) << 10) / per_b : B;
+  bb = bb < 1 ? 1 : bb > B ? B : bb;
+  while (bb > 1 && G * ((B + bb - 1) / bb) < 4 * (int64_t)nt) bb = (bb + 1) / 2;
+  return bb;
+}
+
+// Teacher statistics, teacher choice, loss and (when out.grad is set) the unit gradient
+// τ(q − p̄) of every student row for a dense teacher, any aggregate, in one launch. The row
+// space is cut into tiles of one group g and a block of rows b across all N clients; a tile
+// computes the statistics of its N·bb teacher rows, chooses the teachers of its rows, then runs
+// its N·bb student rows against teacher rows it has just read (from cache), so T crosses memory
+// once instead of twice, and the gradient comes from the loss's own sweep instead of a second
+// pass over Z and T. Every row goes through the same row functions as teacher_stats, select and
+// distill, so all outputs are bit-identical to theirs (the gradient to distill's backward at
+// grad = 1). Heads of out.grad outside [head_offset, head_offset + G) are zero-filled.
+template <class A, class ZIn, class TIn>
+void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
+  using L = Lanes<A>;
+  const int64_t N = a.z.size[0], G = a.z.size[1], B = a.z.size[2], V = a.z.size[3];
+  const Scale<A> sc(a.tau);
+  const A tau = (A)a.tau;
+  const bool aggregated = a.aggregate != MAX_CONFIDENCE;
+  A* lse_t = static_cast<A*>(out.lse_t);
+  A* logconf = static_cast<A*>(out.logconf_t);
+  A* loss = static_cast<A*>(out.loss);
+  A* lse_z = static_cast<A*>(out.lse_z);
+  int64_t* idx = out.idx;
+  // The statistics this kernel writes are what the aggregation reads.
+  a.lse_t.data = lse_t;
+  a.logconf_t.data = logconf;
+  const auto rows_view = [&](View& v) {
+    v.size[0] = N, v.size[1] = G, v.size[2] = B, v.size[3] = 1;
+    v.stride[0] = G * B, v.stride[1] = B, v.stride[2] = 1, v.stride[3] = 0;
+  };
+  rows_view(a.lse_t);
+  rows_view(a.logconf_t);
+  Candidates cand;
+  cand.build(a.adj, a.include_self);
+  const int nt = team(a.threads, N * G * B * V);
+  const int64_t bb = tile_rows(N, G, B, V * dtype_size(a.t.dtype), nt);
+  const int64_t nb = B == 0 ? 0 : (B + bb - 1) / bb;
+  const int64_t vpad = round_up(V, L::W);
+  // Rows of one block keep their softmax terms: the teachers' for the whole tile (a teacher row
+  // serves every client that chose it: with max_confidence on a dense graph most of them), the
+  // student's for its own row.
+  const bool keep = V <= kBlock;
+  const int64_t kept = keep ? N * bb : 0;
+  // Per thread: the student row, a teacher row, p̄, the student's terms, the running best
+  // logconf of the tile's rows, then the teachers' terms and 1/s of the tile's N·bb rows.
+  const int64_t share = per_thread<A>(4 * vpad + bb + kept * (vpad + 1));
+  Scratch<A> scratch(nt * share);
+  char* grad = static_cast<char*>(out.grad);
+  const int64_t gsize = dtype_size(out.grad_dtype);
+  const auto grad_row_ptr = [&](int64_t n, int64_t h, int64_t b) -> void* {
+    return grad + (n * out.grad_stride[0] + h * out.grad_stride[1] + b * out.grad_stride[2]) * gsize;
+  };
+
+  for_tiles(G * nb, nt, [&](int64_t tile, int tid) {
+    const int64_t g = tile / nb, b0 = (tile % nb) * bb, b1 = min64(B, b0 + bb);
+    A* zbuf = scratch.data() + tid * share;
+    A* tbuf = zbuf + vpad;
+    A* pbuf = tbuf + vpad;
+    A* qbuf = pbuf + vpad;
+    A* best = qbuf + vpad;
+    A* terms = best + bb;                // [N, bb, vpad]
+    A* inv_s = terms + kept * vpad;      // [N, bb]
+    const auto slot = [&](int64_t n, int64_t b) { return n * bb + (b - b0); };
+    for (int64_t n = 0; n < N; ++n)  // statistics (teacher_stats)
+      for (int64_t b = b0; b < b1; ++b) {
+        A m, l, sum;
+        row_lse(row<TIn>(a.t, n, g, b, V, gather, tbuf), V, sc, m, l, static_cast<const A*>(nullptr),
+                static_cast<A*>(nullptr), NoFeed{}, keep ? terms + slot(n, b) * vpad : nullptr, &sum);
+        const int64_t r = (n * G + g) * B + b;
+        lse_t[r] = l;
+        logconf[r] = m - l;
+        if (keep) inv_s[slot(n, b)] = A(1) / sum;
+      }
+    for (int64_t i = 0; i < N; ++i) {  // teacher choice (select)
+      int64_t* o = idx + (i * G + g) * B;
+      const int64_t* c = cand.begin(i);
+      if (c == cand.end(i)) {
+        for (int64_t b = b0; b < b1; ++b) o[b] = -1;
+        continue;
+      }
+      const A* x = logconf + (*c * G + g) * B;
+      for (int64_t b = b0; b < b1; ++b) {
+        best[b - b0] = x[b];
+        o[b] = *c;
+      }
+      for (++c; c != cand.end(i); ++c) {
+        x = logconf + (*c * G + g) * B;
+        for (int64_t b = b0; b < b1; ++b) {
+          const A v = x[b];
+          const bool take = v > best[b - b0] || (is_nan(v) && !is_nan(best[b - b0]));
+          best[b - b0] = take ? v : best[b - b0];
+          o[b] = take ? *c : o[b];
+        }
+      }
+    }
+    for (int64_t n = 0; n < N; ++n)  // loss and unit gradient (distill)
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r = (n * G + g) * B + b;
+        const ZIn* z = row<ZIn>(a.z, n, g, b, V, gather, zbuf);
+        void* dz = grad != nullptr ? grad_row_ptr(n, out.head_offset + g, b) : nullptr;
+        const auto finish = [&](const auto& teacher) {
+          A kl, l;
+          if (dz != nullptr) kl_grad_row(z, V, sc, teacher, tau, kl, l, dz, out.grad_dtype, qbuf);
+          else kl_row(z, V, sc, teacher, kl, l);
+          loss[r] = tau * tau * kl;
+          lse_z[r] = l;
+        };
+        const int64_t j = idx[r];
+        if (aggregated ? cand.count(n) == 0 : j < 0) {
+          A m, l;
+          row_lse(z, V, sc, m, l);
+          loss[r] = 0;
+          lse_z[r] = l;
+          if (dz != nullptr) std::memset(dz, 0, V * gsize);
+        } else if (aggregated) {
+          aggregate_logits<A, TIn>(a, cand, n, g, b, V, sc, gather, tbuf, pbuf);
+          finish(ProbTeacher<A>{pbuf});
+        } else {
+          const TIn* t = row<TIn>(a.t, j, g, b, V, gather, tbuf);
+          const A lse = lse_t[(j * G + g) * B + b];
+          if (keep) finish(KeptTeacher<A, TIn>{t, sc, lse, terms + slot(j, b) * vpad, inv_s[slot(j, b)]});
+          else finish(LogitTeacher<A, TIn>{t, sc, lse});
+        }
+      }
+    if (grad != nullptr && g == 0)  // the heads that do not learn: zeros, by the tiles of group 0
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t h = 0; h < out.heads; ++h)
+          if (h < out.head_offset || h >= out.head_offset + G)
+            for (int64_t b = b0; b < b1; ++b) std::memset(grad_row_ptr(n, h, b), 0, V * gsize);
   });
 }
 
@@ -871,6 +1076,14 @@ inline void distill_entry(const DistillArgs& a, int acc, const DistillOut& out, 
   });
 }
 
+inline void distill_dense_entry(const DistillArgs& a, int acc, const FusedOut& out) {
+  if (acc == F64) return distill_dense<double, double, double>(a, out, true);
+  if (a.z.stride[3] != 1 || a.t.stride[3] != 1) return distill_dense<float, float, float>(a, out, true);
+  with_stored_type(a.z.dtype, [&](auto z_tag) {
+    with_stored_type(a.t.dtype, [&](auto t_tag) { distill_dense<float, decltype(z_tag), decltype(t_tag)>(a, out, false); });
+  });
+}
+
 inline void distill_fwd_entry(const DistillArgs& a, int acc, const DistillOut& out) { distill_entry(a, acc, out, false); }
 inline void distill_bwd_entry(const DistillArgs& a, int acc, const DistillOut& out) { distill_entry(a, acc, out, true); }
 
@@ -887,6 +1100,7 @@ inline void topk_compress_entry(const View& x, int64_t k, double tau, int acc, v
 
 inline const KernelTable& table() {
   static const KernelTable t{MHD_ISA_NAME,         teacher_stats_entry, select_entry,
-                             distill_fwd_entry,    distill_bwd_entry,   topk_compress_entry};
+                             distill_fwd_entry,    distill_bwd_entry,   distill_dense_entry,
+                             topk_compress_entry};
   return t;
 }

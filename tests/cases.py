@@ -87,6 +87,8 @@ def opcheck_every_op(backend: str, device: str = "cpu", v: int = 11, k: int = 4)
               (registry.topk_compress, (t.reshape(-1, v), k, 1.3, backend))]
     for aggregate in AGGREGATES:
         for need_grad in (False, True):
+            if registry.fused_dense(backend):
+                checks += [(registry.distill_dense, (z, t, adj, 1, 1.3, False, aggregate, need_grad, backend))]
             checks += [(registry.distill_fwd, (z, t, lse_t, logconf_t, idx, adj, 1, 1.3, False,
                                                aggregate, need_grad, backend)),
                        (registry.distill_topk_fwd, (z, values, indices, p_lse, p_logconf, p_idx, adj,

@@ -409,6 +409,80 @@ def test_nan_and_inf_in_topk_compress(backend):
         torch.testing.assert_close(got.lse[3], want.lse[3])
 
 
+# ---- the one-launch dense loss of cpp ----------------------------------------------------------
+
+@needs_cpp
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("v", [7, 600])  # one block of the online softmax (terms kept), and two
+def test_fused_dense_matches_the_separate_kernels(aggregate, v):
+    """cpp's distill_dense (statistics, choice, loss and unit gradient in one launch, tiled over
+    rows) against the op chain it replaces: the statistics and the choice bit for bit, the loss
+    and the gradient (the backward kernel at grad = 1) to rounding."""
+    n, h1, b, tau = 6, 3, 40, 0.7
+    z, t, adj = _case(torch.float32, v, "lonely", n=n, h1=h1, b=b)
+    t = t[:, :-1]
+    loss, lse_z, unit, lse_t, logconf_t, idx = registry.distill_dense(z, t, adj, 1, tau, False, aggregate,
+                                                                      True, "cpp")
+    want_lse_t, want_logconf_t = registry.teacher_stats(t, tau, "cpp")
+    want_idx, _ = registry.select(want_logconf_t, adj, False, "cpp")
+    assert torch.equal(lse_t, want_lse_t) and torch.equal(logconf_t, want_logconf_t)
+    assert torch.equal(idx, want_idx)
+    want_loss, want_lse_z, _ = registry.distill_fwd(z, t, lse_t, logconf_t, idx, adj, 1, tau, False,
+                                                    aggregate, False, "cpp")
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse_z, want_lse_z, rtol=1e-6, atol=1e-6)
+    want_unit = registry.distill_bwd(torch.ones_like(loss), z, t, lse_t, logconf_t, idx, adj, lse_z, 1,
+                                     tau, False, aggregate, "cpp")
+    torch.testing.assert_close(unit, want_unit, rtol=1e-5, atol=2e-6)  # |q − p| cancels: ulps of q
+    assert torch.equal(unit[:, 0], torch.zeros_like(unit[:, 0]))  # head 0 does not learn
+    assert torch.equal(unit[0], torch.zeros_like(unit[0]))  # client 0 has no candidate
+    nograd = registry.distill_dense(z, t, adj, 1, tau, False, aggregate, False, "cpp")
+    assert nograd[2].numel() == 0
+    for a, b_ in zip(nograd[:2] + nograd[3:], (loss, lse_z, lse_t, logconf_t, idx)):
+        assert torch.equal(a, b_)
+
+
+@needs_cpp
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+def test_fused_dense_backward_for_every_upstream_gradient(aggregate):
+    """The backward scales the unit gradient of the forward: not at all for loss.sum(), in place
+    for a scalar or per-row gradient; a gradient with NaN or inf still gives exact zeros to a
+    client without candidate, as the reference does; a second backward through a retained graph
+    runs the kernel again and gives the same bits. (An infinite upstream gradient gives ±inf,
+    g·τ·(q − p), where the reference's softmax backward makes NaN of inf − inf.)"""
+    z, t, adj = _case(torch.float32, 13, "lonely", n=5, h1=3, b=6, seed=3)
+    rows = (5, 2, 6)
+    per_row = torch.rand(rows, generator=torch.Generator().manual_seed(1)) * 2 - 0.5
+    bad = per_row.clone()
+    bad[1, 0, 2] = float("nan")
+    bad[0] = float("nan")  # client 0 has no candidate: its gradient stays 0
+    for grad_out in (torch.tensor(1.0).expand(rows), torch.tensor(1.7).expand(rows), per_row, bad,
+                     torch.tensor(float("nan")).expand(rows)):
+        got_loss, got = _loss_and_grad(z, t, adj, grad_out, backend="cpp", aggregate=aggregate)
+        want_loss, want = _reference(z, t, adj, grad_out, aggregate=aggregate)
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5, equal_nan=True)
+        assert torch.equal(got[0], torch.zeros_like(got[0]))
+    for reduction in ("sum", "mean"):
+        zz = z.clone().requires_grad_()
+        loss = mhd_fast.mhd_loss(zz, t, adj, aggregate=aggregate, reduction=reduction, backend="cpp")
+        (first,) = torch.autograd.grad(loss, zz, retain_graph=True)
+        (second,) = torch.autograd.grad(loss, zz)
+        assert torch.equal(first, second)
+        _, want = _reference(z, t, adj, torch.tensor(1.0), aggregate=aggregate, reduction=reduction)
+        torch.testing.assert_close(first, want.float(), rtol=1e-4, atol=1e-6)
+
+
+@needs_cpp
+def test_fused_dense_gradient_accumulates_into_grad():
+    """backward() twice into .grad (the unit buffer handed to autograd is not reused): 2x once."""
+    z, t, adj = _case(torch.float32, 10, "complete", n=4, h1=3, b=5)
+    zz = z.clone().requires_grad_()
+    mhd_fast.mhd_loss(zz, t, adj, reduction="sum", backend="cpp").backward()
+    once = zz.grad.clone()
+    mhd_fast.mhd_loss(zz, t, adj, reduction="sum", backend="cpp").backward()
+    torch.testing.assert_close(zz.grad, 2 * once)
+
+
 # ---- registration, compile, backend choice ------------------------------------------------------
 
 def test_opcheck_every_op(backend):

@@ -297,6 +297,9 @@ def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float
             loss, _, _ = registry.distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx,
                                                    adj, head_offset, tau, include_self, aggregate,
                                                    need_grad, be)
+        elif registry.fused_dense(be):
+            loss = registry.distill_dense(student, teacher.detach(), adj, head_offset, tau, include_self,
+                                          aggregate, need_grad, be)[0]
         else:
             teacher = teacher.detach()
             lse_t, logconf_t = registry.teacher_stats(teacher, tau, be)

@@ -138,6 +138,27 @@ def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj,
                      aggregate=aggregate, grad=grad, lse_z=lse_z)
 
 
+def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, tau: float,
+                  include_self: bool, aggregate: str, need_grad: bool):
+    """Dense teacher, one launch: statistics, teacher choice, loss and (need_grad) the unit
+    gradient τ(q − p̄) of the full student, zeros outside heads head_offset .. head_offset + G.
+
+    student [N, H, B, V], teacher [N, G, B, V] -> (loss, lse_z, unit [N, H, B, V] or empty,
+    lse_t, logconf_t, idx int64), all [N, G, B] in the accumulation dtype but unit and idx."""
+    g = teacher.shape[1]
+    z = student[:, head_offset:head_offset + g]
+    dt = acc_dtype(student, teacher)
+    rows = z.shape[:-1]
+    lse_t, logconf_t, loss, lse_z = (torch.empty(rows, dtype=dt) for _ in range(4))
+    idx = torch.empty(rows, dtype=torch.int64)
+    unit = torch.empty(student.shape, dtype=dt) if need_grad else torch.empty((0,), dtype=dt)
+    _C.distill_dense(_arg("student", z), _arg("teacher", teacher), _arg("adj", adj), float(tau), bool(include_self),
+                     _aggregate_code(aggregate), _CODES[dt], lse_t.data_ptr(), logconf_t.data_ptr(), idx.data_ptr(),
+                     loss.data_ptr(), lse_z.data_ptr(), unit.data_ptr() if need_grad else 0,
+                     list(unit.stride()[:3]) if need_grad else [], student.shape[1], int(head_offset), _threads())
+    return loss, lse_z, unit, lse_t, logconf_t, idx
+
+
 def topk_compress(logits: Tensor, k: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
     """X [R, V] -> (values [R, k] of X/τ descending, accumulation dtype; indices [R, k] int32;
     lse [R] of X/τ). Ties -> lower index first; NaN ranks above every number."""

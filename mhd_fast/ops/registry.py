@@ -33,6 +33,7 @@ its backward (lse of Z/τ for dense teachers). aggregate: "max_confidence" | "me
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 from torch import Tensor
@@ -185,6 +186,87 @@ def _backward_dense(ctx, grad_loss, grad_lse_z, grad_unit):
 
 
 distill_fwd.register_autograd(_backward_dense, setup_context=_setup_dense)
+
+
+# ---- the dense loss in one launch (backends in FUSED_DENSE) ------------------------------------
+#
+# distill_dense: statistics, teacher choice, loss and, when the student needs a gradient, the
+# unit gradient τ(q − p̄) of the full student, from one kernel launch (kernel contract:
+# ``distill_dense(student, teacher, adj, head_offset, tau, include_self, aggregate, need_grad)
+# -> (loss, lse_z, unit, lse_t, logconf_t, idx)``). The backward only scales that buffer by the
+# upstream gradient: not at all for the scalar 1 of ``loss.sum().backward()``, in place for any
+# other finite gradient. The buffer rides on ctx (not saved) and the first backward hands it
+# over, so that autograd may accumulate into it; a second backward through a retained graph
+# runs the same kernel again.
+
+FUSED_DENSE = frozenset({"cpp"})  # backends whose module has distill_dense (a constant: dynamo reads it)
+
+
+def fused_dense(backend: str) -> bool:
+    """Whether the backend computes the dense loss in one launch (distill_dense)."""
+    return backend in FUSED_DENSE
+
+
+@torch.library.custom_op("mhd_fast::distill_dense", mutates_args=())
+def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, tau: float,
+                  include_self: bool, aggregate: str, need_grad: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(kernels(backend).distill_dense(student, teacher, adj, head_offset, tau, include_self,
+                                                aggregate, need_grad))
+
+
+@distill_dense.register_fake
+def _(student, teacher, adj, head_offset, tau, include_self, aggregate, need_grad, backend):
+    dt = acc_dtype(student, teacher)
+    rows = _rows(teacher)
+    unit = student.new_empty(student.shape if need_grad else (0,), dtype=dt)
+    loss, lse_z, lse_t, logconf_t = (student.new_empty(rows, dtype=dt) for _ in range(4))
+    return loss, lse_z, unit, lse_t, logconf_t, student.new_empty(rows, dtype=torch.int64)
+
+
+def _setup_dense_fused(ctx, inputs, output):
+    student, teacher, adj, head_offset, tau, include_self, aggregate, need_grad, backend = inputs
+    _, lse_z, unit, lse_t, logconf_t, idx = output
+    ctx.save_for_backward(student, teacher, adj, idx, lse_z)
+    ctx.mark_non_differentiable(lse_z, unit, lse_t, logconf_t, idx)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody uses
+    ctx.unit = [unit] if need_grad else []
+    ctx.options = (head_offset, tau, include_self, aggregate, backend)
+
+
+def _unit_times_grad(unit: Tensor, grad: Tensor, idx: Tensor, head_offset: int) -> Tensor:
+    """dZ = unit · grad, grad [N, G, B] scaling the rows of heads head_offset.. (the others are
+    0), and exact zeros for clients without a candidate whatever the gradient (NaN or inf
+    included). Eager tensors with a finite gradient are scaled in place: the caller owns unit."""
+    if type(grad) is torch.Tensor and type(unit) is torch.Tensor:  # not traced: host reads, in place
+        if all(s == 0 for s in grad.stride()):  # one scalar, as from loss.sum() or loss.mean()
+            c = float(grad[(0,) * grad.dim()])
+            if math.isfinite(c):
+                return unit if c == 1 else unit.mul_(c)
+        elif bool(torch.isfinite(grad).all()):
+            unit[:, head_offset:head_offset + grad.shape[1]].mul_(grad.unsqueeze(-1))
+            return unit
+    n, h, b, _ = unit.shape
+    g_full = unit.new_zeros((n, h, b, 1))
+    g_full[:, head_offset:head_offset + grad.shape[1], :, 0] = grad
+    has = (idx[:, :1, :1] >= 0).unsqueeze(-1)  # [N, 1, 1, 1]: −1 marks a client without candidate
+    return torch.where(has, unit * g_full, 0)
+
+
+def _backward_dense_fused(ctx, grad_loss, *_):
+    if grad_loss is None:
+        return (None,) * 9
+    student, teacher, adj, idx, lse_z = ctx.saved_tensors
+    head_offset, tau, include_self, aggregate, backend = ctx.options
+    unit = ctx.unit.pop() if ctx.unit else None
+    if unit is None:  # a second backward through a retained graph: the same kernel again
+        unit = distill_dense(student.detach(), teacher, adj, head_offset, tau, include_self, aggregate,
+                             True, backend)[2]
+    d_student = _unit_times_grad(unit, grad_loss.to(lse_z.dtype), idx, head_offset)
+    return (d_student.to(student.dtype),) + (None,) * 8
+
+
+distill_dense.register_autograd(_backward_dense_fused, setup_context=_setup_dense_fused)
 
 
 @torch.library.custom_op("mhd_fast::distill_topk_fwd", mutates_args=())
