@@ -19,6 +19,7 @@
 //   * NaN or +inf in a row -> NaN outputs for that row; −inf = a masked class (p = 0, and
 //     0·log 0 = 0); a row of all −inf has lse = −inf and NaN loss.
 
+constexpr int64_t kStreamBytes = int64_t(4) << 20;  // outputs from this size on bypass the caches
 constexpr int64_t kBlock = 512;  // logits per block of the online softmax: both sweeps hit L1
 
 MHD_INLINE int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -348,10 +349,11 @@ struct KeptTeacher {
 // kl_row and grad_row at once: the loss of one student row and its gradient gs·(q − p) from the
 // same sweep (the teacher's p and the student's log q formed once for both). With a row of one
 // block (V <= kBlock, qbuf of vpad elements) q comes from the terms row_lse kept, q = e·(1/s),
-// instead of a second exp.
+// instead of a second exp. stream: out is a row of A, 16-byte aligned, that takes its whole
+// vectors by non-temporal stores.
 template <class A, class ZIn, class Teacher>
 MHD_INLINE void kl_grad_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teacher& teacher, A gs, A& kl,
-                            A& lse_z, void* out, int dtype, A* qbuf) {
+                            A& lse_z, void* out, int dtype, A* qbuf, bool stream = false) {
   using L = Lanes<A>;
   using Vec = typename L::V;
   constexpr int W = L::W;
@@ -367,7 +369,9 @@ MHD_INLINE void kl_grad_row(const ZIn* z, int64_t V, const Scale<A>& sc, const T
     teacher.get(v, n, p, lp);
     acc += p != Vec{} ? p * (lp - lq) : Vec{};
     const Vec q = kept ? L::load(qbuf + v, n, 0) * inv_s : L::exp(lq);
-    store_row<A>(out, dtype, v, k * (q - p), n);
+    if (!stream) store_row<A>(out, dtype, v, k * (q - p), n);
+    else if (n == W) L::stream(static_cast<A*>(out) + v, k * (q - p));
+    else L::stream(static_cast<A*>(out) + v, k * (q - p), n);
   });
   kl = L::sum(acc);
 }
@@ -687,6 +691,13 @@ void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
     return grad + (n * out.grad_stride[0] + h * out.grad_stride[1] + b * out.grad_stride[2]) * gsize;
   };
 
+  // A gradient larger than the caches (MHD_STREAM_BYTES) is written past them, row by row where
+  // each row starts 16-byte aligned: no line is read for ownership first, a quarter of the
+  // launch's memory traffic at small V.
+  const bool stream = grad != nullptr && N * out.heads * B * V * gsize >= kStreamBytes &&
+                      (reinterpret_cast<uintptr_t>(grad) % 16 == 0) &&
+                      (out.grad_stride[0] * gsize) % 16 == 0 && (out.grad_stride[1] * gsize) % 16 == 0 &&
+                      (out.grad_stride[2] * gsize) % 16 == 0;
   for_tiles(G * nb, nt, [&](int64_t tile, int tid) {
     const int64_t g = tile / nb, b0 = (tile % nb) * bb, b1 = min64(B, b0 + bb);
     A* zbuf = scratch.data() + tid * share;
@@ -736,7 +747,7 @@ void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
         void* dz = grad != nullptr ? grad_row_ptr(n, out.head_offset + g, b) : nullptr;
         const auto finish = [&](const auto& teacher) {
           A kl, l;
-          if (dz != nullptr) kl_grad_row(z, V, sc, teacher, tau, kl, l, dz, out.grad_dtype, qbuf);
+          if (dz != nullptr) kl_grad_row(z, V, sc, teacher, tau, kl, l, dz, out.grad_dtype, qbuf, stream);
           else kl_row(z, V, sc, teacher, kl, l);
           loss[r] = tau * tau * kl;
           lse_z[r] = l;
@@ -758,11 +769,20 @@ void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
           else finish(LogitTeacher<A, TIn>{t, sc, lse});
         }
       }
-    if (grad != nullptr && g == 0)  // the heads that do not learn: zeros, by the tiles of group 0
-      for (int64_t n = 0; n < N; ++n)
+    if (grad != nullptr) {  // the heads that do not learn: zeros, client n's by the tiles of group n mod G
+      for (int64_t n = g; n < N; n += G)
         for (int64_t h = 0; h < out.heads; ++h)
           if (h < out.head_offset || h >= out.head_offset + G)
-            for (int64_t b = b0; b < b1; ++b) std::memset(grad_row_ptr(n, h, b), 0, V * gsize);
+            for (int64_t b = b0; b < b1; ++b) {
+              A* d = static_cast<A*>(grad_row_ptr(n, h, b));
+              if (stream) for_vectors<L::W>(0, V, [&](int64_t v, auto w) {
+                if (w == L::W) L::stream(d + v, L::splat(0));
+                else L::stream(d + v, L::splat(0), w);
+              });
+              else std::memset(d, 0, V * gsize);
+            }
+      if (stream) fence();
+    }
   });
 }
 

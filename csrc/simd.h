@@ -237,6 +237,31 @@ template <> struct Lanes<float> {
   }
 
   static MHD_INLINE void store(float* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
+  // A whole vector to a 16-byte aligned p past the caches (non-temporal: no read for
+  // ownership of the line); the writer calls fence() before the data are read elsewhere.
+  static MHD_INLINE void stream(float* p, V v) {
+#if defined(MHD_AVX2)
+    _mm_stream_ps(p, _mm256_castps256_ps128((__m256)v));
+    _mm_stream_ps(p + 4, _mm256_extractf128_ps((__m256)v, 1));
+#elif defined(__SSE__)
+    _mm_stream_ps(p, (__m128)v);
+#else
+    store(p, v);
+#endif
+  }
+  // The first n < W lanes of v to p, past the caches too (16-byte pieces, then single lanes),
+  // so that a row's lines are all written one way: a line half streamed, half cached is slow.
+  static MHD_INLINE void stream(float* p, V v, int n) {
+#if defined(__SSE2__)
+    float tmp[W];
+    __builtin_memcpy(tmp, &v, sizeof v);
+    int l = 0;
+    for (; l + 4 <= n; l += 4) _mm_stream_ps(p + l, _mm_loadu_ps(tmp + l));
+    for (; l < n; ++l) _mm_stream_si32(reinterpret_cast<int*>(p + l), (int)as_bits(tmp[l]));
+#else
+    store(p, v, n);
+#endif
+  }
   static MHD_INLINE void store(bf16* p, V v) { const vh h = float_to_bf16(v); __builtin_memcpy(p, &h, sizeof h); }
   static MHD_INLINE void store(f16* p, V v) { const vh h = float_to_half(v); __builtin_memcpy(p, &h, sizeof h); }
   // The first n ≤ W lanes of v into p; never writes past p[n − 1].
@@ -270,9 +295,17 @@ template <> struct Lanes<double> {
   static MHD_INLINE V load(const In* p, int = 1, double = 0) { return to_acc<double>(*p); }
   static MHD_INLINE void store(float* p, V v, int = 1) { *p = (float)v; }
   static MHD_INLINE void store(double* p, V v, int = 1) { *p = v; }
+  static MHD_INLINE void stream(double* p, V v, int = 1) { *p = v; }
   static MHD_INLINE void store(f16* p, V v, int = 1) { p->bits = float_to_half((float)v); }
   static MHD_INLINE void store(bf16* p, V v, int = 1) { p->bits = float_to_bf16((float)v); }
 };
+
+// Orders the non-temporal stores (stream) of this thread before what follows.
+MHD_INLINE void fence() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
+}
 
 // Scalar exp / log in the accumulation type (per-row and per-block bookkeeping).
 MHD_INLINE float sexp(float x) { return __builtin_expf(x); }

@@ -473,6 +473,46 @@ def test_fused_dense_backward_for_every_upstream_gradient(aggregate):
 
 
 @needs_cpp
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+def test_fused_dense_eager_twin_equals_the_custom_op(aggregate, monkeypatch):
+    """In plain eager mode mhd_loss calls distill_dense's autograd.Function twin instead of the
+    custom op (no dispatcher round trip); both give the same bits, forward and backward."""
+    z, t, adj = _case(torch.float32, 12, "lonely", n=5, h1=4, b=7, seed=5)
+    grad_out = torch.rand(5, 3, 7, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        zz = z.clone().requires_grad_()
+        loss = mhd_fast.mhd_loss(zz, t, adj, aggregate=aggregate, tau=2.0, backend="cpp")
+        (g,) = torch.autograd.grad(loss, zz, grad_out)
+        with torch.no_grad():
+            nograd = mhd_fast.mhd_loss(zz, t, adj, aggregate=aggregate, tau=2.0, backend="cpp")
+        return loss.detach(), g, nograd
+
+    calls = []
+    apply = registry._DenseFused.apply
+    monkeypatch.setattr(registry._DenseFused, "apply", lambda *args: calls.append(1) or apply(*args))
+    twin = run()
+    assert calls, "plain eager mode should take the twin"
+    monkeypatch.setattr(registry, "_plain_eager", lambda *tensors: False)
+    op = run()
+    assert len(calls) == 1
+    for a, b_ in zip(twin, op):
+        assert torch.equal(a, b_)
+
+
+@needs_cpp
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("v", [100, 101])
+def test_fused_dense_large_gradient_past_the_caches(v, reduction):
+    """A gradient of 4 MiB or more goes out by non-temporal stores where its rows start 16-byte
+    aligned (V = 100: whole vectors and a 4-lane tail) and by cached stores where they do not
+    (V = 101); both against the reference."""
+    z, t, adj = _case(torch.float32, v, "lonely", n=16, h1=3, b=220)
+    assert z.numel() * 4 >= 4 << 20
+    _assert_matches_reference(z, t, adj, "cpp", reduction=reduction)
+
+
+@needs_cpp
 def test_fused_dense_gradient_accumulates_into_grad():
     """backward() twice into .grad (the unit buffer handed to autograd is not reused): 2x once."""
     z, t, adj = _case(torch.float32, 10, "complete", n=4, h1=3, b=5)

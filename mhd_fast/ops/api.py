@@ -298,8 +298,8 @@ def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float
                                                    adj, head_offset, tau, include_self, aggregate,
                                                    need_grad, be)
         elif registry.fused_dense(be):
-            loss = registry.distill_dense(student, teacher.detach(), adj, head_offset, tau, include_self,
-                                          aggregate, need_grad, be)[0]
+            loss = registry.dense_loss(student, teacher.detach(), adj, head_offset, tau, include_self,
+                                       aggregate, need_grad, be)
         else:
             teacher = teacher.detach()
             lse_t, logconf_t = registry.teacher_stats(teacher, tau, be)
