@@ -760,7 +760,18 @@ void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
           lse_z[r] = l;
           if (dz != nullptr) std::memset(dz, 0, V * gsize);
         } else if (aggregated) {
-          aggregate_logits<A, TIn>(a, cand, n, g, b, V, sc, gather, tbuf, pbuf);
+          if (keep) {  // p̄ = Σ_j w_j p_j from the candidates' kept terms, p_j = e_j·(1/s_j)
+            const Weights<A> weight(a.logconf_t, a.aggregate, cand, n, g, b);
+            for (int64_t v = 0; v < vpad; v += L::W) L::store(pbuf + v, L::splat(0), L::W);
+            for (const int64_t* c = cand.begin(n); c != cand.end(n); ++c) {
+              const typename L::V w = L::splat(weight(*c) * inv_s[slot(*c, b)]);
+              const A* e = terms + slot(*c, b) * vpad;
+              for (int64_t v = 0; v < vpad; v += L::W)
+                L::store(pbuf + v, L::load(pbuf + v, L::W, 0) + w * L::load(e + v, L::W, 0), L::W);
+            }
+          } else {
+            aggregate_logits<A, TIn>(a, cand, n, g, b, V, sc, gather, tbuf, pbuf);
+          }
           finish(ProbTeacher<A>{pbuf});
         } else {
           const TIn* t = row<TIn>(a.t, j, g, b, V, gather, tbuf);
