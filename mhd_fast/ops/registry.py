@@ -20,6 +20,11 @@ over the flat row space of all clients × groups × rows (no Python loop over cl
   topk_compress(X[R,V], k, tau) -> (values[R,K], indices[R,K] int32, lse[R])
   FUSED_GRAD: bool  (module attribute) whether distill_*_fwd accepts grad_out
 
+and, for the backends in FUSED_DENSE (cpp), the dense loss in one launch:
+
+  distill_dense(Z[N,H,B,V], T[N,G,B,V], adj, head_offset, tau, include_self, aggregate, need_grad)
+      -> (loss, lse_z, unit[N,H,B,V] or empty, lse_t, logconf_t, idx)
+
 Z, T: [N, G, B, V], any strides, fp32/fp16/bf16/fp64, dtypes may differ. values: [N, G, B, K]
 in the accumulation dtype, indices int32, lse_t / logconf_t / lse_z / grad / loss: [N, G, B] in
 the accumulation dtype (fp64 if Z or T is fp64, else fp32). ``out``: a tensor of Z's shape
