@@ -409,6 +409,32 @@ def test_nan_and_inf_in_topk_compress(backend):
         torch.testing.assert_close(got.lse[3], want.lse[3])
 
 
+@needs_cpp
+@pytest.mark.parametrize("v", range(1, 18))
+def test_topk_compress_small_rows_every_k(isa, v):
+    """Rows of up to 16 classes take the cpp kernel's rank path (17 the offers), on every ISA
+    build the CPU runs: every k against
+    the reference, exact, with ties, NaN (above every number, by index), ±inf and −0 = +0; lse
+    NaN for a row with NaN or +inf, as documented for the compiled backends."""
+    x = with_topk_ties(make_logits((40, v), seed=100 + v))
+    specials = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0]
+    g = torch.Generator().manual_seed(v)
+    for r in range(0, 40, 3):
+        cols = torch.randint(0, v, (min(v, 3),), generator=g)
+        for c, val in zip(cols.tolist(), specials[r % 5:] + specials[:r % 5]):
+            x[r, c] = val
+    x[39] = float("-inf")
+    for k in range(1, v + 1):
+        want = mhd_fast.topk_compress(x, k, tau=0.5, backend="torch")
+        got = mhd_fast.topk_compress(x, k, tau=0.5, backend="cpp")
+        assert torch.equal(got.indices, want.indices)
+        assert torch.equal(torch.isnan(got.values), torch.isnan(want.values))
+        assert torch.equal(torch.nan_to_num(got.values), torch.nan_to_num(want.values))
+        bad = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1)  # lse NaN by design (docs of cpp.py)
+        assert torch.isnan(got.lse[bad]).all()
+        torch.testing.assert_close(got.lse[~bad], want.lse[~bad], rtol=2e-6, atol=2e-6)
+
+
 # ---- the one-launch dense loss of cpp ----------------------------------------------------------
 
 @needs_cpp
