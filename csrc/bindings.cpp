@@ -116,6 +116,22 @@ void expect_range(const View& v, int ndim, int64_t lo, int64_t hi, const char* n
   }
 }
 
+// adj [N, N] bool (N = the student's clients), τ > 0, the aggregate and the thread count, checked, into a.
+void graph_args(DistillArgs& a, const TensorArg& adj, double tau, bool include_self, int aggregate, int threads) {
+  a.adj = view(adj, "adj", 2);
+  expect_dtype(a.adj, "adj", {BOOL}, "bool");
+  if (a.adj.size[0] != a.z.size[0] || a.adj.size[1] != a.z.size[0])
+    throw py::value_error("adj must have shape [N, N] with N = " + std::to_string(a.z.size[0]) + ", got " +
+                          dims(a.adj, 2));
+  if (!(tau > 0)) throw py::value_error("tau must be > 0, got " + std::to_string(tau));
+  if (aggregate < MAX_CONFIDENCE || aggregate > CONFIDENCE_WEIGHTED)
+    throw py::value_error("aggregate must be 0 (max_confidence), 1 (mean) or 2 (confidence_weighted)");
+  a.tau = tau;
+  a.include_self = include_self;
+  a.aggregate = aggregate;
+  a.threads = threads;
+}
+
 // The arguments shared by the forward and backward of the distillation loss, checked.
 DistillArgs distill_args(const TensorArg& z, const std::optional<TensorArg>& t,
                          const std::optional<TensorArg>& values, const std::optional<TensorArg>& indices,
@@ -149,25 +165,14 @@ DistillArgs distill_args(const TensorArg& z, const std::optional<TensorArg>& t,
   a.lse_t = view(lse_t, "lse_t", 3);
   a.logconf_t = view(logconf_t, "logconf_t", 3);
   a.idx = view(idx, "idx", 3);
-  a.adj = view(adj, "adj", 2);
   expect_acc(a.lse_t, "lse_t", acc);
   expect_acc(a.logconf_t, "logconf_t", acc);
   expect_dtype(a.idx, "idx", {I64}, "int64");
-  expect_dtype(a.adj, "adj", {BOOL}, "bool");
   expect_rows(a.lse_t, "lse_t", a.z, 3);
   expect_rows(a.logconf_t, "logconf_t", a.z, 3);
   expect_rows(a.idx, "idx", a.z, 3);
-  if (a.adj.size[0] != a.z.size[0] || a.adj.size[1] != a.z.size[0])
-    throw py::value_error("adj must have shape [N, N] with N = " + std::to_string(a.z.size[0]) + ", got " +
-                          dims(a.adj, 2));
   expect_range<int64_t>(a.idx, 3, -1, a.z.size[0], "idx");
-  if (!(tau > 0)) throw py::value_error("tau must be > 0, got " + std::to_string(tau));
-  if (aggregate < MAX_CONFIDENCE || aggregate > CONFIDENCE_WEIGHTED)
-    throw py::value_error("aggregate must be 0 (max_confidence), 1 (mean) or 2 (confidence_weighted)");
-  a.tau = tau;
-  a.include_self = include_self;
-  a.aggregate = aggregate;
-  a.threads = threads;
+  graph_args(a, adj, tau, include_self, aggregate, threads);
   return a;
 }
 
@@ -281,22 +286,11 @@ PYBIND11_MODULE(_C, m) {
         expect_acc_code(acc);
         a.z = view(z, "student", 4);
         a.t = view(t, "teacher", 4);
-        a.adj = view(adj, "adj", 2);
         expect_float(a.z, "student");
         expect_float(a.t, "teacher");
-        expect_dtype(a.adj, "adj", {BOOL}, "bool");
         if (a.z.size[3] < 1) throw py::value_error("student must have V >= 1 classes");
         expect_rows(a.t, "teacher", a.z, 4);
-        if (a.adj.size[0] != a.z.size[0] || a.adj.size[1] != a.z.size[0])
-          throw py::value_error("adj must have shape [N, N] with N = " + std::to_string(a.z.size[0]) + ", got " +
-                                dims(a.adj, 2));
-        if (!(tau > 0)) throw py::value_error("tau must be > 0, got " + std::to_string(tau));
-        if (aggregate < MAX_CONFIDENCE || aggregate > CONFIDENCE_WEIGHTED)
-          throw py::value_error("aggregate must be 0 (max_confidence), 1 (mean) or 2 (confidence_weighted)");
-        a.tau = tau;
-        a.include_self = include_self;
-        a.aggregate = aggregate;
-        a.threads = threads;
+        graph_args(a, adj, tau, include_self, aggregate, threads);
         FusedOut out;
         out.lse_t = ptr(lse_t);
         out.logconf_t = ptr(logconf_t);

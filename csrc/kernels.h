@@ -290,31 +290,6 @@ struct ProbTeacher {  // an aggregated distribution p̄ [V] in a buffer
   MHD_INLINE Vec prob(int64_t v, int n) const { return L::load(p + v, n, 0); }
 };
 
-// One student row z against one teacher distribution p:
-//   lse_z = logsumexp(z/τ) by row_lse (one exp per logit), then
-//   KL(p‖q) = Σ_{p≠0} p (log p − log q), log q = z/τ − lse_z, in one sweep over z and the
-//   teacher (one exp per logit for p; the student row is re-read from cache).
-// Each term is a difference of log-probabilities, so a KL near 0 keeps its relative precision.
-// The test is p ≠ 0, not p > 0, so that a NaN teacher shows as a NaN loss; a student row of
-// NaN, +inf or all −inf has lse_z NaN or −inf and gives NaN.
-template <class A, class ZIn, class Teacher>
-MHD_INLINE void kl_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teacher& teacher, A& kl,
-                       A& lse_z) {
-  using L = Lanes<A>;
-  using Vec = typename L::V;
-  constexpr int W = L::W;
-  A m;
-  row_lse(z, V, sc, m, lse_z);
-  Vec acc = L::splat(0);
-  for_vectors<W>(0, V, [&](int64_t v, auto n) {
-    const Vec lq = sc(L::load(z + v, n, -kInf)) - lse_z;
-    Vec p, lp;
-    teacher.get(v, n, p, lp);
-    acc += p != Vec{} ? p * (lp - lq) : Vec{};
-  });
-  kl = L::sum(acc);
-}
-
 // dL/dz_v = g·τ·(q_v − p_v) with q_v = e^(z_v/τ − lse_z), written in Z's dtype.
 template <class A, class ZIn, class Teacher>
 MHD_INLINE void grad_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teacher& teacher, A lse_z,
@@ -346,19 +321,26 @@ struct KeptTeacher {
   MHD_INLINE Vec prob(int64_t v, int n) const { return L::load(e + v, n, 0) * L::splat(inv_s); }
 };
 
-// kl_row and grad_row at once: the loss of one student row and its gradient gs·(q − p) from the
-// same sweep (the teacher's p and the student's log q formed once for both). With a row of one
-// block (V <= kBlock, qbuf of vpad elements) q comes from the terms row_lse kept, q = e·(1/s),
-// instead of a second exp. stream: out is a row of A, 16-byte aligned, that takes its whole
-// vectors by non-temporal stores.
-template <class A, class ZIn, class Teacher>
-MHD_INLINE void kl_grad_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teacher& teacher, A gs, A& kl,
-                            A& lse_z, void* out, int dtype, A* qbuf, bool stream = false) {
+// One student row z against one teacher distribution p (kl_row), and with it the gradient
+// gs·(q − p) of the row (kl_grad_row):
+//   lse_z = logsumexp(z/τ) by row_lse (one exp per logit), then
+//   KL(p‖q) = Σ_{p≠0} p (log p − log q), log q = z/τ − lse_z, in one sweep over z and the
+//   teacher (one exp per logit for p unless the teacher kept its terms; the student row is
+//   re-read from cache).
+// Each term is a difference of log-probabilities, so a KL near 0 keeps its relative precision.
+// The test is p ≠ 0, not p > 0, so that a NaN teacher shows as a NaN loss; a student row of
+// NaN, +inf or all −inf has lse_z NaN or −inf and gives NaN. The gradient comes from the same
+// sweep; with a row of one block (V <= kBlock, qbuf of vpad elements) q comes from the terms
+// row_lse kept, q = e·(1/s), instead of a second exp. stream: out is a row of A, 16-byte
+// aligned, that takes its whole vectors by non-temporal stores.
+template <bool Grad, class A, class ZIn, class Teacher>
+MHD_INLINE void kl_sweep(const ZIn* z, int64_t V, const Scale<A>& sc, const Teacher& teacher, A gs, A& kl,
+                         A& lse_z, void* out, int dtype, A* qbuf, bool stream) {
   using L = Lanes<A>;
   using Vec = typename L::V;
   constexpr int W = L::W;
   A m, s;
-  const bool kept = qbuf != nullptr && V <= kBlock;
+  const bool kept = Grad && qbuf != nullptr && V <= kBlock;
   row_lse(z, V, sc, m, lse_z, static_cast<const A*>(nullptr), static_cast<A*>(nullptr), NoFeed{},
           kept ? qbuf : nullptr, &s);
   const Vec k = L::splat(gs), inv_s = L::splat(A(1) / s);
@@ -368,12 +350,26 @@ MHD_INLINE void kl_grad_row(const ZIn* z, int64_t V, const Scale<A>& sc, const T
     Vec p, lp;
     teacher.get(v, n, p, lp);
     acc += p != Vec{} ? p * (lp - lq) : Vec{};
-    const Vec q = kept ? L::load(qbuf + v, n, 0) * inv_s : L::exp(lq);
-    if (!stream) store_row<A>(out, dtype, v, k * (q - p), n);
-    else if (n == W) L::stream(static_cast<A*>(out) + v, k * (q - p));
-    else L::stream(static_cast<A*>(out) + v, k * (q - p), n);
+    if constexpr (Grad) {
+      const Vec q = kept ? L::load(qbuf + v, n, 0) * inv_s : L::exp(lq);
+      if (!stream) store_row<A>(out, dtype, v, k * (q - p), n);
+      else if (n == W) L::stream(static_cast<A*>(out) + v, k * (q - p));
+      else L::stream(static_cast<A*>(out) + v, k * (q - p), n);
+    }
   });
   kl = L::sum(acc);
+}
+
+template <class A, class ZIn, class Teacher>
+MHD_INLINE void kl_grad_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teacher& teacher, A gs, A& kl,
+                            A& lse_z, void* out, int dtype, A* qbuf, bool stream = false) {
+  kl_sweep<true>(z, V, sc, teacher, gs, kl, lse_z, out, dtype, qbuf, stream);
+}
+
+template <class A, class ZIn, class Teacher>
+MHD_INLINE void kl_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teacher& teacher, A& kl,
+                       A& lse_z) {
+  kl_sweep<false>(z, V, sc, teacher, A(0), kl, lse_z, nullptr, F32, static_cast<A*>(nullptr), false);
 }
 
 // ---- candidates and aggregation ---------------------------------------------------------------
