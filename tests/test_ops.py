@@ -681,3 +681,13 @@ def test_kernel_launchers_check_what_memory_safety_needs():
         registry.select(logconf_t, adj[:2, :2], False, "cpp")
     with pytest.raises(ValueError, match="aggregate"):
         registry.distill_fwd(z, ts, lse_t, logconf_t, idx, adj, 1, 1.0, False, "mode", False, "cpp")
+    with pytest.raises(ValueError, match="teacher"):
+        registry.distill_dense(z, ts[:, :, :2], adj, 1, 1.0, False, "max_confidence", True, "cpp")
+    with pytest.raises(ValueError, match="teacher"):  # groups past the student's heads
+        registry.distill_dense(z, ts, adj, 2, 1.0, False, "max_confidence", True, "cpp")
+    with pytest.raises(ValueError, match="adj"):
+        registry.distill_dense(z, ts, adj[:2, :2], 1, 1.0, False, "max_confidence", True, "cpp")
+    with pytest.raises(ValueError, match="tau"):
+        registry.distill_dense(z, ts, adj, 1, 0.0, False, "max_confidence", True, "cpp")
+    with pytest.raises(ValueError, match="aggregate"):
+        registry.distill_dense(z, ts, adj, 1, 1.0, False, "mode", True, "cpp")
