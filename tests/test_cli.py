@@ -136,3 +136,15 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     a = _without_time(json.loads((whole / "metrics.json").read_text()))
     b = _without_time(json.loads((cut / "metrics.json").read_text()))
     assert a == b
+
+
+def test_keep_freed_memory_leaves_the_users_malloc_settings(monkeypatch):
+    """The command keeps freed memory in glibc's heap (no page faults for each large tensor of
+    a step), unless the user set glibc's own knobs."""
+    import platform
+    for var in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+        monkeypatch.setenv(var, "131072")
+        assert cli.keep_freed_memory() is False
+        monkeypatch.delenv(var)
+    if platform.libc_ver()[0] == "glibc":
+        assert cli.keep_freed_memory() is True
