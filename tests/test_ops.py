@@ -453,8 +453,8 @@ def test_fused_dense_matches_the_separate_kernels(aggregate, v):
     want_idx, _ = registry.select(want_logconf_t, adj, False, "cpp")
     assert torch.equal(lse_t, want_lse_t) and torch.equal(logconf_t, want_logconf_t)
     assert torch.equal(idx, want_idx)
-    want_loss, want_lse_z, _ = registry.distill_fwd(z, t, lse_t, logconf_t, idx, adj, 1, tau, False,
-                                                    aggregate, False, "cpp")
+    want_loss, want_lse_z = registry.distill_fwd(z, t, lse_t, logconf_t, idx, adj, 1, tau, False,
+                                                 aggregate, "cpp")
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse_z, want_lse_z, rtol=1e-6, atol=1e-6)
     want_unit = registry.distill_bwd(torch.ones_like(loss), z, t, lse_t, logconf_t, idx, adj, lse_z, 1,
@@ -669,18 +669,18 @@ def test_kernel_launchers_check_what_memory_safety_needs():
     lse_t, logconf_t = registry.teacher_stats(ts, 1.0, "cpp")
     idx, _ = registry.select(logconf_t, adj, False, "cpp")
     with pytest.raises(ValueError, match="idx"):
-        registry.distill_fwd(z, ts, lse_t, logconf_t, idx + 5, adj, 1, 1.0, False, "max_confidence", False, "cpp")
+        registry.distill_fwd(z, ts, lse_t, logconf_t, idx + 5, adj, 1, 1.0, False, "max_confidence", "cpp")
     values, indices, plse = registry.topk_compress(ts.reshape(-1, 6), 2, 1.0, "cpp")
     values, indices = values.reshape(3, 2, 4, 2), indices.reshape(3, 2, 4, 2)
     with pytest.raises(ValueError, match="indices"):
         registry.distill_topk_fwd(z, values, indices - 1, plse.reshape(3, 2, 4), logconf_t, idx, adj, 1, 1.0,
-                                  False, "max_confidence", False, "cpp")
+                                  False, "max_confidence", "cpp")
     with pytest.raises(ValueError, match="lse_t"):
-        registry.distill_fwd(z, ts, lse_t[:, :1], logconf_t, idx, adj, 1, 1.0, False, "max_confidence", False, "cpp")
+        registry.distill_fwd(z, ts, lse_t[:, :1], logconf_t, idx, adj, 1, 1.0, False, "max_confidence", "cpp")
     with pytest.raises(ValueError, match="adj"):
         registry.select(logconf_t, adj[:2, :2], False, "cpp")
     with pytest.raises(ValueError, match="aggregate"):
-        registry.distill_fwd(z, ts, lse_t, logconf_t, idx, adj, 1, 1.0, False, "mode", False, "cpp")
+        registry.distill_fwd(z, ts, lse_t, logconf_t, idx, adj, 1, 1.0, False, "mode", "cpp")
     with pytest.raises(ValueError, match="teacher"):
         registry.distill_dense(z, ts[:, :, :2], adj, 1, 1.0, False, "max_confidence", True, "cpp")
     with pytest.raises(ValueError, match="teacher"):  # groups past the student's heads

@@ -287,26 +287,24 @@ def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float
                                            aggregate=aggregate)
     else:
         from . import registry
-        need_grad = torch.is_grad_enabled() and student.requires_grad
         if isinstance(teacher, TopKLogits):
             dt = acc_dtype(student, teacher.values, teacher.lse)
             values = teacher.values.detach().to(dt)
             indices = teacher.indices.detach().to(torch.int32)
             lse_t, logconf_t = reference.packet_stats(values, teacher.lse.detach())
             idx, _ = registry.select(logconf_t, adj, include_self, be)
-            loss, _, _ = registry.distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx,
-                                                   adj, head_offset, tau, include_self, aggregate,
-                                                   need_grad, be)
+            loss, _ = registry.distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj,
+                                                head_offset, tau, include_self, aggregate, be)
         elif registry.fused_dense(be):
+            need_grad = torch.is_grad_enabled() and student.requires_grad
             loss = registry.dense_loss(student, teacher.detach(), adj, head_offset, tau, include_self,
                                        aggregate, need_grad, be)
         else:
             teacher = teacher.detach()
             lse_t, logconf_t = registry.teacher_stats(teacher, tau, be)
             idx, _ = registry.select(logconf_t, adj, include_self, be)
-            loss, _, _ = registry.distill_fwd(student, teacher, lse_t, logconf_t, idx, adj,
-                                              head_offset, tau, include_self, aggregate, need_grad,
-                                              be)
+            loss, _ = registry.distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, head_offset,
+                                           tau, include_self, aggregate, be)
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":

@@ -45,9 +45,6 @@ def _aggregate_code(aggregate: str) -> int:
     return AGGREGATES.index(aggregate)
 
 
-FUSED_GRAD = False
-
-
 def _threads() -> int:
     return torch.get_num_threads()
 

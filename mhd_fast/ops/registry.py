@@ -9,16 +9,14 @@ over the flat row space of all clients × groups × rows (no Python loop over cl
 
   teacher_stats(T[N,G,B,V], tau) -> (lse[N,G,B], logconf[N,G,B])
   select(logconf[N,G,B], adj[N,N] bool, include_self) -> (idx[N,G,B] int64, -1 = none; has[N] bool)
-  distill_fwd(Z, T, lse_t, logconf_t, idx, adj, tau, include_self, aggregate[, grad_out])
-      -> (loss, lse_z)
+  distill_fwd(Z, T, lse_t, logconf_t, idx, adj, tau, include_self, aggregate) -> (loss, lse_z)
   distill_bwd(grad, Z, T, lse_t, logconf_t, idx, adj, lse_z, tau, include_self, aggregate, out)
       -> out
   distill_topk_fwd(Z, values, indices, lse_t, logconf_t, idx, adj, tau, include_self,
-                   aggregate[, grad_out]) -> (loss, lse_z)
+                   aggregate) -> (loss, lse_z)
   distill_topk_bwd(grad, Z, values, indices, lse_t, logconf_t, idx, adj, lse_z, tau,
                    include_self, aggregate, out) -> out
   topk_compress(X[R,V], k, tau) -> (values[R,K], indices[R,K] int32, lse[R])
-  FUSED_GRAD: bool  (module attribute) whether distill_*_fwd accepts grad_out
 
 and, for the backends in FUSED_DENSE (cpp), the dense loss in one launch:
 
@@ -29,9 +27,7 @@ Z, T: [N, G, B, V], any strides, fp32/fp16/bf16/fp64, dtypes may differ. values:
 in the accumulation dtype, indices int32, lse_t / logconf_t / lse_z / grad / loss: [N, G, B] in
 the accumulation dtype (fp64 if Z or T is fp64, else fp32). ``out``: a tensor of Z's shape
 and dtype, any strides, that the backward fills with dZ = grad·τ·(q − p̄) (the bucket formula
-for max_confidence packets). ``grad_out``: a tensor of Z's shape in the accumulation dtype,
-any strides, that a FUSED_GRAD forward fills with the unit gradient τ(q − p̄) (grad = 1), 0 for
-clients with no candidate. The second forward output is the backend's own row statistic for
+for max_confidence packets). The second forward output is the backend's own row statistic for
 its backward (lse of Z/τ for dense teachers). aggregate: "max_confidence" | "mean" |
 "confidence_weighted". Inputs are never written; every element of every output is.
 """
@@ -85,30 +81,11 @@ def _(logconf, adj, include_self, backend):
 # g is head ``head_offset + g`` (mhd_loss: offset 1, the aux heads). The backward then writes the
 # whole gradient at once, zeros in the other heads, instead of autograd zero-filling a full
 # tensor and copying a slice into it.
-#
-# need_grad: the student needs a gradient. A backend with ``FUSED_GRAD = True`` then writes the
-# unit gradient τ(q − p̄) in the forward pass (``grad_out=``, reusing the pass's exponentials)
-# and the backward only scales it by the upstream gradient; other backends recompute in a
-# backward kernel. ``unit_grad`` is [N, H, B, V] in the accumulation dtype, or empty.
 
 
 def _groups(student: Tensor, teacher_rows: Tensor, head_offset: int) -> Tensor:
     """The student heads that learn: student[:, head_offset : head_offset + G] (a view)."""
     return student[:, head_offset:head_offset + teacher_rows.shape[1]]
-
-
-def _fused_grad(backend: str, need_grad: bool) -> bool:
-    return need_grad and kernels(backend).FUSED_GRAD
-
-
-def _unit_grad_buffer(student: Tensor, head_offset: int, g: int, dt: torch.dtype, fused: bool) -> Tensor:
-    """The full-shape unit-gradient buffer (zeros outside the learning heads), or an empty tensor."""
-    if not fused:
-        return student.new_empty((0,), dtype=dt)
-    buf = torch.empty(student.shape, dtype=dt, device=student.device)
-    buf[:, :head_offset].zero_()
-    buf[:, head_offset + g:].zero_()
-    return buf
 
 
 def _grad_buffer(student: Tensor, head_offset: int, g: int) -> Tensor:
@@ -119,39 +96,23 @@ def _grad_buffer(student: Tensor, head_offset: int, g: int) -> Tensor:
     return d
 
 
-def _scale_unit_grad(unit_grad: Tensor, grad: Tensor, head_offset: int, dtype: torch.dtype) -> Tensor:
-    """dZ = unit_grad · grad per row (grad [N, G, B] is 0 outside the learning heads)."""
-    n, h, b, _ = unit_grad.shape
-    g_full = unit_grad.new_zeros((n, h, b, 1))
-    g_full[:, head_offset:head_offset + grad.shape[1], :, 0] = grad
-    return (unit_grad * g_full).to(dtype)
-
-
-def _fake_fwd(student, teacher_rows, head_offset, dt, fused):
+def _fake_fwd(student, teacher_rows, dt):
     rows = (student.shape[0], teacher_rows.shape[1], student.shape[2])
-    unit = (student.new_empty(student.shape, dtype=dt) if fused
-            else student.new_empty((0,), dtype=dt))
-    return student.new_empty(rows, dtype=dt), student.new_empty(rows, dtype=dt), unit
+    return student.new_empty(rows, dtype=dt), student.new_empty(rows, dtype=dt)
 
 
 @torch.library.custom_op("mhd_fast::distill_fwd", mutates_args=())
 def distill_fwd(student: Tensor, teacher: Tensor, lse_t: Tensor, logconf_t: Tensor, idx: Tensor,
                 adj: Tensor, head_offset: int, tau: float, include_self: bool, aggregate: str,
-                need_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    z = _groups(student, teacher, head_offset)
-    dt = acc_dtype(student, teacher)
-    unit = _unit_grad_buffer(student, head_offset, teacher.shape[1], dt, _fused_grad(backend, need_grad))
-    extra = {"grad_out": _groups(unit, teacher, head_offset)} if unit.numel() else {}
-    loss, lse_z = kernels(backend).distill_fwd(z, teacher, lse_t, logconf_t, idx, adj, tau,
-                                               include_self, aggregate, **extra)
-    return loss, lse_z, unit
+                backend: str) -> tuple[Tensor, Tensor]:
+    return kernels(backend).distill_fwd(_groups(student, teacher, head_offset), teacher, lse_t,
+                                        logconf_t, idx, adj, tau, include_self, aggregate)
 
 
 @distill_fwd.register_fake
 def _(student, teacher, lse_t, logconf_t, idx, adj, head_offset, tau, include_self, aggregate,
-      need_grad, backend):
-    return _fake_fwd(student, teacher, head_offset, acc_dtype(student, teacher),
-                     _fused_grad(backend, need_grad))
+      backend):
+    return _fake_fwd(student, teacher, acc_dtype(student, teacher))
 
 
 @torch.library.custom_op("mhd_fast::distill_bwd", mutates_args=())
@@ -172,22 +133,17 @@ def _(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z, head_offset, ta
 
 
 def _setup_dense(ctx, inputs, output):
-    (student, teacher, lse_t, logconf_t, idx, adj, head_offset, tau, include_self, aggregate,
-     need_grad, backend) = inputs
-    ctx.save_for_backward(student, teacher, lse_t, logconf_t, idx, adj, output[1], output[2])
+    student, teacher, lse_t, logconf_t, idx, adj, head_offset, tau, include_self, aggregate, backend = inputs
+    ctx.save_for_backward(student, teacher, lse_t, logconf_t, idx, adj, output[1])
     ctx.options = (head_offset, tau, include_self, aggregate, backend)
 
 
-def _backward_dense(ctx, grad_loss, grad_lse_z, grad_unit):
-    student, teacher, lse_t, logconf_t, idx, adj, lse_z, unit = ctx.saved_tensors
+def _backward_dense(ctx, grad_loss, grad_lse_z):
+    student, teacher, lse_t, logconf_t, idx, adj, lse_z = ctx.saved_tensors
     head_offset, tau, include_self, aggregate, backend = ctx.options
-    grad = grad_loss.to(lse_z.dtype)
-    if unit.numel():
-        d_student = _scale_unit_grad(unit, grad, head_offset, student.dtype)
-    else:
-        d_student = distill_bwd(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z,
-                                head_offset, tau, include_self, aggregate, backend)
-    return (d_student,) + (None,) * 11
+    d_student = distill_bwd(grad_loss.to(lse_z.dtype), student, teacher, lse_t, logconf_t, idx, adj,
+                            lse_z, head_offset, tau, include_self, aggregate, backend)
+    return (d_student,) + (None,) * 10
 
 
 distill_fwd.register_autograd(_backward_dense, setup_context=_setup_dense)
@@ -229,14 +185,20 @@ def _(student, teacher, adj, head_offset, tau, include_self, aggregate, need_gra
     return loss, lse_z, unit, lse_t, logconf_t, student.new_empty(rows, dtype=torch.int64)
 
 
-def _setup_dense_fused(ctx, inputs, output):
+def _keep_dense(ctx, inputs, output) -> None:
+    """What the backward of distill_dense (and of its eager twin) reads: the inputs and the
+    choice saved, the unit gradient on ctx (handed over once; see above)."""
     student, teacher, adj, head_offset, tau, include_self, aggregate, need_grad, backend = inputs
-    _, lse_z, unit, lse_t, logconf_t, idx = output
+    _, lse_z, unit, _, _, idx = output
     ctx.save_for_backward(student, teacher, adj, idx, lse_z)
-    ctx.mark_non_differentiable(lse_z, unit, lse_t, logconf_t, idx)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody uses
     ctx.unit = [unit] if need_grad else []
     ctx.options = (head_offset, tau, include_self, aggregate, backend)
+
+
+def _setup_dense_fused(ctx, inputs, output):
+    _keep_dense(ctx, inputs, output)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody uses
 
 
 def _unit_times_grad(unit: Tensor, grad: Tensor, idx: Tensor, head_offset: int) -> Tensor:
@@ -282,12 +244,10 @@ class _DenseFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, adj, head_offset, tau, include_self, aggregate, backend):
-        loss, lse_z, unit, _, _, idx = kernels(backend).distill_dense(student, teacher, adj, head_offset, tau,
-                                                                     include_self, aggregate, True)
-        ctx.save_for_backward(student, teacher, adj, idx, lse_z)
-        ctx.unit = [unit]
-        ctx.options = (head_offset, tau, include_self, aggregate, backend)
-        return loss
+        inputs = (student, teacher, adj, head_offset, tau, include_self, aggregate, True, backend)
+        output = kernels(backend).distill_dense(*inputs[:-1])
+        _keep_dense(ctx, inputs, output)
+        return output[0]
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -318,22 +278,15 @@ def dense_loss(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, 
 @torch.library.custom_op("mhd_fast::distill_topk_fwd", mutates_args=())
 def distill_topk_fwd(student: Tensor, values: Tensor, indices: Tensor, lse_t: Tensor,
                      logconf_t: Tensor, idx: Tensor, adj: Tensor, head_offset: int, tau: float,
-                     include_self: bool, aggregate: str, need_grad: bool,
-                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    z = _groups(student, values, head_offset)
-    dt = acc_dtype(student, values)
-    unit = _unit_grad_buffer(student, head_offset, values.shape[1], dt, _fused_grad(backend, need_grad))
-    extra = {"grad_out": _groups(unit, values, head_offset)} if unit.numel() else {}
-    loss, lse_z = kernels(backend).distill_topk_fwd(z, values, indices, lse_t, logconf_t, idx, adj,
-                                                    tau, include_self, aggregate, **extra)
-    return loss, lse_z, unit
+                     include_self: bool, aggregate: str, backend: str) -> tuple[Tensor, Tensor]:
+    return kernels(backend).distill_topk_fwd(_groups(student, values, head_offset), values, indices,
+                                             lse_t, logconf_t, idx, adj, tau, include_self, aggregate)
 
 
 @distill_topk_fwd.register_fake
 def _(student, values, indices, lse_t, logconf_t, idx, adj, head_offset, tau, include_self,
-      aggregate, need_grad, backend):
-    return _fake_fwd(student, values, head_offset, acc_dtype(student, values),
-                     _fused_grad(backend, need_grad))
+      aggregate, backend):
+    return _fake_fwd(student, values, acc_dtype(student, values))
 
 
 @torch.library.custom_op("mhd_fast::distill_topk_bwd", mutates_args=())
@@ -355,21 +308,18 @@ def _(grad, student, values, indices, lse_t, logconf_t, idx, adj, lse_z, head_of
 
 def _setup_topk(ctx, inputs, output):
     (student, values, indices, lse_t, logconf_t, idx, adj, head_offset, tau, include_self,
-     aggregate, need_grad, backend) = inputs
-    ctx.save_for_backward(student, values, indices, lse_t, logconf_t, idx, adj, output[1], output[2])
+     aggregate, backend) = inputs
+    ctx.save_for_backward(student, values, indices, lse_t, logconf_t, idx, adj, output[1])
     ctx.options = (head_offset, tau, include_self, aggregate, backend)
 
 
-def _backward_topk(ctx, grad_loss, grad_lse_z, grad_unit):
-    student, values, indices, lse_t, logconf_t, idx, adj, lse_z, unit = ctx.saved_tensors
+def _backward_topk(ctx, grad_loss, grad_lse_z):
+    student, values, indices, lse_t, logconf_t, idx, adj, lse_z = ctx.saved_tensors
     head_offset, tau, include_self, aggregate, backend = ctx.options
-    grad = grad_loss.to(lse_z.dtype)
-    if unit.numel():
-        d_student = _scale_unit_grad(unit, grad, head_offset, student.dtype)
-    else:
-        d_student = distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj,
-                                     lse_z, head_offset, tau, include_self, aggregate, backend)
-    return (d_student,) + (None,) * 12
+    d_student = distill_topk_bwd(grad_loss.to(lse_z.dtype), student, values, indices, lse_t,
+                                 logconf_t, idx, adj, lse_z, head_offset, tau, include_self,
+                                 aggregate, backend)
+    return (d_student,) + (None,) * 11
 
 
 distill_topk_fwd.register_autograd(_backward_topk, setup_context=_setup_topk)

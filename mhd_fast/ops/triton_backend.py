@@ -22,7 +22,6 @@ from .reference import AGGREGATES, acc_dtype
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Memory-bound on a GPU: the backward recomputes q and p̄ from Z and T (one read each) rather
 # than the forward writing a unit gradient that the backward reads back.
-FUSED_GRAD = False
 
 
 def _check_device(name: str, x: Tensor) -> None:
