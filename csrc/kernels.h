@@ -404,6 +404,35 @@ class Candidates {
   Scratch<int64_t> start_, list_;
 };
 
+// Client i's teacher for rows [b0, b1) of one group: the candidate j with the largest logconf
+// (candidate j's row b at row_of(j)[b·sb]); ties -> lowest j; the first NaN wins (as
+// torch.argmax), so that a NaN teacher shows in the loss; −1 with no candidate. The candidates
+// are visited in ascending order, each updating the running best of all the rows (a
+// branch-free loop over the rows). out is indexed by b, best (scratch) by b − b0.
+template <class A, class RowOf>
+MHD_INLINE void choose(const Candidates& cand, int64_t i, RowOf row_of, int64_t sb, int64_t b0, int64_t b1,
+                       A* best, int64_t* out) {
+  const int64_t* c = cand.begin(i);
+  if (c == cand.end(i)) {
+    for (int64_t b = b0; b < b1; ++b) out[b] = -1;
+    return;
+  }
+  const A* x = row_of(*c);
+  for (int64_t b = b0; b < b1; ++b) {
+    best[b - b0] = x[b * sb];
+    out[b] = *c;
+  }
+  for (++c; c != cand.end(i); ++c) {
+    x = row_of(*c);
+    for (int64_t b = b0; b < b1; ++b) {
+      const A v = x[b * sb];
+      const bool take = v > best[b - b0] || (is_nan(v) && !is_nan(best[b - b0]));
+      best[b - b0] = take ? v : best[b - b0];
+      out[b] = take ? *c : out[b];
+    }
+  }
+}
+
 // Weight of candidate j in client i's teacher for row (g, b): mean 1/|C|, confidence-weighted
 // c_j / Σ_C c with c = e^logconf.
 template <class A>
@@ -714,28 +743,9 @@ void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
         logconf[r] = m - l;
         if (keep) inv_s[slot(n, b)] = A(1) / sum;
       }
-    for (int64_t i = 0; i < N; ++i) {  // teacher choice (select)
-      int64_t* o = idx + (i * G + g) * B;
-      const int64_t* c = cand.begin(i);
-      if (c == cand.end(i)) {
-        for (int64_t b = b0; b < b1; ++b) o[b] = -1;
-        continue;
-      }
-      const A* x = logconf + (*c * G + g) * B;
-      for (int64_t b = b0; b < b1; ++b) {
-        best[b - b0] = x[b];
-        o[b] = *c;
-      }
-      for (++c; c != cand.end(i); ++c) {
-        x = logconf + (*c * G + g) * B;
-        for (int64_t b = b0; b < b1; ++b) {
-          const A v = x[b];
-          const bool take = v > best[b - b0] || (is_nan(v) && !is_nan(best[b - b0]));
-          best[b - b0] = take ? v : best[b - b0];
-          o[b] = take ? *c : o[b];
-        }
-      }
-    }
+    for (int64_t i = 0; i < N; ++i)  // teacher choice (select)
+      choose(cand, i, [&](int64_t j) -> const A* { return logconf + (j * G + g) * B; }, 1, b0, b1, best,
+             idx + (i * G + g) * B);
     for (int64_t n = 0; n < N; ++n)  // loss and unit gradient (distill)
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r = (n * G + g) * B + b;
@@ -812,10 +822,8 @@ void teacher_stats(const View& t, double tau, A* lse, A* logconf, int threads, b
   });
 }
 
-// Per (i, g, b): the candidate j with the largest logconf[j, g, b]; ties -> lowest j; the first
-// NaN wins (as torch.argmax), so that a NaN teacher shows in the loss; −1 with no candidate.
-// Work items are (i, g): the candidates of i are visited in ascending order, each updating the
-// running best of all B rows (a branch-free loop over contiguous rows).
+// Per (i, g, b): the candidate j with the largest logconf[j, g, b] (choose). Work items are
+// (i, g), each choosing for all B rows.
 template <class A>
 void select(const View& logconf, const View& adj, bool include_self, int64_t* idx, bool* has, int threads) {
   const int64_t N = logconf.size[0], G = logconf.size[1], B = logconf.size[2];
@@ -828,26 +836,8 @@ void select(const View& logconf, const View& adj, bool include_self, int64_t* id
   const A* lc = static_cast<const A*>(logconf.data);
   const int64_t sj = logconf.stride[0], sg = logconf.stride[1], sb = logconf.stride[2];
   for_rows(N, G, 1, nt, [&](int64_t, int64_t i, int64_t g, int64_t, int tid) {
-    A* best = scratch.data() + tid * share;
-    int64_t* out = idx + (i * G + g) * B;
-    const int64_t* c = cand.begin(i);
-    if (c == cand.end(i)) {
-      for (int64_t b = 0; b < B; ++b) out[b] = -1;
-      return;
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      best[b] = lc[*c * sj + g * sg + b * sb];
-      out[b] = *c;
-    }
-    for (++c; c != cand.end(i); ++c) {
-      const A* x = lc + *c * sj + g * sg;
-      for (int64_t b = 0; b < B; ++b) {
-        const A v = x[b * sb];
-        const bool take = v > best[b] || (is_nan(v) && !is_nan(best[b]));
-        best[b] = take ? v : best[b];
-        out[b] = take ? *c : out[b];
-      }
-    }
+    choose(cand, i, [&](int64_t j) { return lc + j * sj + g * sg; }, sb, 0, B, scratch.data() + tid * share,
+           idx + (i * G + g) * B);
   });
 }
 
