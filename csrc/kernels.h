@@ -21,6 +21,9 @@
 
 constexpr int64_t kStreamBytes = int64_t(4) << 20;  // outputs from this size on bypass the caches
 constexpr int64_t kBlock = 512;  // logits per block of the online softmax: both sweeps hit L1
+constexpr int kRows = 4;  // rows of one block that distill_dense runs at a time
+// Loops over the rows of a group fully unrolled, so that each row's accumulators stay in registers.
+#define MHD_UNROLL _Pragma("GCC unroll 16")
 
 MHD_INLINE int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 MHD_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -155,6 +158,7 @@ template <class A>
 struct Scale {
   A tau, inv, log2e_tau;
   bool exact;
+  Scale() = default;  // for arrays of teachers; assigned before use
   explicit Scale(double t) : tau((A)t), inv(A(1) / (A)t), log2e_tau((A)(kLog2e / t)) {
     int e;
     exact = __builtin_frexp((double)tau, &e) == 0.5;
@@ -208,6 +212,30 @@ struct NoFeed {
   MHD_INLINE void operator()(int64_t, int, const Vec&) const {}
 };
 
+// Lane-wise max of x[begin, end) (padded with −inf), each vector handed to feed in order. Four
+// running maxima instead of one: a single chain of dependent max operations took a third of a
+// long row's time. The max of numbers is the same in any order; a NaN in the row may or may
+// not survive here, and the row's sum makes its lse NaN either way.
+template <class L, class In, class Feed>
+MHD_INLINE typename L::V sweep_max(const In* x, int64_t begin, int64_t end, const Feed& feed) {
+  using Vec = typename L::V;
+  constexpr int W = L::W;
+  Vec m0 = L::splat(-kInf), m1 = m0, m2 = m0, m3 = m0;
+  int64_t v = begin;
+  for (; v + 4 * W <= end; v += 4 * W) {
+    const Vec a = L::load(x + v, Whole<W>{}, -kInf), b = L::load(x + v + W, Whole<W>{}, -kInf),
+              c = L::load(x + v + 2 * W, Whole<W>{}, -kInf), d = L::load(x + v + 3 * W, Whole<W>{}, -kInf);
+    m0 = L::max(m0, a), m1 = L::max(m1, b), m2 = L::max(m2, c), m3 = L::max(m3, d);
+    feed(v, Whole<W>{}, a), feed(v + W, Whole<W>{}, b), feed(v + 2 * W, Whole<W>{}, c), feed(v + 3 * W, Whole<W>{}, d);
+  }
+  for_vectors<W>(v, end, [&](int64_t u, auto n) {
+    const Vec xv = L::load(x + u, n, -kInf);
+    m0 = L::max(m0, xv);
+    feed(u, n, xv);
+  });
+  return L::max(L::max(m0, m1), L::max(m2, m3));
+}
+
 // Online log-sum-exp of t = x/τ over one row. Per block of kBlock logits: a first sweep finds
 // the block max of x (and hands each vector to feed, top-k's hook), and when it raises the
 // running max m the running sums are rescaled once (s ← s·e^((m − m')/τ)); a second sweep adds
@@ -231,13 +259,7 @@ MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A&
   A m = -kInf, s = 0, sw = 0;
   for (int64_t blk = 0; blk < V; blk += kBlock) {
     const int64_t end = min64(V, blk + kBlock);
-    Vec vm = L::splat(-kInf);
-    for_vectors<W>(blk, end, [&](int64_t v, auto n) {
-      const Vec xv = L::load(x + v, n, -kInf);
-      vm = L::max(vm, xv);
-      feed(v, n, xv);
-    });
-    const A bm = L::max(vm);
+    const A bm = L::max(sweep_max<L>(x, blk, end, feed));
     if (bm > m) {
       if (m != -kInf) {  // the first finite block has nothing to rescale
         const A rescale = sexp2((m - bm) * sc.log2e_tau);
@@ -249,6 +271,7 @@ MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A&
     const Vec c = L::splat(m == -kInf ? A(0) : m);  // all −inf so far: 2^(−inf − 0) = 0, not NaN
     Vec acc = L::splat(0), acc_w = L::splat(0);
     for_vectors<W>(blk, end, [&](int64_t v, auto n) {
+      __builtin_prefetch(x + v + kBlock);  // the next block (or row), for the max sweep
       const Vec e = L::exp2((L::load(x + v, n, -kInf) - c) * k);
       acc += e;
       if (w != nullptr) acc_w += e * L::load(w + v, W, 0);
@@ -370,6 +393,90 @@ template <class A, class ZIn, class Teacher>
 MHD_INLINE void kl_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teacher& teacher, A& kl,
                        A& lse_z) {
   kl_sweep<false>(z, V, sc, teacher, A(0), kl, lse_z, nullptr, F32, static_cast<A*>(nullptr), false);
+}
+
+// ---- rows of one block, R at a time ----------------------------------------------------------
+
+// A row of V <= kBlock logits is a chain of short dependent steps (max, then the exps, then the
+// reductions and the log, then the KL sweep), too short for the out-of-order window to overlap
+// with the next row; the S1 row of 100 classes ran at a third of the vector units' rate.
+// rows_lse_kept and kl_sweep_rows run R independent rows in the same loops instead. Each row
+// takes the same operations in the same order as row_lse (one block, keep and sum) and
+// kl_sweep (kept q), so the results are bit-identical to one row at a time.
+template <int R, class A, class In>
+MHD_INLINE void rows_lse_kept(const In* const (&x)[R], int64_t V, const Scale<A>& sc, A (&m_out)[R],
+                              A (&lse_out)[R], A* const (&keep)[R], A (&sum)[R]) {
+  using L = Lanes<A>;
+  using Vec = typename L::V;
+  constexpr int W = L::W;
+  const Vec k = L::splat(sc.log2e_tau);
+  Vec vm[R], c[R], acc[R];
+  MHD_UNROLL
+  for (int r = 0; r < R; ++r) vm[r] = L::splat(-kInf), acc[r] = L::splat(0);
+  for_vectors<W>(0, V, [&](int64_t v, auto n) {
+    MHD_UNROLL
+    for (int r = 0; r < R; ++r) vm[r] = L::max(vm[r], L::load(x[r] + v, n, -kInf));
+  });
+  A m[R];
+  MHD_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const A bm = L::max(vm[r]);
+    m[r] = bm > -kInf ? bm : -kInf;  // row_lse's first block: a NaN max leaves m = −inf
+    c[r] = L::splat(m[r] == -kInf ? A(0) : m[r]);
+  }
+  for_vectors<W>(0, V, [&](int64_t v, auto n) {
+    MHD_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const Vec e = L::exp2((L::load(x[r] + v, n, -kInf) - c[r]) * k);
+      acc[r] += e;
+      L::store(keep[r] + v, e, W);
+    }
+  });
+  MHD_UNROLL
+  for (int r = 0; r < R; ++r) {
+    A s = 0;
+    s += L::sum(acc[r]);
+    m_out[r] = sc(m[r]);
+    lse_out[r] = m_out[r] + slog(s);
+    sum[r] = s;
+  }
+}
+
+// kl_sweep of R student rows of one block against their teachers; qbuf holds R rows of vpad.
+template <bool Grad, int R, class A, class ZIn, class Teacher>
+MHD_INLINE void kl_sweep_rows(const ZIn* const (&z)[R], int64_t V, const Scale<A>& sc, const Teacher (&teacher)[R],
+                              A gs, A (&kl)[R], A (&lse_z)[R], void* const (&out)[R], int dtype, A* qbuf,
+                              bool stream) {
+  using L = Lanes<A>;
+  using Vec = typename L::V;
+  constexpr int W = L::W;
+  const int64_t vpad = round_up(V, W);
+  A m[R], s[R];
+  A* q[R];
+  MHD_UNROLL
+  for (int r = 0; r < R; ++r) q[r] = qbuf + r * vpad;
+  rows_lse_kept<R>(z, V, sc, m, lse_z, q, s);
+  const Vec k = L::splat(gs);
+  Vec inv_s[R], acc[R];
+  MHD_UNROLL
+  for (int r = 0; r < R; ++r) inv_s[r] = L::splat(A(1) / s[r]), acc[r] = L::splat(0);
+  for_vectors<W>(0, V, [&](int64_t v, auto n) {
+    MHD_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const Vec lq = sc(L::load(z[r] + v, n, -kInf)) - lse_z[r];
+      Vec p, lp;
+      teacher[r].get(v, n, p, lp);
+      acc[r] += p != Vec{} ? p * (lp - lq) : Vec{};
+      if constexpr (Grad) {
+        const Vec g = k * (L::load(q[r] + v, n, 0) * inv_s[r] - p);
+        if (!stream) store_row<A>(out[r], dtype, v, g, n);
+        else if (n == W) L::stream(static_cast<A*>(out[r]) + v, g);
+        else L::stream(static_cast<A*>(out[r]) + v, g, n);
+      }
+    }
+  });
+  MHD_UNROLL
+  for (int r = 0; r < R; ++r) kl[r] = L::sum(acc[r]);
 }
 
 // ---- candidates and aggregation ---------------------------------------------------------------
@@ -708,7 +815,9 @@ void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
   const int64_t kept = keep ? N * bb : 0;
   // Per thread: the student row, a teacher row, p̄, the student's terms, the running best
   // logconf of the tile's rows, then the teachers' terms and 1/s of the tile's N·bb rows.
-  const int64_t share = per_thread<A>(4 * vpad + bb + kept * (vpad + 1));
+  // Rows of one block in place run kRows at a time (rows_lse_kept, kl_sweep_rows).
+  const bool grouped = keep && !gather && L::W > 1;
+  const int64_t share = per_thread<A>((2 + 2 * kRows) * vpad + bb + kept * (vpad + 1));
   Scratch<A> scratch(nt * share);
   char* grad = static_cast<char*>(out.grad);
   const int64_t gsize = dtype_size(out.grad_dtype);
@@ -724,68 +833,142 @@ void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
                       (out.grad_stride[0] * gsize) % 16 == 0 && (out.grad_stride[1] * gsize) % 16 == 0 &&
                       (out.grad_stride[2] * gsize) % 16 == 0;
   for_tiles(G * nb, nt, [&](int64_t tile, int tid) {
-    const int64_t g = tile / nb, b0 = (tile % nb) * bb, b1 = min64(B, b0 + bb);
+    const int64_t g = tile / nb, b0 = (tile % nb) * bb, b1 = min64(B, b0 + bb), nbb = b1 - b0;
     A* zbuf = scratch.data() + tid * share;
     A* tbuf = zbuf + vpad;
-    A* pbuf = tbuf + vpad;
-    A* qbuf = pbuf + vpad;
-    A* best = qbuf + vpad;
+    A* pbuf = tbuf + vpad;               // kRows rows
+    A* qbuf = pbuf + kRows * vpad;       // kRows rows
+    A* best = qbuf + kRows * vpad;
     A* terms = best + bb;                // [N, bb, vpad]
     A* inv_s = terms + kept * vpad;      // [N, bb]
     const auto slot = [&](int64_t n, int64_t b) { return n * bb + (b - b0); };
-    for (int64_t n = 0; n < N; ++n)  // statistics (teacher_stats)
-      for (int64_t b = b0; b < b1; ++b) {
-        A m, l, sum;
-        row_lse(row<TIn>(a.t, n, g, b, V, gather, tbuf), V, sc, m, l, static_cast<const A*>(nullptr),
-                static_cast<A*>(nullptr), NoFeed{}, keep ? terms + slot(n, b) * vpad : nullptr, &sum);
-        const int64_t r = (n * G + g) * B + b;
-        lse_t[r] = l;
-        logconf[r] = m - l;
-        if (keep) inv_s[slot(n, b)] = A(1) / sum;
-      }
-    for (int64_t i = 0; i < N; ++i)  // teacher choice (select)
-      choose(cand, i, [&](int64_t j) -> const A* { return logconf + (j * G + g) * B; }, 1, b0, b1, best,
-             idx + (i * G + g) * B);
-    for (int64_t n = 0; n < N; ++n)  // loss and unit gradient (distill)
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r = (n * G + g) * B + b;
-        const ZIn* z = row<ZIn>(a.z, n, g, b, V, gather, zbuf);
-        void* dz = grad != nullptr ? grad_row_ptr(n, out.head_offset + g, b) : nullptr;
-        const auto finish = [&](const auto& teacher) {
-          A kl, l;
-          if (dz != nullptr) kl_grad_row(z, V, sc, teacher, tau, kl, l, dz, out.grad_dtype, qbuf, stream);
-          else kl_row(z, V, sc, teacher, kl, l);
-          loss[r] = tau * tau * kl;
-          lse_z[r] = l;
-        };
-        const int64_t j = idx[r];
-        if (aggregated ? cand.count(n) == 0 : j < 0) {
-          A m, l;
-          row_lse(z, V, sc, m, l);
-          loss[r] = 0;
-          lse_z[r] = l;
-          if (dz != nullptr) std::memset(dz, 0, V * gsize);
-        } else if (aggregated) {
-          if (keep) {  // p̄ = Σ_j w_j p_j from the candidates' kept terms, p_j = e_j·(1/s_j)
-            const Weights<A> weight(a.logconf_t, a.aggregate, cand, n, g, b);
-            for (int64_t v = 0; v < vpad; v += L::W) L::store(pbuf + v, L::splat(0), L::W);
-            for (const int64_t* c = cand.begin(n); c != cand.end(n); ++c) {
-              const typename L::V w = L::splat(weight(*c) * inv_s[slot(*c, b)]);
-              const A* e = terms + slot(*c, b) * vpad;
-              for (int64_t v = 0; v < vpad; v += L::W)
-                L::store(pbuf + v, L::load(pbuf + v, L::W, 0) + w * L::load(e + v, L::W, 0), L::W);
-            }
-          } else {
-            aggregate_logits<A, TIn>(a, cand, n, g, b, V, sc, gather, tbuf, pbuf);
-          }
-          finish(ProbTeacher<A>{pbuf});
-        } else {
-          const TIn* t = row<TIn>(a.t, j, g, b, V, gather, tbuf);
-          const A lse = lse_t[(j * G + g) * B + b];
-          if (keep) finish(KeptTeacher<A, TIn>{t, sc, lse, terms + slot(j, b) * vpad, inv_s[slot(j, b)]});
-          else finish(LogitTeacher<A, TIn>{t, sc, lse});
+    const auto row_t = [&](int64_t n, int64_t b) { return row<TIn>(a.t, n, g, b, V, gather, tbuf); };
+    const auto row_z = [&](int64_t n, int64_t b) { return row<ZIn>(a.z, n, g, b, V, gather, zbuf); };
+    const auto dz_of = [&](int64_t n, int64_t b) -> void* {
+      return grad != nullptr ? grad_row_ptr(n, out.head_offset + g, b) : nullptr;
+    };
+    const auto put_stats = [&](int64_t n, int64_t b, A m, A l, A sum) {
+      const int64_t r = (n * G + g) * B + b;
+      lse_t[r] = l;
+      logconf[r] = m - l;
+      if (keep) inv_s[slot(n, b)] = A(1) / sum;
+    };
+    // statistics (teacher_stats); rows of one block kRows at a time (rows_lse_kept)
+    int64_t i = 0;
+    if (grouped)
+      for (; i + kRows <= N * nbb; i += kRows) {
+        const TIn* x[kRows];
+        A* kp[kRows];
+        A m[kRows], l[kRows], sum[kRows];
+        for (int k = 0; k < kRows; ++k) {
+          const int64_t n = (i + k) / nbb, b = b0 + (i + k) % nbb;
+          x[k] = row_t(n, b);
+          kp[k] = terms + slot(n, b) * vpad;
         }
+        rows_lse_kept<kRows>(x, V, sc, m, l, kp, sum);
+        for (int k = 0; k < kRows; ++k) put_stats((i + k) / nbb, b0 + (i + k) % nbb, m[k], l[k], sum[k]);
       }
+    for (; i < N * nbb; ++i) {
+      const int64_t n = i / nbb, b = b0 + i % nbb;
+      A m, l, sum;
+      row_lse(row_t(n, b), V, sc, m, l, static_cast<const A*>(nullptr), static_cast<A*>(nullptr), NoFeed{},
+              keep ? terms + slot(n, b) * vpad : nullptr, &sum);
+      put_stats(n, b, m, l, sum);
+    }
+    for (int64_t c = 0; c < N; ++c)  // teacher choice (select)
+      choose(cand, c, [&](int64_t j) -> const A* { return logconf + (j * G + g) * B; }, 1, b0, b1, best,
+             idx + (c * G + g) * B);
+    // loss and unit gradient (distill)
+    const auto finish = [&](int64_t r, const ZIn* z, void* dz, const auto& teacher) {
+      A kl, l;
+      if (dz != nullptr) kl_grad_row(z, V, sc, teacher, tau, kl, l, dz, out.grad_dtype, qbuf, stream);
+      else kl_row(z, V, sc, teacher, kl, l);
+      loss[r] = tau * tau * kl;
+      lse_z[r] = l;
+    };
+    const auto no_teacher = [&](int64_t r, const ZIn* z, void* dz) {
+      A m, l;
+      row_lse(z, V, sc, m, l);
+      loss[r] = 0;
+      lse_z[r] = l;
+      if (dz != nullptr) std::memset(dz, 0, V * gsize);
+    };
+    const auto has_teacher = [&](int64_t n, int64_t r) { return aggregated ? cand.count(n) != 0 : idx[r] >= 0; };
+    // p̄ = Σ_j w_j p_j from the candidates' kept terms, p_j = e_j·(1/s_j), into p
+    const auto kept_mixture = [&](int64_t n, int64_t b, A* p) {
+      const Weights<A> weight(a.logconf_t, a.aggregate, cand, n, g, b);
+      for (int64_t v = 0; v < vpad; v += L::W) L::store(p + v, L::splat(0), L::W);
+      for (const int64_t* c = cand.begin(n); c != cand.end(n); ++c) {
+        const typename L::V w = L::splat(weight(*c) * inv_s[slot(*c, b)]);
+        const A* e = terms + slot(*c, b) * vpad;
+        for (int64_t v = 0; v < vpad; v += L::W)
+          L::store(p + v, L::load(p + v, L::W, 0) + w * L::load(e + v, L::W, 0), L::W);
+      }
+    };
+    const auto kept_teacher = [&](int64_t r, int64_t b) {
+      const int64_t j = idx[r];
+      return KeptTeacher<A, TIn>{row_t(j, b), sc, lse_t[(j * G + g) * B + b], terms + slot(j, b) * vpad,
+                                 inv_s[slot(j, b)]};
+    };
+    if (grouped) {
+      // The student rows with a teacher kRows at a time (kl_sweep_rows); teacher_of(n, b, r, k)
+      // gives row r's teacher, p̄ built in pbuf row k when aggregated.
+      const auto by_rows = [&](auto teacher_of) {
+        using Teacher = decltype(teacher_of(0, 0, 0, 0));
+        const ZIn* zs[kRows];
+        void* ds[kRows];
+        int64_t rs[kRows];
+        Teacher ts[kRows];
+        int k = 0;
+        const auto flush = [&] {
+          if (k == kRows) {
+            A kl[kRows], l[kRows];
+            if (grad != nullptr) kl_sweep_rows<true>(zs, V, sc, ts, tau, kl, l, ds, out.grad_dtype, qbuf, stream);
+            else kl_sweep_rows<false>(zs, V, sc, ts, tau, kl, l, ds, out.grad_dtype, qbuf, stream);
+            for (int q = 0; q < kRows; ++q) loss[rs[q]] = tau * tau * kl[q], lse_z[rs[q]] = l[q];
+          } else {
+            for (int q = 0; q < k; ++q) finish(rs[q], zs[q], ds[q], ts[q]);
+          }
+          k = 0;
+        };
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t r = (n * G + g) * B + b;
+            if (!has_teacher(n, r)) {
+              no_teacher(r, row_z(n, b), dz_of(n, b));
+              continue;
+            }
+            zs[k] = row_z(n, b), ds[k] = dz_of(n, b), rs[k] = r;
+            ts[k] = teacher_of(n, b, r, k);
+            if (++k == kRows) flush();
+          }
+        flush();
+      };
+      if (aggregated) by_rows([&](int64_t n, int64_t b, int64_t, int k) {
+        kept_mixture(n, b, pbuf + k * vpad);
+        return ProbTeacher<A>{pbuf + k * vpad};
+      });
+      else by_rows([&](int64_t, int64_t b, int64_t r, int) { return kept_teacher(r, b); });
+    } else {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t r = (n * G + g) * B + b;
+          const ZIn* z = row_z(n, b);
+          void* dz = dz_of(n, b);
+          if (!has_teacher(n, r)) {
+            no_teacher(r, z, dz);
+          } else if (aggregated) {
+            if (keep) kept_mixture(n, b, pbuf);
+            else aggregate_logits<A, TIn>(a, cand, n, g, b, V, sc, gather, tbuf, pbuf);
+            finish(r, z, dz, ProbTeacher<A>{pbuf});
+          } else if (keep) {
+            finish(r, z, dz, kept_teacher(r, b));
+          } else {
+            const int64_t j = idx[r];
+            finish(r, z, dz, LogitTeacher<A, TIn>{row_t(j, b), sc, lse_t[(j * G + g) * B + b]});
+          }
+        }
+    }
     if (grad != nullptr) {  // the heads that do not learn: zeros, client n's by the tiles of group n mod G
       for (int64_t n = g; n < N; n += G)
         for (int64_t h = 0; h < out.heads; ++h)

@@ -470,6 +470,33 @@ def test_fused_dense_matches_the_separate_kernels(aggregate, v):
 
 @needs_cpp
 @pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("v", [1, 7, 100, 512])
+def test_fused_dense_rows_in_groups_equal_one_row_at_a_time(isa, aggregate, v):
+    """Rows of one block with contiguous classes run several at a time (rows_lse_kept,
+    kl_sweep_rows); a strided class dim takes the one-row path. Both give the same bits, with
+    row counts that leave partial groups, a client without candidates between the groups, an
+    inexact τ (division) and rows of NaN, +inf and all −inf."""
+    n, h1, b, tau = 5, 3, 7, 0.7
+    z, t, adj = _case(torch.float32, v, "lonely", n=n, h1=h1, b=b, seed=v)
+    z[2, 1, 3] = float("nan")
+    z[3, 2, 0, 0] = float("inf")
+    t[1, 0, 5] = float("-inf")
+    t[4, 1, 2, -1] = float("nan")
+    t = t[:, :-1]
+    wide_z = torch.full((n, h1, b, 2 * v), 123.0)
+    wide_t = torch.full((n, h1 - 1, b, 2 * v), -55.0)
+    wide_z[..., ::2] = z
+    wide_t[..., ::2] = t
+    zs, ts = wide_z[..., ::2], wide_t[..., ::2]  # the same values, class stride 2
+    for need_grad in (True, False):
+        grouped = registry.distill_dense(z, t, adj, 1, tau, False, aggregate, need_grad, "cpp")
+        one_by_one = registry.distill_dense(zs, ts, adj, 1, tau, False, aggregate, need_grad, "cpp")
+        for got, want in zip(grouped, one_by_one):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_cpp
+@pytest.mark.parametrize("aggregate", AGGREGATES)
 def test_fused_dense_backward_for_every_upstream_gradient(aggregate):
     """The backward scales the unit gradient of the forward: not at all for loss.sum(), in place
     for a scalar or per-row gradient; a gradient with NaN or inf still gives exact zeros to a
