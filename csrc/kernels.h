@@ -236,21 +236,32 @@ MHD_INLINE typename L::V sweep_max(const In* x, int64_t begin, int64_t end, cons
   return L::max(L::max(m0, m1), L::max(m2, m3));
 }
 
+// The classes of a teacher's packet in a student sweep: w, a row of V weights (0 = sent,
+// 1 = unsent), and in_block, the number of sent classes in each block of kBlock classes. A
+// block without one has unsent mass = its whole mass (the sums of e·1 and of e are the same
+// numbers), so only blocks holding sent classes read w: about 25 of S3's 63 blocks, and the
+// weights (128 KB a row at V = 32000, from L2) had cost S3's forward a fifth of its time.
+template <class A>
+struct SentRow {
+  const A* w;
+  const int32_t* in_block;
+};
+
 // Online log-sum-exp of t = x/τ over one row. Per block of kBlock logits: a first sweep finds
 // the block max of x (and hands each vector to feed, top-k's hook), and when it raises the
 // running max m the running sums are rescaled once (s ← s·e^((m − m')/τ)); a second sweep adds
 // e^((x − m)/τ) = 2^((x − m)·log2e/τ) (x − m is exact near the max, so the max adds exactly 1).
 // One exp per logit; the block is re-read from L1.
-// With a weight row w (1 = unsent class, 0 = a class of the teacher's packet) the sweep also
-// sums the unsent mass s_w = Σ w·e^((x − m)/τ) directly, not as s minus the sent classes, so
+// With the classes of a teacher's packet (sent) the sweep also sums the unsent mass
+// s_w = Σ w·e^((x − m)/τ) directly, not as s minus the sent classes, so
 // that q_rest = s_w / s keeps full relative precision when it is tiny.
-// Out: m = max t, lse = m + log s, and log(s_w / s) when w is given. A row with NaN or +inf
+// Out: m = max t, lse = m + log s, and log(s_w / s) when sent is given. A row with NaN or +inf
 // gives lse NaN; a row of all −inf gives lse −inf. For a row of one block (V <= kBlock), keep
 // (vpad elements) receives the terms e_v = e^(t_v − m) and sum the total s, so that the
 // softmax is keep·(1/s) without another exp.
 template <class A, class In, class Feed = NoFeed>
 MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A& lse_out,
-                        const A* w = nullptr, A* log_unsent = nullptr, const Feed& feed = Feed{},
+                        const SentRow<A>* sent = nullptr, A* log_unsent = nullptr, const Feed& feed = Feed{},
                         A* keep = nullptr, A* sum = nullptr) {
   using L = Lanes<A>;
   using Vec = typename L::V;
@@ -270,6 +281,7 @@ MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A&
     }
     const Vec c = L::splat(m == -kInf ? A(0) : m);  // all −inf so far: 2^(−inf − 0) = 0, not NaN
     Vec acc = L::splat(0), acc_w = L::splat(0);
+    const A* w = sent != nullptr && sent->in_block[blk / kBlock] != 0 ? sent->w : nullptr;
     for_vectors<W>(blk, end, [&](int64_t v, auto n) {
       __builtin_prefetch(x + v + kBlock);  // the next block (or row), for the max sweep
       const Vec e = L::exp2((L::load(x + v, n, -kInf) - c) * k);
@@ -278,7 +290,7 @@ MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A&
       if (keep != nullptr) L::store(keep + v, e, W);
     });
     s += L::sum(acc);
-    sw += L::sum(acc_w);
+    if (sent != nullptr) sw += L::sum(w != nullptr ? acc_w : acc);
   }
   m_out = sc(m);
   lse_out = m_out + slog(s);
@@ -364,7 +376,7 @@ MHD_INLINE void kl_sweep(const ZIn* z, int64_t V, const Scale<A>& sc, const Teac
   constexpr int W = L::W;
   A m, s;
   const bool kept = Grad && qbuf != nullptr && V <= kBlock;
-  row_lse(z, V, sc, m, lse_z, static_cast<const A*>(nullptr), static_cast<A*>(nullptr), NoFeed{},
+  row_lse(z, V, sc, m, lse_z, static_cast<const SentRow<A>*>(nullptr), static_cast<A*>(nullptr), NoFeed{},
           kept ? qbuf : nullptr, &s);
   const Vec k = L::splat(gs), inv_s = L::splat(A(1) / s);
   Vec acc = L::splat(0);
@@ -427,6 +439,7 @@ MHD_INLINE void rows_lse_kept(const In* const (&x)[R], int64_t V, const Scale<A>
   for_vectors<W>(0, V, [&](int64_t v, auto n) {
     MHD_UNROLL
     for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(x[r] + v + kBlock);  // rows ahead, for their max sweep
       const Vec e = L::exp2((L::load(x[r] + v, n, -kInf) - c[r]) * k);
       acc[r] += e;
       L::store(keep[r] + v, e, W);
@@ -621,11 +634,16 @@ MHD_INLINE void packet_sums(const DistillArgs& a, int64_t j, int64_t g, int64_t 
   }
 }
 
-// Marks the K sent classes of teacher row j in the weight row w (0 = sent), or unmarks them (1).
+// Marks the K sent classes of teacher row j in the weight row w (0 = sent) and counts them in
+// in_block, or unmarks them (w = 1, counts back to 0).
 template <class A>
-MHD_INLINE void mark_sent(const DistillArgs& a, int64_t j, int64_t g, int64_t b, A* w, A value) {
+MHD_INLINE void mark_sent(const DistillArgs& a, int64_t j, int64_t g, int64_t b, A* w, int32_t* in_block, bool on) {
   const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, j, g, b);
-  for (int64_t k = 0; k < a.values.size[3]; ++k) w[ind[k * a.indices.stride[3]]] = value;
+  for (int64_t k = 0; k < a.values.size[3]; ++k) {
+    const int32_t v = ind[k * a.indices.stride[3]];
+    w[v] = on ? A(0) : A(1);
+    in_block[v / kBlock] = on ? in_block[v / kBlock] + 1 : 0;
+  }
 }
 
 // ---- the distillation loss, forward and backward ----------------------------------------------
@@ -660,6 +678,9 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
   Scratch<A> scratch(nt * share);
   for (int tid = 0; tid < nt; ++tid)
     for (int64_t v = 0; v < vpad; ++v) scratch[tid * share + 3 * vpad + v] = A(1);
+  const int64_t count_share = per_thread<int32_t>(V / kBlock + 1);  // sent classes per block
+  Scratch<int32_t> counts(a.packets ? nt * count_share : 0);
+  if (a.packets) std::memset(counts.data(), 0, nt * count_share * sizeof(int32_t));
   A* loss = static_cast<A*>(out.loss);
   A* lse_out = static_cast<A*>(out.lse_z);
   char* dz = static_cast<char*>(out.dz);
@@ -670,6 +691,7 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
     A* tbuf = zbuf + vpad;
     A* pbuf = tbuf + vpad;
     A* wbuf = pbuf + vpad;
+    int32_t* in_block = a.packets ? counts.data() + tid * count_share : nullptr;
     const ZIn* z = row<ZIn>(a.z, n, g, b, V, gather, zbuf);
     const int64_t j = at<int64_t>(a.idx, n, g, b);
     void* dz_row = backward
@@ -706,11 +728,12 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
       const int64_t K = a.values.size[3];
       const bool rest = K < V;
       const A lse_t = at<A>(a.lse_t, j, g, b);
-      if (rest) mark_sent(a, j, g, b, wbuf, A(0));
+      if (rest) mark_sent(a, j, g, b, wbuf, in_block, true);
       A lse_z, log_q_rest = 0, q_rest = 0;
       if (!backward) {
         A m;
-        row_lse(z, V, sc, m, lse_z, rest ? wbuf : nullptr, &log_q_rest);
+        const SentRow<A> sent{wbuf, in_block};
+        row_lse(z, V, sc, m, lse_z, rest ? &sent : nullptr, &log_q_rest);
       } else {
         // q_v into pbuf, and q_rest summed over the unsent classes in the same sweep.
         lse_z = at<A>(a.lse_z, n, g, b);
@@ -722,7 +745,7 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
         });
         q_rest = L::sum(acc);
       }
-      if (rest) mark_sent(a, j, g, b, wbuf, A(1));
+      if (rest) mark_sent(a, j, g, b, wbuf, in_block, false);
       double P, S;
       packet_sums(a, j, g, b, z, sc, lse_z, P, S);
       const double p_rest = clamp0(1.0 - P);
@@ -871,7 +894,7 @@ void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
     for (; i < N * nbb; ++i) {
       const int64_t n = i / nbb, b = b0 + i % nbb;
       A m, l, sum;
-      row_lse(row_t(n, b), V, sc, m, l, static_cast<const A*>(nullptr), static_cast<A*>(nullptr), NoFeed{},
+      row_lse(row_t(n, b), V, sc, m, l, static_cast<const SentRow<A>*>(nullptr), static_cast<A*>(nullptr), NoFeed{},
               keep ? terms + slot(n, b) * vpad : nullptr, &sum);
       put_stats(n, b, m, l, sum);
     }
@@ -1202,7 +1225,7 @@ MHD_INLINE void topk_row(const In* x, int64_t V, int64_t K, const Scale<A>& sc, 
     if (heap.full()) thr = to_acc<A>(x[Kx::index(heap.worst())]);
   };
   A m;
-  row_lse(x, V, sc, m, lse, static_cast<const A*>(nullptr), static_cast<A*>(nullptr), feed);
+  row_lse(x, V, sc, m, lse, static_cast<const SentRow<A>*>(nullptr), static_cast<A*>(nullptr), feed);
   const typename Kx::Key* best = heap.best();
   for (int64_t pos = 0; pos < K; ++pos) {
     const int32_t i = Kx::index(best[pos]);

@@ -495,6 +495,22 @@ def test_fused_dense_rows_in_groups_equal_one_row_at_a_time(isa, aggregate, v):
             torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("k", [1, 5])
+def test_topk_teacher_with_blocks_of_no_sent_class(backend, k):
+    """A packet whose sent classes all lie in the first block of 512: the student sweep sums
+    the unsent mass of the other blocks without the weight row (the same numbers); the rest
+    bucket still matches the reference, forward and backward, with a student whose mass sits
+    mostly in the sent classes (q_rest small) and one whose mass sits outside them."""
+    n, h1, b, v = 3, 2, 3, 1300
+    z, t, adj = _case(torch.float32, v, "complete", n=n, h1=h1, b=b, seed=11)
+    t[..., 100:110] += 40.0  # the teacher's top classes, in block 0
+    z[0, ..., 100:110] += 12.0  # client 0's student agrees: q_rest small
+    packet = mhd_fast.topk_compress(t, k, backend="torch")
+    assert int(packet.indices.max()) < 512
+    _assert_matches_reference(z, packet, adj, backend, tau=1.0)
+    _assert_matches_reference(z, packet, adj, backend, tau=2.0, aggregate="mean")
+
+
 @needs_cpp
 @pytest.mark.parametrize("aggregate", AGGREGATES)
 def test_fused_dense_backward_for_every_upstream_gradient(aggregate):
