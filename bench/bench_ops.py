@@ -10,8 +10,8 @@ Modes: ``fwd`` (mhd_loss forward), ``fwd_bwd`` (forward + backward to the studen
 torch.logsumexp). Each figure is the median of ``--reps`` (>= 20) timed runs after warm-up,
 the runs of the implementations interleaved.
 GB/s counts the fewest bytes the op must move (read the logits once, write the outputs once),
-printed next to the measured copy bandwidth of the device (a large tensor clone, read + write)
-and, on GPU, the card's peak memory bandwidth.
+printed next to the measured copy bandwidth of the device (a large copy into a touched buffer,
+read + write) and, on GPU, the card's peak memory bandwidth.
 """
 from __future__ import annotations
 
