@@ -284,7 +284,7 @@ MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A&
     const A* w = sent != nullptr && sent->in_block[blk / kBlock] != 0 ? sent->w : nullptr;
     for_vectors<W>(blk, end, [&](int64_t v, auto n) {
       __builtin_prefetch(x + v + kBlock);  // the next block (or row), for the max sweep
-      const Vec e = L::exp2((L::load(x + v, n, -kInf) - c) * k);
+      const Vec e = L::exp2_nonpos((L::load(x + v, n, -kInf) - c) * k);
       acc += e;
       if (w != nullptr) acc_w += e * L::load(w + v, W, 0);
       if (keep != nullptr) L::store(keep + v, e, W);
@@ -440,7 +440,7 @@ MHD_INLINE void rows_lse_kept(const In* const (&x)[R], int64_t V, const Scale<A>
     MHD_UNROLL
     for (int r = 0; r < R; ++r) {
       __builtin_prefetch(x[r] + v + kBlock);  // rows ahead, for their max sweep
-      const Vec e = L::exp2((L::load(x[r] + v, n, -kInf) - c[r]) * k);
+      const Vec e = L::exp2_nonpos((L::load(x[r] + v, n, -kInf) - c[r]) * k);
       acc[r] += e;
       L::store(keep[r] + v, e, W);
     }

@@ -116,8 +116,9 @@ MHD_INLINE vf min_keep_nan(vf c, vf x) {
 // The kernels call it with y ≤ 0 (a log2-probability) or NaN; e^x = 2^(x·log2 e) costs one
 // multiply more and still three fewer multiply-adds than a direct e^x polynomial, whose range
 // reduction needs ln 2 in two parts.
-MHD_INLINE vf vexp2(vf y) {
-  y = min_keep_nan(splat(127.0f), max_keep_nan(splat(-127.0f), y));
+MHD_INLINE vf vexp2(vf y, bool nonpos = false) {
+  y = max_keep_nan(splat(-127.0f), y);
+  if (!nonpos) y = min_keep_nan(splat(127.0f), y);
   const vf shift = splat(0x1.8p23f);
   const vf t = y + shift;
   const vf r = y - (t - shift);
@@ -169,6 +170,8 @@ template <> struct Lanes<float> {
 
   static MHD_INLINE V splat(float x) { return ::mhd::MHD_ISA::splat(x); }
   static MHD_INLINE V exp2(V y) { return vexp2(y); }
+  // 2^y for y <= 0 or NaN (the terms of an online softmax): no clamp from above.
+  static MHD_INLINE V exp2_nonpos(V y) { return vexp2(y, true); }
   static MHD_INLINE V exp(V x) { return vexp2(x * splat(kLog2e)); }
   static MHD_INLINE V log(V x) { return vlog(x); }
   static MHD_INLINE V max(V a, V b) {
@@ -284,6 +287,7 @@ template <> struct Lanes<double> {
 
   static MHD_INLINE V splat(double x) { return x; }
   static MHD_INLINE V exp2(V y) { return __builtin_exp2(y); }
+  static MHD_INLINE V exp2_nonpos(V y) { return __builtin_exp2(y); }
   static MHD_INLINE V exp(V x) { return __builtin_exp(x); }
   static MHD_INLINE V log(V x) { return __builtin_log(x); }
   static MHD_INLINE V max(V a, V b) { return a > b ? a : b; }
