@@ -112,7 +112,9 @@ MHD_INLINE vf min_keep_nan(vf c, vf x) {
 // degree-5 minimax polynomial of 2^r − 1 of ARM's optimized-routines (max error ≈ 2 ulp).
 // Adding 1.5·2^23 rounds y to n and leaves n in the low mantissa bits, from which 2^n is built
 // with one shift and one add. Branch-free, 6 multiply-adds. y is clamped to [−127, 127]:
-// 2^(−inf) = 0 exactly (a masked class), results below 2^−126 flush to 0, NaN stays NaN.
+// 2^(−inf) = 0 exactly (a masked class), results below 2^−126 flush to 0, NaN stays NaN. With
+// nonpos (the caller knows y ≤ 0 or NaN) the clamp from above is left out; a y above 127 would
+// then give a wrong number instead of 2^127.
 // The kernels call it with y ≤ 0 (a log2-probability) or NaN; e^x = 2^(x·log2 e) costs one
 // multiply more and still three fewer multiply-adds than a direct e^x polynomial, whose range
 // reduction needs ln 2 in two parts.
