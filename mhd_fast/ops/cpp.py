@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
+from .pool import POOL
 from .reference import AGGREGATES, acc_dtype
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
@@ -136,9 +137,11 @@ def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj,
 
 
 def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, tau: float,
-                  include_self: bool, aggregate: str, need_grad: bool):
+                  include_self: bool, aggregate: str, need_grad: bool, pooled: bool = False):
     """Dense teacher, one launch: statistics, teacher choice, loss and (need_grad) the unit
     gradient τ(q − p̄) of the full student, zeros outside heads head_offset .. head_offset + G.
+    pooled: the unit gradient may reuse an idle buffer of ``pool.POOL`` (the eager path; the
+    kernel writes all of it).
 
     student [N, H, B, V], teacher [N, G, B, V] -> (loss, lse_z, unit [N, H, B, V] or empty,
     lse_t, logconf_t, idx int64), all [N, G, B] in the accumulation dtype but unit and idx."""
@@ -148,7 +151,12 @@ def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: in
     rows = z.shape[:-1]
     lse_t, logconf_t, loss, lse_z = (torch.empty(rows, dtype=dt) for _ in range(4))
     idx = torch.empty(rows, dtype=torch.int64)
-    unit = torch.empty(student.shape, dtype=dt) if need_grad else torch.empty((0,), dtype=dt)
+    if not need_grad:
+        unit = torch.empty((0,), dtype=dt)
+    elif pooled:
+        unit = POOL.empty(student.shape, dt)
+    else:
+        unit = torch.empty(student.shape, dtype=dt)
     _C.distill_dense(_arg("student", z), _arg("teacher", teacher), _arg("adj", adj), float(tau), bool(include_self),
                      _aggregate_code(aggregate), _CODES[dt], lse_t.data_ptr(), logconf_t.data_ptr(), idx.data_ptr(),
                      loss.data_ptr(), lse_z.data_ptr(), unit.data_ptr() if need_grad else 0,

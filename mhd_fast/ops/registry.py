@@ -245,7 +245,7 @@ class _DenseFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, adj, head_offset, tau, include_self, aggregate, backend):
         inputs = (student, teacher, adj, head_offset, tau, include_self, aggregate, True, backend)
-        output = kernels(backend).distill_dense(*inputs[:-1])
+        output = kernels(backend).distill_dense(*inputs[:-1], pooled=True)
         _keep_dense(ctx, inputs, output)
         return output[0]
 

@@ -1,0 +1,112 @@
+"""Recycled buffers for the large outputs of the eager CPU path.
+
+The unit gradient of ``distill_dense`` is as large as the student logits (6.5 MB on the S1
+shape, 131 MB at V = 32000) and comes back every step. A fresh tensor of that size is fresh
+pages from the kernel: glibc hands large blocks back to the system when they are freed (unless
+told otherwise, as ``mhd-fast`` does), and the next step faults every 4 KiB page in again, 260
+to 520 faults a call on S1 in the benchmark's loop. The pool keeps a few such buffers and hands
+one out again once nothing outside the pool refers to its memory: the storage's use count,
+which counts every tensor on it (views, ``.grad``, saved tensors, numpy arrays and DLPack
+capsules hold a tensor), has fallen back to the pool's own reference, and no one holds the
+storage object.
+
+The kernels write every element of the buffers they are given, so nothing of an earlier call
+can show through. Only the eager path takes buffers from here (the custom ops under
+torch.compile allocate their own). ``MHD_FAST_POOL_MIB`` caps what the pool may hold (default
+256; 0 turns it off), and ``clear()`` lets it go.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+
+import torch
+from torch import Tensor
+
+MIN_BYTES = 1 << 20  # smaller outputs come from the allocator's free lists without faults
+
+
+def _cap_bytes() -> int:
+    raw = os.environ.get("MHD_FAST_POOL_MIB", "256")
+    try:
+        mib = int(raw)
+    except ValueError:
+        raise ValueError(f"MHD_FAST_POOL_MIB must be a whole number of MiB, got {raw!r}") from None
+    if mib < 0:
+        raise ValueError(f"MHD_FAST_POOL_MIB must be >= 0, got {mib}")
+    return mib << 20
+
+
+def _refs(t: Tensor) -> tuple[int, int]:
+    """(references to t's storage from C++: tensors and storage objects; Python references to
+    its storage object). torch keeps one Python object per storage, so a storage object the
+    user holds is the one asked for here, and shows only in the second number."""
+    s = t.untyped_storage()
+    return torch._C._storage_Use_Count(s._cdata), sys.getrefcount(s)
+
+
+_ALONE = _refs(torch.empty(1))  # a tensor nothing else refers to
+
+
+def _idle(buf: Tensor) -> bool:
+    """Whether only the pool refers to buf's memory."""
+    return _refs(buf) == _ALONE
+
+
+class OutputPool:
+    """Buffers of the last shapes asked for, handed out again when idle (see the module)."""
+
+    def __init__(self, cap_bytes: int | None = None) -> None:
+        self._cap = _cap_bytes() if cap_bytes is None else cap_bytes
+        self._bufs: list[Tensor] = []  # least recently handed out first
+        self._lock = threading.Lock()
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(b.nbytes for b in self._bufs)
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """An uninitialized contiguous CPU tensor of shape and dtype, not shared with any live
+        tensor; its memory may be an idle buffer of the pool."""
+        shape = tuple(int(s) for s in shape)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if nbytes < MIN_BYTES or nbytes > self._cap:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            for i, buf in enumerate(self._bufs):
+                if buf.dtype == dtype and buf.nbytes == nbytes and _idle(buf):
+                    self._bufs.append(self._bufs.pop(i))
+                    return _share(buf, shape)
+            buf = torch.empty(shape, dtype=dtype)
+            # make room: drop idle buffers, least recently used first; if the busy ones fill
+            # the cap, this one is not kept
+            held = self.held_bytes
+            for old in [b for b in self._bufs if _idle(b)]:
+                if held + nbytes <= self._cap:
+                    break
+                self._bufs.remove(old)
+                held -= old.nbytes
+            if held + nbytes <= self._cap:
+                self._bufs.append(buf)
+                return _share(buf, shape)
+            return buf
+
+    def clear(self) -> None:
+        """Let every buffer go (the ones still in use live on with their users)."""
+        with self._lock:
+            self._bufs.clear()
+
+
+def _share(buf: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A new tensor (not a view: no _base) on buf's memory, contiguous in shape."""
+    return torch.empty((0,), dtype=buf.dtype).set_(buf.untyped_storage(), 0, shape)
+
+
+POOL = OutputPool()
+
+
+def clear() -> None:
+    """Let the pool's buffers go."""
+    POOL.clear()
