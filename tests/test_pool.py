@@ -116,3 +116,26 @@ def test_gradients_handed_out_earlier_never_change():
     (one,) = torch.autograd.grad(mhd_fast.mhd_loss(z, t, adj, reduction="sum", backend="cpp"), z)
     torch.testing.assert_close(z.grad, 2 * one, rtol=0, atol=0)
     assert z.grad.data_ptr() != one.data_ptr()
+
+
+@pytest.mark.skipif(mhd_fast.backend_available("cpp") is not None, reason="mhd_fast._C not built")
+@pytest.mark.parametrize("teacher_kind", ["topk", "dense_custom_op"])
+def test_pooled_gradients_of_the_custom_ops_never_change(teacher_kind, monkeypatch):
+    """The backward of the top-k packets takes dZ from the pool too (the dense custom op, used
+    outside the eager twin, allocates its own): kept gradients stay as they were, and each one
+    is the reference's."""
+    from mhd_fast.ops import registry
+    if teacher_kind == "dense_custom_op":
+        monkeypatch.setattr(registry, "_plain_eager", lambda *t: False)
+    g = torch.Generator().manual_seed(1)
+    adj = ~torch.eye(SHAPE[0], dtype=torch.bool)
+    t = torch.randn(SHAPE, generator=g) * 3
+    teacher = mhd_fast.topk_compress(t, 8, backend="torch") if teacher_kind == "topk" else t
+    zs = [(torch.randn(SHAPE, generator=g) * 2).requires_grad_() for _ in range(3)]
+    pool_mod.clear()
+    kept = [torch.autograd.grad(mhd_fast.mhd_loss(z, teacher, adj, reduction="sum", backend="cpp"), z)[0]
+            for z in zs]
+    assert len({k.data_ptr() for k in kept}) == 3
+    for z, grad in zip(zs, kept):
+        (want,) = torch.autograd.grad(mhd_fast.mhd_loss(z, teacher, adj, reduction="sum", backend="torch"), z)
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=2e-6)

@@ -39,6 +39,7 @@ import math
 import torch
 from torch import Tensor
 
+from .pool import POOL
 from .reference import acc_dtype
 
 _BACKEND_MODULES = {"cpp": "mhd_fast.ops.cpp", "triton": "mhd_fast.ops.triton_backend"}
@@ -89,8 +90,12 @@ def _groups(student: Tensor, teacher_rows: Tensor, head_offset: int) -> Tensor:
 
 
 def _grad_buffer(student: Tensor, head_offset: int, g: int) -> Tensor:
-    """dZ of the full student, zeros outside the learning heads (the kernel fills those)."""
-    d = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    """dZ of the full student, zeros outside the learning heads (the kernel fills those). On
+    CPU an idle buffer of the output pool when there is one (the kernel writes every row)."""
+    if student.device.type == "cpu" and type(student) is torch.Tensor:
+        d = POOL.empty(student.shape, student.dtype)
+    else:
+        d = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     d[:, :head_offset].zero_()
     d[:, head_offset + g:].zero_()
     return d
