@@ -132,16 +132,28 @@ void graph_args(DistillArgs& a, const TensorArg& adj, double tau, bool include_s
   a.threads = threads;
 }
 
+// The student logits [N, G, B, V] (V >= 1) and the accumulation dtype code, checked, into a.
+void student_arg(DistillArgs& a, const TensorArg& z, int acc) {
+  expect_acc_code(acc);
+  a.z = view(z, "student", 4);
+  expect_float(a.z, "student");
+  if (a.z.size[3] < 1) throw py::value_error("student must have V >= 1 classes");
+}
+
+// Dense teacher logits of the student's shape, checked, into a.
+void dense_teacher_arg(DistillArgs& a, const TensorArg& t) {
+  a.t = view(t, "teacher", 4);
+  expect_float(a.t, "teacher");
+  expect_rows(a.t, "teacher", a.z, 4);
+}
+
 // The arguments shared by the forward and backward of the distillation loss, checked.
 DistillArgs distill_args(const TensorArg& z, const std::optional<TensorArg>& t,
                          const std::optional<TensorArg>& values, const std::optional<TensorArg>& indices,
                          const TensorArg& lse_t, const TensorArg& logconf_t, const TensorArg& idx,
                          const TensorArg& adj, double tau, bool include_self, int aggregate, int acc, int threads) {
   DistillArgs a;
-  expect_acc_code(acc);
-  a.z = view(z, "student", 4);
-  expect_float(a.z, "student");
-  if (a.z.size[3] < 1) throw py::value_error("student must have V >= 1 classes");
+  student_arg(a, z, acc);
   if (t.has_value() == (values.has_value() || indices.has_value()))
     throw py::value_error("teacher: pass either dense logits or (values, indices) packets");
   a.packets = !t.has_value();
@@ -158,9 +170,7 @@ DistillArgs distill_args(const TensorArg& z, const std::optional<TensorArg>& t,
                             std::to_string(a.values.size[3]));
     expect_range<int32_t>(a.indices, 4, 0, a.z.size[3], "indices");
   } else {
-    a.t = view(*t, "teacher", 4);
-    expect_float(a.t, "teacher");
-    expect_rows(a.t, "teacher", a.z, 4);
+    dense_teacher_arg(a, *t);
   }
   a.lse_t = view(lse_t, "lse_t", 3);
   a.logconf_t = view(logconf_t, "logconf_t", 3);
@@ -283,13 +293,8 @@ PYBIND11_MODULE(_C, m) {
          int acc, uintptr_t lse_t, uintptr_t logconf_t, uintptr_t idx, uintptr_t loss, uintptr_t lse_z,
          uintptr_t grad, const std::vector<int64_t>& grad_strides, int64_t heads, int64_t head_offset, int threads) {
         DistillArgs a;
-        expect_acc_code(acc);
-        a.z = view(z, "student", 4);
-        a.t = view(t, "teacher", 4);
-        expect_float(a.z, "student");
-        expect_float(a.t, "teacher");
-        if (a.z.size[3] < 1) throw py::value_error("student must have V >= 1 classes");
-        expect_rows(a.t, "teacher", a.z, 4);
+        student_arg(a, z, acc);
+        dense_teacher_arg(a, t);
         graph_args(a, adj, tau, include_self, aggregate, threads);
         FusedOut out;
         out.lse_t = ptr(lse_t);

@@ -180,6 +180,16 @@ MHD_INLINE void store_row(void* out, int dtype, int64_t v, typename Lanes<A>::V 
   }
 }
 
+// n lanes of a gradient row at class v: by store_row, or with stream (out a row of A, 16-byte
+// aligned) past the caches by non-temporal stores.
+template <class A, class N>
+MHD_INLINE void store_grad(void* out, int dtype, int64_t v, typename Lanes<A>::V x, N n, bool stream) {
+  using L = Lanes<A>;
+  if (!stream) store_row<A>(out, dtype, v, x, n);
+  else if (n == L::W) L::stream(static_cast<A*>(out) + v, x);
+  else L::stream(static_cast<A*>(out) + v, x, n);
+}
+
 template <class A>
 MHD_INLINE void store_one(void* out, int dtype, int64_t v, A x) {
   switch (dtype) {
@@ -387,9 +397,7 @@ MHD_INLINE void kl_sweep(const ZIn* z, int64_t V, const Scale<A>& sc, const Teac
     acc += p != Vec{} ? p * (lp - lq) : Vec{};
     if constexpr (Grad) {
       const Vec q = kept ? L::load(qbuf + v, n, 0) * inv_s : L::exp(lq);
-      if (!stream) store_row<A>(out, dtype, v, k * (q - p), n);
-      else if (n == W) L::stream(static_cast<A*>(out) + v, k * (q - p));
-      else L::stream(static_cast<A*>(out) + v, k * (q - p), n);
+      store_grad<A>(out, dtype, v, k * (q - p), n, stream);
     }
   });
   kl = L::sum(acc);
@@ -481,10 +489,7 @@ MHD_INLINE void kl_sweep_rows(const ZIn* const (&z)[R], int64_t V, const Scale<A
       teacher[r].get(v, n, p, lp);
       acc[r] += p != Vec{} ? p * (lp - lq) : Vec{};
       if constexpr (Grad) {
-        const Vec g = k * (L::load(q[r] + v, n, 0) * inv_s[r] - p);
-        if (!stream) store_row<A>(out[r], dtype, v, g, n);
-        else if (n == W) L::stream(static_cast<A*>(out[r]) + v, g);
-        else L::stream(static_cast<A*>(out[r]) + v, g, n);
+        store_grad<A>(out[r], dtype, v, k * (L::load(q[r] + v, n, 0) * inv_s[r] - p), n, stream);
       }
     }
   });
@@ -882,14 +887,15 @@ void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
       for (; i + kRows <= N * nbb; i += kRows) {
         const TIn* x[kRows];
         A* kp[kRows];
+        int64_t ns[kRows], bs[kRows];
         A m[kRows], l[kRows], sum[kRows];
         for (int k = 0; k < kRows; ++k) {
-          const int64_t n = (i + k) / nbb, b = b0 + (i + k) % nbb;
-          x[k] = row_t(n, b);
-          kp[k] = terms + slot(n, b) * vpad;
+          ns[k] = (i + k) / nbb, bs[k] = b0 + (i + k) % nbb;
+          x[k] = row_t(ns[k], bs[k]);
+          kp[k] = terms + slot(ns[k], bs[k]) * vpad;
         }
         rows_lse_kept<kRows>(x, V, sc, m, l, kp, sum);
-        for (int k = 0; k < kRows; ++k) put_stats((i + k) / nbb, b0 + (i + k) % nbb, m[k], l[k], sum[k]);
+        for (int k = 0; k < kRows; ++k) put_stats(ns[k], bs[k], m[k], l[k], sum[k]);
       }
     for (; i < N * nbb; ++i) {
       const int64_t n = i / nbb, b = b0 + i % nbb;

@@ -11,8 +11,9 @@ capsules hold a tensor), has fallen back to the pool's own reference, and no one
 storage object.
 
 The kernels write every element of the buffers they are given, so nothing of an earlier call
-can show through. Only the eager path takes buffers from here (the custom ops under
-torch.compile allocate their own). ``MHD_FAST_POOL_MIB`` caps what the pool may hold (default
+can show through. Two callers take buffers from here: the eager twin of ``distill_dense`` (its
+unit gradient; the custom op allocates its own) and, on CPU, the dZ of the backward custom ops
+(``registry._grad_buffer``). ``MHD_FAST_POOL_MIB`` caps what the pool may hold (default
 256; 0 turns it off), and ``clear()`` lets it go.
 """
 from __future__ import annotations
