@@ -57,6 +57,7 @@ def worker(spec: dict) -> None:
     """Time spec["rounds"] rounds after one warm-up; rank 0 prints a JSON line."""
     cfg = C.load(None, spec["config"])
     owned = D.init(train.resolve_device(cfg.device), cfg.dist_timeout)
+    clean = False
     try:
         t0 = time.perf_counter()
         sim = train.setup(cfg)
@@ -81,9 +82,10 @@ def worker(spec: dict) -> None:
                               "setup_s": setup_s, "bytes_client_edges": statistics.median(sent),
                               "bytes_between_processes": statistics.median(cross),
                               "peak_rss_bytes": max(peaks), "peak_rss_sum_bytes": sum(peaks)}))
+        clean = True
     finally:
         if owned:
-            D.shutdown()
+            D.shutdown(clean)
 
 
 def _free_port() -> int:

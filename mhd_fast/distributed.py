@@ -146,8 +146,17 @@ def rank_device(device: torch.device, shard: Shard) -> torch.device:
     return device
 
 
-def shutdown() -> None:
-    dist.destroy_process_group()
+def shutdown(clean: bool) -> None:
+    """Close the process group. clean (every rank got through its run): first a barrier, so
+    that no rank tears its connections down while a peer's last send or receive on them is
+    still in flight (gloo then aborted the process now and then, "terminate called without an
+    active exception"). After a failure the barrier is skipped: a dead peer would hold it for
+    the whole --dist-timeout."""
+    try:
+        if clean:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _first_line(e: BaseException) -> str:

@@ -349,11 +349,14 @@ def run(cfg: Config, *, resume: bool = False) -> dict | None:
     Returns the metrics dict (the content of metrics.json); under torchrun the run is
     sharded over the ranks, rank 0 writes and returns the metrics, the others return None."""
     owned = D.init(resolve_device(cfg.device), cfg.dist_timeout)
+    clean = False
     try:
-        return _run(cfg, resume)
+        out = _run(cfg, resume)
+        clean = True
+        return out
     finally:
         if owned:
-            D.shutdown()
+            D.shutdown(clean)
 
 
 def _run(cfg: Config, resume: bool) -> dict | None:

@@ -160,6 +160,7 @@ def _worker(rank: int, world: int, port: int, jobs: list, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
+    clean = False
     try:
         for name, cfg, resume in jobs:
             metrics = train.run(C.load(None, cfg), resume=resume)
@@ -167,8 +168,9 @@ def _worker(rank: int, world: int, port: int, jobs: list, out: str) -> None:
             if metrics is not None:
                 with open(os.path.join(out, f"{name}.json"), "w") as f:
                     json.dump(metrics, f)
+        clean = True
     finally:
-        dist.destroy_process_group()
+        D.shutdown(clean)
 
 
 def _spawn(world: int, jobs: list, out) -> dict:
