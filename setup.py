@@ -1,6 +1,6 @@
 """Builds mhd_fast._C from csrc/*.cpp with pybind11 and OpenMP (no torch at build time).
 
-The kernels are portable C++ compiled for the baseline ISA; hot loops carry AVX2/FMA clones
+The kernels are portable C++ compiled for the baseline ISA; hot loops carry AVX2/FMA and AVX-512 clones
 selected at run time (no -march=native, so the wheel runs on any x86-64 / aarch64 machine).
 """
 import glob

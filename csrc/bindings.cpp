@@ -3,7 +3,7 @@
 // Every function takes its tensors as (data pointer, dtype code, sizes, element strides) tuples
 // built by mhd_fast/ops/cpp.py, checks what memory safety needs (dtypes, shapes, index ranges;
 // ValueError naming the argument), releases the GIL and runs one kernel call over all rows.
-// The kernels come in ISA builds (kernels_generic.cpp, kernels_avx2.cpp); the best one the CPU
+// The kernels come in ISA builds (kernels_generic.cpp, kernels_avx2.cpp, kernels_avx512.cpp); the best one the CPU
 // supports is chosen at import, and set_isa() switches for tests and benchmarks.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -27,7 +27,12 @@ std::vector<const KernelTable*> supported_isas() {
   std::vector<const KernelTable*> isas{&kernels_generic()};
 #ifdef MHD_HAVE_AVX2_BUILD
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isas.push_back(&kernels_avx2());
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    isas.push_back(&kernels_avx2());
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+      isas.push_back(&kernels_avx512());
+  }
 #endif
   return isas;
 }

@@ -66,7 +66,7 @@ struct FusedOut {
   int64_t heads = 0, head_offset = 0;
 };
 
-// One ISA build of the kernels (kernels_generic.cpp, kernels_avx2.cpp).
+// One ISA build of the kernels (kernels_generic.cpp, kernels_avx2.cpp, kernels_avx512.cpp).
 struct KernelTable {
   const char* isa;
   // T [N, G, B, V] -> lse, logconf [N, G, B] (contiguous, accumulation dtype acc).
@@ -86,6 +86,7 @@ struct KernelTable {
 const KernelTable& kernels_generic();
 #if defined(__x86_64__) || defined(_M_X64)
 const KernelTable& kernels_avx2();
+const KernelTable& kernels_avx512();
 #define MHD_HAVE_AVX2_BUILD 1
 #endif
 

@@ -1,7 +1,7 @@
 // The fused kernels of mhd_fast, written once and compiled once per ISA.
 //
-// kernels_generic.cpp and kernels_avx2.cpp include this file inside namespace mhd::MHD_ISA,
-// after setting the ISA (MHD_LANES, MHD_AVX2 and, for AVX2, a target pragma), so every
+// kernels_generic.cpp, kernels_avx2.cpp and kernels_avx512.cpp include this file inside namespace
+// mhd::MHD_ISA, after setting the ISA (MHD_LANES, MHD_AVX2 or MHD_AVX512, and a target pragma), so every
 // function here, templates included, gets a distinct symbol per ISA and the linker never mixes
 // AVX2 code into the portable build. Standard headers are included by those files before the
 // ISA switch; this file instantiates no std templates under it.

@@ -9,6 +9,10 @@
 // Lanes<A> gives the kernels one vocabulary for both accumulation types: Lanes<float> works on
 // vectors with polynomial exp/log, Lanes<double> (the fp64 path, used by gradcheck) on plain
 // scalars with libm, so each kernel is written once.
+//
+// The AVX-512 build (kernels_avx512.cpp: MHD_LANES 16, MHD_AVX512) takes the same code on
+// 16 lanes; where an intrinsic is needed it has its own branch, with lane masks (__mmask16)
+// for partial loads and stores.
 
 #define MHD_INLINE inline __attribute__((always_inline))
 
@@ -84,7 +88,9 @@ template <class A> MHD_INLINE A to_acc(f16 x) { return (A)half_to_float(x.bits);
 template <class A> MHD_INLINE A to_acc(bf16 x) { return (A)bf16_to_float(x.bits); }
 
 MHD_INLINE vf fmadd(vf a, vf b, vf c) {
-#ifdef MHD_AVX2
+#if defined(MHD_AVX512)
+  return _mm512_fmadd_ps(a, b, c);
+#elif defined(MHD_AVX2)
   return _mm256_fmadd_ps(a, b, c);
 #else
   return a * b + c;
@@ -93,7 +99,9 @@ MHD_INLINE vf fmadd(vf a, vf b, vf c) {
 
 // Lane-wise max that keeps a NaN of x (maxps returns its second operand when one is NaN).
 MHD_INLINE vf max_keep_nan(vf c, vf x) {
-#ifdef MHD_AVX2
+#if defined(MHD_AVX512)
+  return _mm512_maskz_max_ps(0xFFFF, c, x);  // not _mm512_max_ps: GCC 12 warns on its undefined source
+#elif defined(MHD_AVX2)
   return _mm256_max_ps(c, x);
 #else
   return c > x ? c : x;
@@ -101,7 +109,9 @@ MHD_INLINE vf max_keep_nan(vf c, vf x) {
 }
 
 MHD_INLINE vf min_keep_nan(vf c, vf x) {
-#ifdef MHD_AVX2
+#if defined(MHD_AVX512)
+  return _mm512_maskz_min_ps(0xFFFF, c, x);
+#elif defined(MHD_AVX2)
   return _mm256_min_ps(c, x);
 #else
   return c < x ? c : x;
@@ -177,7 +187,9 @@ template <> struct Lanes<float> {
   static MHD_INLINE V exp(V x) { return vexp2(x * splat(kLog2e)); }
   static MHD_INLINE V log(V x) { return vlog(x); }
   static MHD_INLINE V max(V a, V b) {
-#ifdef MHD_AVX2
+#if defined(MHD_AVX512)
+    return _mm512_maskz_max_ps(0xFFFF, a, b);
+#elif defined(MHD_AVX2)
     return _mm256_max_ps(a, b);
 #else
     return a > b ? a : b;
@@ -191,8 +203,15 @@ template <> struct Lanes<float> {
     typedef float v4 __attribute__((vector_size(16)));
     typedef float v2 __attribute__((vector_size(8)));
     v4 q;
+#if MHD_LANES == 16
+    typedef float v8 __attribute__((vector_size(32)));
+    const v8 o = op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+    q = op(__builtin_shufflevector(o, o, 0, 1, 2, 3), __builtin_shufflevector(o, o, 4, 5, 6, 7));
+#else
     if constexpr (W == 8) q = op(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7));
     else q = v;
+#endif
     const v2 h = op(__builtin_shufflevector(q, q, 0, 1), __builtin_shufflevector(q, q, 2, 3));
     return op(h, __builtin_shufflevector(h, h, 1, 0))[0];
   }
@@ -204,7 +223,9 @@ template <> struct Lanes<float> {
   }
   // Bit l set when lane l of the mask is set.
   static MHD_INLINE unsigned bits(M m) {
-#ifdef MHD_AVX2
+#if defined(MHD_AVX512)
+    return (unsigned)_mm512_cmplt_epi32_mask((__m512i)m, _mm512_setzero_si512());
+#elif defined(MHD_AVX2)
     return (unsigned)_mm256_movemask_ps((__m256)m);
 #else
     unsigned b = 0;
@@ -225,12 +246,22 @@ template <> struct Lanes<float> {
   static MHD_INLINE V load(const f16* p) {
     vh h; __builtin_memcpy(&h, p, sizeof h); return half_to_float(h);
   }
+  // Widen W half-width elements already loaded.
+  static MHD_INLINE V load(const bf16*, vh h) { return bf16_to_float(h); }
+  static MHD_INLINE V load(const f16*, vh h) { return half_to_float(h); }
   // The first n ≤ W lanes from p, the others = pad (−inf for logits: a masked class). Never
   // reads past p[n − 1].
   template <class In>
   static MHD_INLINE V load(const In* p, int n, float pad) {
     if (n == W) return load(p);
-#ifdef MHD_AVX2
+#if defined(MHD_AVX512)
+    const __mmask16 k = (__mmask16)((1u << n) - 1);  // masked-off lanes are never read
+    if constexpr (sizeof(In) == 4) return _mm512_mask_loadu_ps(splat(pad), k, reinterpret_cast<const float*>(p));
+    if constexpr (sizeof(In) == 2) {
+      const V r = load(p, (vh)_mm256_maskz_loadu_epi16(k, p));
+      return (V)_mm512_mask_blend_ps(k, splat(pad), r);
+    }
+#elif defined(MHD_AVX2)
     if constexpr (sizeof(In) == 4) {
       const M m = lanes_below(n);
       return m ? (V)_mm256_maskload_ps(reinterpret_cast<const float*>(p), (__m256i)m) : splat(pad);
@@ -245,7 +276,12 @@ template <> struct Lanes<float> {
   // A whole vector to a 16-byte aligned p past the caches (non-temporal: no read for
   // ownership of the line); the writer calls fence() before the data are read elsewhere.
   static MHD_INLINE void stream(float* p, V v) {
-#if defined(MHD_AVX2)
+#if defined(MHD_AVX512)
+    _mm_stream_ps(p, (__m128)__builtin_shufflevector(v, v, 0, 1, 2, 3));
+    _mm_stream_ps(p + 4, (__m128)__builtin_shufflevector(v, v, 4, 5, 6, 7));
+    _mm_stream_ps(p + 8, (__m128)__builtin_shufflevector(v, v, 8, 9, 10, 11));
+    _mm_stream_ps(p + 12, (__m128)__builtin_shufflevector(v, v, 12, 13, 14, 15));
+#elif defined(MHD_AVX2)
     _mm_stream_ps(p, _mm256_castps256_ps128((__m256)v));
     _mm_stream_ps(p + 4, _mm256_extractf128_ps((__m256)v, 1));
 #elif defined(__SSE__)
@@ -273,7 +309,9 @@ template <> struct Lanes<float> {
   template <class Out>
   static MHD_INLINE void store(Out* p, V v, int n) {
     if (n == W) return store(p, v);
-#ifdef MHD_AVX2
+#if defined(MHD_AVX512)
+    if constexpr (sizeof(Out) == 4) return _mm512_mask_storeu_ps(reinterpret_cast<float*>(p), (__mmask16)((1u << n) - 1), v);
+#elif defined(MHD_AVX2)
     if constexpr (sizeof(Out) == 4) return _mm256_maskstore_ps(reinterpret_cast<float*>(p), (__m256i)lanes_below(n), v);
 #endif
     Out tmp[W];

@@ -10,7 +10,7 @@ row space of all N clients × G groups × B rows with ``torch.get_num_threads()`
   The per-row metadata ([N, G, B], a few bytes a row) is passed in the accumulation dtype,
   converted here only when the caller holds another one.
 * Arithmetic in fp32 for fp32 / fp16 / bf16 inputs (fp64 when an input is fp64), with a
-  polynomial exp / log vectorized for AVX2 + FMA (chosen at run time) or the baseline ISA.
+  polynomial exp / log vectorized for AVX-512 or AVX2 + FMA (chosen at run time) or the baseline ISA.
   Results are bit-identical run to run and for any thread count.
 * NaN and inf: a row whose logits hold NaN or +inf gives NaN for that row (loss, lse, log
   confidence, gradient); −inf marks a masked class (probability 0, 0·log 0 = 0); a row of all
