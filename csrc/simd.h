@@ -233,6 +233,21 @@ template <> struct Lanes<float> {
     return b;
 #endif
   }
+  // The number of lanes with a > b, and with a >= b (unsigned): a popcount of a compare mask.
+  static MHD_INLINE int count_gt(vu a, vu b) {
+#if defined(MHD_AVX512)
+    return __builtin_popcount(_mm512_cmpgt_epu32_mask((__m512i)a, (__m512i)b));
+#else
+    return __builtin_popcount(bits((M)(a > b)));
+#endif
+  }
+  static MHD_INLINE int count_ge(vu a, vu b) {
+#if defined(MHD_AVX512)
+    return __builtin_popcount(_mm512_cmpge_epu32_mask((__m512i)a, (__m512i)b));
+#else
+    return __builtin_popcount(bits((M)(a >= b)));
+#endif
+  }
   static MHD_INLINE M lanes_below(int n) {
     M id;
     for (int l = 0; l < W; ++l) id[l] = l;

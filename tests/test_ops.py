@@ -413,7 +413,7 @@ def test_nan_and_inf_in_topk_compress(backend):
 @needs_cpp
 @pytest.mark.parametrize("v", range(1, 18))
 def test_topk_compress_small_rows_every_k(isa, v):
-    """Rows of up to 16 classes take the cpp kernel's rank path (17 the offers), on every ISA
+    """Rows of up to 16 classes always take the cpp kernel's rank path, on every ISA
     build the CPU runs: every k against
     the reference, exact, with ties, NaN (above every number, by index), ±inf and −0 = +0; lse
     NaN for a row with NaN or +inf, as documented for the compiled backends."""
@@ -432,6 +432,33 @@ def test_topk_compress_small_rows_every_k(isa, v):
         assert torch.equal(torch.isnan(got.values), torch.isnan(want.values))
         assert torch.equal(torch.nan_to_num(got.values), torch.nan_to_num(want.values))
         bad = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1)  # lse NaN by design (docs of cpp.py)
+        assert torch.isnan(got.lse[bad]).all()
+        torch.testing.assert_close(got.lse[~bad], want.lse[~bad], rtol=2e-6, atol=2e-6)
+
+
+@needs_cpp
+@pytest.mark.parametrize("v", [17, 40, 63, 100, 129, 256, 257])
+def test_topk_compress_rank_and_offer_paths_agree(isa, v):
+    """Rows of up to 256 classes take the rank path when k is large against V (rank_path in
+    csrc/kernels.h, by ISA), the offers otherwise: on every ISA build, for k on both sides of
+    the switch, the exact reference order with ties, NaN, ±inf and −0 = +0 (257 classes:
+    always the offers)."""
+    x = with_topk_ties(make_logits((24, v), seed=300 + v))
+    specials = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0]
+    g = torch.Generator().manual_seed(v)
+    for r in range(0, 24, 2):
+        cols = torch.randint(0, v, (3,), generator=g)
+        for c, val in zip(cols.tolist(), specials[r % 5:] + specials[:r % 5]):
+            x[r, c] = val
+    x[5, : v // 2] = x[5, v // 2: 2 * (v // 2)]  # every value twice: ties across vectors
+    x[23] = float("-inf")
+    for k in sorted(k for k in {1, 2, 3, 5, 8, 9, 16, 21, 32, v // 2, v - 1, v} if k <= v):
+        want = mhd_fast.topk_compress(x, k, tau=0.5, backend="torch")
+        got = mhd_fast.topk_compress(x, k, tau=0.5, backend="cpp")
+        assert torch.equal(got.indices, want.indices), k
+        assert torch.equal(torch.isnan(got.values), torch.isnan(want.values))
+        assert torch.equal(torch.nan_to_num(got.values), torch.nan_to_num(want.values))
+        bad = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1)
         assert torch.isnan(got.lse[bad]).all()
         torch.testing.assert_close(got.lse[~bad], want.lse[~bad], rtol=2e-6, atol=2e-6)
 
