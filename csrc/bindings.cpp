@@ -348,4 +348,13 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("logits"), py::arg("k"), py::arg("tau"), py::arg("acc"), py::arg("values"), py::arg("indices"),
       py::arg("lse"), py::arg("threads"));
+  m.def(
+      "zero_rows",
+      [](const TensorArg& x, int threads) {
+        const View v = view(x, "x", 4);
+        if (v.size[3] > 1 && v.stride[3] != 1) throw py::value_error("x must have a contiguous last dim");
+        py::gil_scoped_release nogil;
+        kernels().zero_rows(v, threads);
+      },
+      py::arg("x"), py::arg("threads"), "Zeros every row of x [N, H, B, V] in place (the heads of a gradient that do not learn).");
 }

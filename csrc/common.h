@@ -81,6 +81,8 @@ struct KernelTable {
   // X [R, V] -> values [R, K] acc, indices [R, K] int32, lse [R] acc.
   void (*topk_compress)(const View& x, int64_t k, double tau, int acc, void* values,
                         int32_t* indices, void* lse, int threads);
+  // X [N, H, B, V] (class dim contiguous) <- 0.
+  void (*zero_rows)(const View& x, int threads);
 };
 
 const KernelTable& kernels_generic();

@@ -50,7 +50,8 @@ MHD_INLINE int team_size() {
 
 // body(r, n, g, b, tid) for every row r = (n·G + g)·B + b of an [N, G, B] row space, on nt
 // threads that each take one contiguous chunk (a static schedule) and step (n, g, b) along
-// without divisions.
+// without divisions. Each thread ends with a fence, so that rows it wrote by non-temporal
+// stores are in memory when the call returns.
 template <class F>
 void for_rows(int64_t N, int64_t G, int64_t B, int nt, F&& body) {
   const int64_t R = N * G * B;
@@ -70,6 +71,7 @@ void for_rows(int64_t N, int64_t G, int64_t B, int nt, F&& body) {
         }
       }
     }
+    fence();
   }
 }
 
@@ -335,16 +337,17 @@ struct ProbTeacher {  // an aggregated distribution p̄ [V] in a buffer
   MHD_INLINE Vec prob(int64_t v, int n) const { return L::load(p + v, n, 0); }
 };
 
-// dL/dz_v = g·τ·(q_v − p_v) with q_v = e^(z_v/τ − lse_z), written in Z's dtype.
+// dL/dz_v = g·τ·(q_v − p_v) with q_v = e^(z_v/τ − lse_z), written in Z's dtype (stream: past
+// the caches, out a row of A, 16-byte aligned).
 template <class A, class ZIn, class Teacher>
 MHD_INLINE void grad_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teacher& teacher, A lse_z,
-                         A gs, void* out, int dtype) {
+                         A gs, void* out, int dtype, bool stream) {
   using L = Lanes<A>;
   using Vec = typename L::V;
   constexpr int W = L::W;
   for_vectors<W>(0, V, [&](int64_t v, auto n) {
     const Vec q = L::exp(sc(L::load(z + v, n, -kInf)) - lse_z);
-    store_row<A>(out, dtype, v, gs * (q - teacher.prob(v, n)), n);
+    store_grad<A>(out, dtype, v, gs * (q - teacher.prob(v, n)), n, stream);
   });
 }
 
@@ -690,6 +693,11 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
   A* lse_out = static_cast<A*>(out.lse_z);
   char* dz = static_cast<char*>(out.dz);
   const int64_t row_bytes = V * dtype_size(a.z.dtype);
+  // A gradient of A larger than the caches goes past them (as in distill_dense): no line is
+  // read for ownership first, which at V = 32000 had cost a second pass over memory.
+  const bool stream = backward && a.z.dtype == (sizeof(A) == 4 ? F32 : F64) && N * G * B * row_bytes >= kStreamBytes &&
+                      reinterpret_cast<uintptr_t>(dz) % 16 == 0 && (out.dz_stride[0] * sizeof(A)) % 16 == 0 &&
+                      (out.dz_stride[1] * sizeof(A)) % 16 == 0 && (out.dz_stride[2] * sizeof(A)) % 16 == 0;
 
   for_rows(N, G, B, nt, [&](int64_t r, int64_t n, int64_t g, int64_t b, int tid) {
     A* zbuf = scratch.data() + tid * share;
@@ -704,7 +712,8 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
         : nullptr;
     const auto finish = [&](const auto& teacher) {
       if (backward) {
-        grad_row(z, V, sc, teacher, at<A>(a.lse_z, n, g, b), at<A>(a.grad, n, g, b) * tau, dz_row, a.z.dtype);
+        grad_row(z, V, sc, teacher, at<A>(a.lse_z, n, g, b), at<A>(a.grad, n, g, b) * tau, dz_row, a.z.dtype,
+                 stream);
       } else {
         A kl, lse;
         kl_row(z, V, sc, teacher, kl, lse);
@@ -762,8 +771,9 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
         const A gs = at<A>(a.grad, n, g, b) * tau;
         const A unsent = gs * (rest && p_rest != 0 ? A(1 - p_rest / q_rest) : A(1));
         for_vectors<L::W>(0, V, [&](int64_t v, auto w) {
-          store_row<A>(dz_row, a.z.dtype, v, unsent * L::load(pbuf + v, w, 0), w);
+          store_grad<A>(dz_row, a.z.dtype, v, unsent * L::load(pbuf + v, w, 0), w, stream);
         });
+        if (stream) fence();  // the sent classes below overwrite streamed lines: after them
         const A* val = static_cast<const A*>(a.values.data) + offset(a.values, j, g, b);
         const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, j, g, b);
         for (int64_t k = 0; k < K; ++k) {
@@ -1325,6 +1335,30 @@ void topk_compress(const View& x, int64_t K, double tau, A* values, int32_t* ind
   });
 }
 
+// ---- zero rows -----------------------------------------------------------------------------------
+
+// Every row of X [N, H, B, V] (class dim contiguous) set to +0, on the threads: fp32 rows that
+// start 16-byte aligned, in a tensor larger than the caches, by non-temporal stores (no line is
+// read for ownership first: half the memory traffic of a memset, which is what torch's zero_
+// costs), the others by memset. The heads of a gradient that do not learn.
+inline void zero_rows_entry(const View& x, int threads) {
+  using L = Lanes<float>;
+  const int64_t N = x.size[0], H = x.size[1], B = x.size[2], V = x.size[3];
+  const int64_t es = dtype_size(x.dtype);
+  char* base = static_cast<char*>(x.data);
+  const bool stream = x.dtype == F32 && N * H * B * V * es >= kStreamBytes && reinterpret_cast<uintptr_t>(base) % 16 == 0 &&
+                      (x.stride[0] * es) % 16 == 0 && (x.stride[1] * es) % 16 == 0 && (x.stride[2] * es) % 16 == 0;
+  for_rows(N, H, B, team(threads, N * H * B * V), [&](int64_t, int64_t n, int64_t h, int64_t b, int) {
+    char* row = base + (n * x.stride[0] + h * x.stride[1] + b * x.stride[2]) * es;
+    if (!stream) return (void)std::memset(row, 0, V * es);
+    float* d = reinterpret_cast<float*>(row);
+    for_vectors<L::W>(0, V, [&](int64_t v, auto w) {
+      if (w == L::W) L::stream(d + v, L::splat(0));
+      else L::stream(d + v, L::splat(0), w);
+    });
+  });
+}
+
 // ---- dtype dispatch ------------------------------------------------------------------------------
 
 // The fp32 path reads fp32 / fp16 / bf16 logits in place; fp64 (and any strided class dim)
@@ -1390,6 +1424,6 @@ inline void topk_compress_entry(const View& x, int64_t k, double tau, int acc, v
 inline const KernelTable& table() {
   static const KernelTable t{MHD_ISA_NAME,         teacher_stats_entry, select_entry,
                              distill_fwd_entry,    distill_bwd_entry,   distill_dense_entry,
-                             topk_compress_entry};
+                             topk_compress_entry,  zero_rows_entry};
   return t;
 }

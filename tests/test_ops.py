@@ -463,6 +463,23 @@ def test_topk_compress_rank_and_offer_paths_agree(isa, v):
         torch.testing.assert_close(got.lse[~bad], want.lse[~bad], rtol=2e-6, atol=2e-6)
 
 
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("v", [7, 4096, 4097])
+def test_cpp_zero_rows_fills_the_heads_and_nothing_else(isa, dtype, v):
+    """cpp.zero_ (the heads of a gradient that do not learn): head 0 of a NaN-filled tensor
+    becomes +0 and the other heads keep every bit. 64 MiB at V = 4096 fp32 takes the
+    non-temporal path (head 0 is 8 MiB, rows 16-byte aligned); V = 4097 and bf16 the memset."""
+    from mhd_fast.ops import cpp
+    x = torch.full((8, 4, 128, v), float("nan"), dtype=dtype)
+    head = x[:, :1]
+    assert cpp.zero_(head) is head
+    assert torch.equal(x[:, :1], torch.zeros_like(x[:, :1]))
+    assert not torch.signbit(x[:, :1]).any()
+    assert torch.isnan(x[:, 1:]).all()
+    cpp.zero_(x[:, 4:])  # an empty slice: nothing to do
+
+
 # ---- the one-launch dense loss of cpp ----------------------------------------------------------
 
 @needs_cpp

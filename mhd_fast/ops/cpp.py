@@ -164,6 +164,14 @@ def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: in
     return loss, lse_z, unit, lse_t, logconf_t, idx
 
 
+def zero_(x: Tensor) -> Tensor:
+    """x [N, H, B, V] (class dim contiguous) <- 0 in place, on the threads; fp32 tensors larger
+    than the caches by non-temporal stores (half the memory traffic of torch's zero_)."""
+    if x.numel() > 0:
+        _C.zero_rows(_arg("x", x), _threads())
+    return x
+
+
 def topk_compress(logits: Tensor, k: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
     """X [R, V] -> (values [R, k] of X/τ descending, accumulation dtype; indices [R, k] int32;
     lse [R] of X/τ). Ties -> lower index first; NaN ranks above every number."""
