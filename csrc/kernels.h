@@ -749,14 +749,28 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
         const SentRow<A> sent{wbuf, in_block};
         row_lse(z, V, sc, m, lse_z, rest ? &sent : nullptr, &log_q_rest);
       } else {
-        // q_v into pbuf, and q_rest summed over the unsent classes in the same sweep.
+        // q_v into pbuf, and q_rest summed over the unsent classes in the same sweep; as in
+        // row_lse, only blocks that hold a sent class read the weights (log q <= 0 up to
+        // rounding, so 2^y needs no clamp from above).
         lse_z = at<A>(a.lse_z, n, g, b);
+        const typename L::V log2e = L::splat(A(kLog2e));
         typename L::V acc = L::splat(0);
-        for_vectors<L::W>(0, V, [&](int64_t v, auto w) {
-          const auto q = L::exp(sc(L::load(z + v, w, -kInf)) - lse_z);
-          L::store(pbuf + v, q, L::W);
-          acc += q * L::load(wbuf + v, L::W, 0);
-        });
+        for (int64_t blk = 0; blk < V; blk += kBlock) {
+          const int64_t end = min64(V, blk + kBlock);
+          if (rest && in_block[blk / kBlock] != 0) {
+            for_vectors<L::W>(blk, end, [&](int64_t v, auto w) {
+              const auto q = L::exp2_nonpos((sc(L::load(z + v, w, -kInf)) - lse_z) * log2e);
+              L::store(pbuf + v, q, L::W);
+              acc += q * L::load(wbuf + v, L::W, 0);
+            });
+          } else {
+            for_vectors<L::W>(blk, end, [&](int64_t v, auto w) {
+              const auto q = L::exp2_nonpos((sc(L::load(z + v, w, -kInf)) - lse_z) * log2e);
+              L::store(pbuf + v, q, L::W);
+              acc += q;
+            });
+          }
+        }
         q_rest = L::sum(acc);
       }
       if (rest) mark_sent(a, j, g, b, wbuf, in_block, false);

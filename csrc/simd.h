@@ -289,14 +289,17 @@ template <> struct Lanes<float> {
 
   static MHD_INLINE void store(float* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
   // A whole vector to a 16-byte aligned p past the caches (non-temporal: no read for
-  // ownership of the line); the writer calls fence() before the data are read elsewhere.
+  // ownership of the line), in one store where p is aligned to the vector, else in 16-byte
+  // pieces; the writer calls fence() before the data are read elsewhere.
   static MHD_INLINE void stream(float* p, V v) {
 #if defined(MHD_AVX512)
+    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) return _mm512_stream_ps(p, (__m512)v);  // a whole line
     _mm_stream_ps(p, (__m128)__builtin_shufflevector(v, v, 0, 1, 2, 3));
     _mm_stream_ps(p + 4, (__m128)__builtin_shufflevector(v, v, 4, 5, 6, 7));
     _mm_stream_ps(p + 8, (__m128)__builtin_shufflevector(v, v, 8, 9, 10, 11));
     _mm_stream_ps(p + 12, (__m128)__builtin_shufflevector(v, v, 12, 13, 14, 15));
 #elif defined(MHD_AVX2)
+    if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) return _mm256_stream_ps(p, (__m256)v);
     _mm_stream_ps(p, _mm256_castps256_ps128((__m256)v));
     _mm_stream_ps(p + 4, _mm256_extractf128_ps((__m256)v, 1));
 #elif defined(__SSE__)
