@@ -11,7 +11,8 @@ torch.logsumexp). Each figure is the median of ``--reps`` (>= 20) timed runs aft
 the runs of the implementations interleaved.
 GB/s counts the fewest bytes the op must move (read the logits once, write the outputs once),
 printed next to the measured copy bandwidth of the device (a large copy into a touched buffer,
-read + write) and, on GPU, the card's peak memory bandwidth.
+read + write, timed in the same interleaved runs as each row) and, on GPU, the card's peak
+memory bandwidth.
 """
 from __future__ import annotations
 
@@ -197,15 +198,22 @@ def nbytes(shape: Shape, mode: str) -> int:
     return total + (aux if mode == "fwd_bwd" else 0)  # write dZ
 
 
-def copy_bandwidth(device: str, mib: int = 256, reps: int = 20) -> float:
-    """Measured device copy bandwidth in bytes/s: read + write of a tensor far larger than the
-    caches, into a destination already touched, so that the figure is the memory's and not the
-    page faults of a fresh allocation (a clone of 256 MiB on this CPU spent most of its time
-    faulting in the new pages and read as 6.4 GB/s against 46 GB/s for the copy itself)."""
-    x = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
-    y = torch.empty_like(x).fill_(0.0)
-    t = time_median(lambda: y.copy_(x), device, reps)
-    return 2 * x.numel() * 4 / t
+class Copy:
+    """The device copy, as a runner: read + write of a tensor far larger than the caches, into
+    a destination already touched, so that the figure is the memory's and not the page faults
+    of a fresh allocation (a clone of 256 MiB on this CPU spent most of its time faulting in the
+    new pages and read as 6.4 GB/s against 46 GB/s for the copy itself). bench() times it
+    interleaved with the implementations of every row, so that each row's share of the copy
+    bandwidth compares the two under the same load of the shared host (measured once at the
+    start, it read 76.5 GB/s in one run and 43-45 GB/s in the next two)."""
+
+    def __init__(self, device: str, mib: int = 256):
+        self.x = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+        self.y = torch.empty_like(self.x).fill_(0.0)
+        self.bytes = 2 * self.x.numel() * 4
+
+    def __call__(self):
+        self.y.copy_(self.x)
 
 
 def machine(device: str) -> str:
@@ -223,7 +231,7 @@ def peak_bandwidth(device: str) -> float | None:
 
 def bench(device: str, shapes: list[str], modes: list[str], impls: list[str],
           reps: int) -> tuple[list[dict], float]:
-    copy_bw = copy_bandwidth(device)
+    copy = Copy(device)
     rows = []
     for name in shapes:
         shape = SHAPES[name]
@@ -231,7 +239,9 @@ def bench(device: str, shapes: list[str], modes: list[str], impls: list[str],
             continue
         c = make_case(shape, device)
         for mode in modes:
-            res = time_interleaved({impl: runner(c, mode, impl) for impl in impls}, device, reps)
+            res = time_interleaved({**{impl: runner(c, mode, impl) for impl in impls}, "copy": copy},
+                                   device, reps)
+            copy_bw = copy.bytes / res.pop("copy")
             for impl in impls:
                 print(f"  {name} {mode:8s} {impl:8s} {res[impl] * 1e3:10.3f} ms", file=sys.stderr)
             fused = res.get("fused")
@@ -248,17 +258,18 @@ def bench(device: str, shapes: list[str], modes: list[str], impls: list[str],
                 row["pct_peak_bw"] = round(100 * gbs / peak, 1)
             rows.append(row)
         del c
-    return rows, copy_bw
+    return rows, statistics.median(r["copy_GBps"] for r in rows) * 1e9
 
 
 def print_table(rows: list[dict], device: str, copy_bw: float) -> None:
     fused = "triton" if device == "cuda" else "cpp"
     cols = ["shape", "mode", "naive_ms", "eager_ms", "compile_ms", "fused_ms", "fused_vs_naive",
-            "fused_vs_eager", "fused_vs_compile", "fused_GBps", "pct_copy_bw"]
+            "fused_vs_eager", "fused_vs_compile", "fused_GBps", "copy_GBps", "pct_copy_bw"]
     if any("pct_peak_bw" in r for r in rows):
         cols.append("pct_peak_bw")
     head = [c.replace("fused", fused) for c in cols]
-    print(f"\n{datetime.date.today()}  {machine(device)}  copy bandwidth {copy_bw / 1e9:.1f} GB/s")
+    print(f"\n{datetime.date.today()}  {machine(device)}  copy bandwidth {copy_bw / 1e9:.1f} GB/s "
+          "(median of the rows; each row's own in copy_GBps)")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
