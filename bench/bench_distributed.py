@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.worker is not None:
         worker(json.loads(a.worker))
+        if D.launched():
+            D.leave(0)  # as the CLI does: past gloo's teardown at interpreter exit
         return 0
 
     parts = set(a.parts.split(","))

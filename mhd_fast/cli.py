@@ -163,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from .sweep import sweep_main
         return sweep_main(args)  # prints its own one-line errors (status 2)
-    from .distributed import PeerFailure, launched
+    from .distributed import PeerFailure, launched, leave
     try:
-        return cmd_run(args) if args.command == "run" else cmd_graph(args)
+        status = cmd_run(args) if args.command == "run" else cmd_graph(args)
+        if launched():
+            leave(status)  # past gloo's teardown at interpreter exit (distributed.leave)
+        return status
     except (ValueError, TypeError) as e:
         # TypeError: a topology given an option it does not take (its keyword arguments).
         where = f"rank {os.environ.get('RANK', '?')}: " if launched() else ""
@@ -177,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             # gloo's / NCCL's worker threads ("terminate called ...", status -6 instead of 1).
             # Nothing is left to save (checkpoints are written atomically each round), so leave
             # without running destructors.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+            leave(1)
         return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted (resume with --resume)\n")

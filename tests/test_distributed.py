@@ -171,6 +171,7 @@ def _worker(rank: int, world: int, port: int, jobs: list, out: str) -> None:
         clean = True
     finally:
         D.shutdown(clean)
+    D.leave(0)  # as the CLI does: no interpreter finalization, where gloo's teardown can abort
 
 
 def _spawn(world: int, jobs: list, out) -> dict:
