@@ -20,6 +20,13 @@
 //     0·log 0 = 0); a row of all −inf has lse = −inf and NaN loss.
 
 constexpr int64_t kStreamBytes = int64_t(4) << 20;  // outputs from this size on bypass the caches
+
+// Whether an output of `bytes` in all, at data with element strides stride[0..2] (rows of
+// esize-byte elements), goes past the caches: large enough, and every row 16-byte aligned.
+inline bool streamable(const void* data, const int64_t* stride, int64_t esize, int64_t bytes) {
+  return data != nullptr && bytes >= kStreamBytes && reinterpret_cast<uintptr_t>(data) % 16 == 0 &&
+         (stride[0] * esize) % 16 == 0 && (stride[1] * esize) % 16 == 0 && (stride[2] * esize) % 16 == 0;
+}
 constexpr int64_t kBlock = 512;  // logits per block of the online softmax: both sweeps hit L1
 constexpr int kRows = 4;  // rows of one block that distill_dense runs at a time
 // Loops over the rows of a group fully unrolled, so that each row's accumulators stay in registers.
@@ -201,6 +208,12 @@ MHD_INLINE void store_one(void* out, int dtype, int64_t v, A x) {
     default: static_cast<double*>(out)[v] = (double)x; break;
   }
 }
+
+// A bool known at compile time, for a generic lambda's branches (this file takes no std templates).
+template <bool B>
+struct Flag {
+  static constexpr bool value = B;
+};
 
 // A lane count known at compile time: loads and stores of whole vectors then skip the tail test.
 template <int N>
@@ -695,9 +708,8 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
   const int64_t row_bytes = V * dtype_size(a.z.dtype);
   // A gradient of A larger than the caches goes past them (as in distill_dense): no line is
   // read for ownership first, which at V = 32000 had cost a second pass over memory.
-  const bool stream = backward && a.z.dtype == (sizeof(A) == 4 ? F32 : F64) && N * G * B * row_bytes >= kStreamBytes &&
-                      reinterpret_cast<uintptr_t>(dz) % 16 == 0 && (out.dz_stride[0] * sizeof(A)) % 16 == 0 &&
-                      (out.dz_stride[1] * sizeof(A)) % 16 == 0 && (out.dz_stride[2] * sizeof(A)) % 16 == 0;
+  const bool stream = backward && a.z.dtype == (sizeof(A) == 4 ? F32 : F64) &&
+                      streamable(dz, out.dz_stride, sizeof(A), N * G * B * row_bytes);
 
   for_rows(N, G, B, nt, [&](int64_t r, int64_t n, int64_t g, int64_t b, int tid) {
     A* zbuf = scratch.data() + tid * share;
@@ -757,19 +769,16 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
         typename L::V acc = L::splat(0);
         for (int64_t blk = 0; blk < V; blk += kBlock) {
           const int64_t end = min64(V, blk + kBlock);
-          if (rest && in_block[blk / kBlock] != 0) {
+          const auto sweep = [&](auto weighted) {
             for_vectors<L::W>(blk, end, [&](int64_t v, auto w) {
               const auto q = L::exp2_nonpos((sc(L::load(z + v, w, -kInf)) - lse_z) * log2e);
               L::store(pbuf + v, q, L::W);
-              acc += q * L::load(wbuf + v, L::W, 0);
+              if constexpr (decltype(weighted)::value) acc += q * L::load(wbuf + v, L::W, 0);
+              else acc += q;
             });
-          } else {
-            for_vectors<L::W>(blk, end, [&](int64_t v, auto w) {
-              const auto q = L::exp2_nonpos((sc(L::load(z + v, w, -kInf)) - lse_z) * log2e);
-              L::store(pbuf + v, q, L::W);
-              acc += q;
-            });
-          }
+          };
+          if (rest && in_block[blk / kBlock] != 0) sweep(Flag<true>{});
+          else sweep(Flag<false>{});
         }
         q_rest = L::sum(acc);
       }
@@ -880,10 +889,7 @@ void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
   // A gradient larger than the caches (MHD_STREAM_BYTES) is written past them, row by row where
   // each row starts 16-byte aligned: no line is read for ownership first, a quarter of the
   // launch's memory traffic at small V.
-  const bool stream = grad != nullptr && N * out.heads * B * V * gsize >= kStreamBytes &&
-                      (reinterpret_cast<uintptr_t>(grad) % 16 == 0) &&
-                      (out.grad_stride[0] * gsize) % 16 == 0 && (out.grad_stride[1] * gsize) % 16 == 0 &&
-                      (out.grad_stride[2] * gsize) % 16 == 0;
+  const bool stream = streamable(grad, out.grad_stride, gsize, N * out.heads * B * V * gsize);
   for_tiles(G * nb, nt, [&](int64_t tile, int tid) {
     const int64_t g = tile / nb, b0 = (tile % nb) * bb, b1 = min64(B, b0 + bb), nbb = b1 - b0;
     A* zbuf = scratch.data() + tid * share;
@@ -1360,8 +1366,7 @@ inline void zero_rows_entry(const View& x, int threads) {
   const int64_t N = x.size[0], H = x.size[1], B = x.size[2], V = x.size[3];
   const int64_t es = dtype_size(x.dtype);
   char* base = static_cast<char*>(x.data);
-  const bool stream = x.dtype == F32 && N * H * B * V * es >= kStreamBytes && reinterpret_cast<uintptr_t>(base) % 16 == 0 &&
-                      (x.stride[0] * es) % 16 == 0 && (x.stride[1] * es) % 16 == 0 && (x.stride[2] * es) % 16 == 0;
+  const bool stream = x.dtype == F32 && streamable(base, x.stride, es, N * H * B * V * es);
   for_rows(N, H, B, team(threads, N * H * B * V), [&](int64_t, int64_t n, int64_t h, int64_t b, int) {
     char* row = base + (n * x.stride[0] + h * x.stride[1] + b * x.stride[2]) * es;
     if (!stream) return (void)std::memset(row, 0, V * es);
