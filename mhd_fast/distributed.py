@@ -151,9 +151,9 @@ def rank_device(device: torch.device, shard: Shard) -> torch.device:
 def shutdown(clean: bool) -> None:
     """Close the process group. clean (every rank got through its run): first a barrier, so
     that no rank tears its connections down while a peer's last send or receive on them is
-    still in flight (gloo then aborted the process now and then, "terminate called without an
-    active exception"). After a failure the barrier is skipped: a dead peer would hold it for
-    the whole --dist-timeout."""
+    still in flight. After a failure the barrier is skipped: a dead peer would hold it for the
+    whole --dist-timeout. The barrier alone did not stop gloo's occasional abort at interpreter
+    exit ("terminate called without an active exception"); ``leave`` is what avoids that."""
     try:
         if clean:
             dist.barrier()
