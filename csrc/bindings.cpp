@@ -14,6 +14,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "common.h"
 
 namespace py = pybind11;
@@ -357,4 +361,18 @@ PYBIND11_MODULE(_C, m) {
         kernels().zero_rows(v, threads);
       },
       py::arg("x"), py::arg("threads"), "Zeros every row of x [N, H, B, V] in place (the heads of a gradient that do not learn).");
+  m.def(
+      "advise_huge_pages",
+      [](uintptr_t address, int64_t nbytes) {
+        if (address % 4096 != 0 || nbytes < 0 || nbytes % 4096 != 0)
+          throw py::value_error("advise_huge_pages takes a page-aligned address and a whole number of pages");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+        return madvise(reinterpret_cast<void*>(address), static_cast<size_t>(nbytes), MADV_HUGEPAGE) == 0;
+#else
+        return false;
+#endif
+      },
+      py::arg("address"), py::arg("nbytes"),
+      "Asks the kernel for transparent huge pages on [address, address + nbytes) (memory not yet touched gets "
+      "them when first written); whether it agreed. A hint: false where the system has none.");
 }

@@ -89,6 +89,30 @@ def test_the_cap_comes_from_the_environment(monkeypatch):
 
 
 @pytest.mark.skipif(mhd_fast.backend_available("cpp") is not None, reason="mhd_fast._C not built")
+def test_a_large_buffer_starts_on_a_huge_page_and_comes_back_whole():
+    """A buffer of two huge pages or more starts 2 MiB-aligned inside a slightly larger block
+    (advised for transparent huge pages where the system has them); it is handed out again at
+    its own offset, every byte writable, and counted with its slack against the cap."""
+    shape = (2, 3, 256, 1000)  # 5.9 MiB of fp32
+    p = OutputPool(cap_bytes=64 << 20)
+    a = p.empty(shape, torch.float32)
+    assert a.data_ptr() % pool_mod.HUGE_PAGE == 0 and a.shape == shape and a.is_contiguous()
+    assert a.untyped_storage().nbytes() == a.nbytes + pool_mod.HUGE_PAGE
+    assert p.held_bytes == a.untyped_storage().nbytes()
+    a.fill_(1.0)
+    ptr, offset = a.data_ptr(), a.storage_offset()
+    del a
+    b = p.empty(shape, torch.float32)
+    assert (b.data_ptr(), b.storage_offset()) == (ptr, offset) and b._base is None
+    b.fill_(2.0)
+    assert torch.all(b == 2.0)
+    small = p.empty((256, 1024), torch.float32)  # 1 MiB: pooled, no alignment asked for
+    assert small.untyped_storage().nbytes() == small.nbytes
+    with pytest.raises(ValueError, match="page-aligned"):
+        mhd_fast._C.advise_huge_pages(ptr + 8, 4096)
+
+
+@pytest.mark.skipif(mhd_fast.backend_available("cpp") is not None, reason="mhd_fast._C not built")
 def test_gradients_handed_out_earlier_never_change():
     """mhd_loss on cpp in eager mode takes its unit gradient from the pool: a gradient the user
     keeps is not overwritten by the next step, .grad accumulates, and every step's gradient is

@@ -15,6 +15,12 @@ can show through. Two callers take buffers from here: the eager twin of ``distil
 unit gradient; the custom op allocates its own) and, on CPU, the dZ of the backward custom ops
 (``registry._grad_buffer``). ``MHD_FAST_POOL_MIB`` caps what the pool may hold (default
 256; 0 turns it off), and ``clear()`` lets it go.
+
+A new buffer of 4 MiB or more starts on a 2 MiB boundary and is offered to the kernel for
+transparent huge pages before its first write (Linux, where THP is enabled or on madvise): a
+kernel call that walks it right after other work has flushed the caches then takes a few
+hundred page walks fewer (S1's fused call after a 256 MiB copy: 0.81 -> 0.76 ms with huge
+pages for its inputs and this buffer).
 """
 from __future__ import annotations
 
@@ -66,7 +72,7 @@ class OutputPool:
 
     @property
     def held_bytes(self) -> int:
-        return sum(b.nbytes for b in self._bufs)
+        return sum(b.untyped_storage().nbytes() for b in self._bufs)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """An uninitialized contiguous CPU tensor of shape and dtype, not shared with any live
@@ -80,16 +86,16 @@ class OutputPool:
                 if buf.dtype == dtype and buf.nbytes == nbytes and _idle(buf):
                     self._bufs.append(self._bufs.pop(i))
                     return _share(buf, shape)
-            buf = torch.empty(shape, dtype=dtype)
+            buf = _fresh(shape, dtype, nbytes)
             # make room: drop idle buffers, least recently used first; if the busy ones fill
             # the cap, this one is not kept
-            held = self.held_bytes
+            held, size = self.held_bytes, buf.untyped_storage().nbytes()
             for old in [b for b in self._bufs if _idle(b)]:
-                if held + nbytes <= self._cap:
+                if held + size <= self._cap:
                     break
                 self._bufs.remove(old)
-                held -= old.nbytes
-            if held + nbytes <= self._cap:
+                held -= old.untyped_storage().nbytes()
+            if held + size <= self._cap:
                 self._bufs.append(buf)
                 return _share(buf, shape)
             return buf
@@ -100,9 +106,29 @@ class OutputPool:
             self._bufs.clear()
 
 
+HUGE_PAGE = 2 << 20
+
+
+def _fresh(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> Tensor:
+    """A new contiguous tensor for the pool; from two huge pages on, 2 MiB-aligned on memory
+    advised for transparent huge pages before anything touches it (see the module)."""
+    try:
+        from .. import _C
+        advise = _C.advise_huge_pages
+    except (ImportError, AttributeError):
+        advise = None
+    if advise is None or nbytes < 2 * HUGE_PAGE:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.empty((nbytes + HUGE_PAGE,), dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    advise(raw.data_ptr() + start, (nbytes + HUGE_PAGE - start) // 4096 * 4096)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return torch.empty((0,), dtype=dtype).set_(raw.untyped_storage(), start // itemsize, shape)
+
+
 def _share(buf: Tensor, shape: tuple[int, ...]) -> Tensor:
     """A new tensor (not a view: no _base) on buf's memory, contiguous in shape."""
-    return torch.empty((0,), dtype=buf.dtype).set_(buf.untyped_storage(), 0, shape)
+    return torch.empty((0,), dtype=buf.dtype).set_(buf.untyped_storage(), buf.storage_offset(), shape)
 
 
 POOL = OutputPool()
