@@ -128,7 +128,24 @@ MHD_INLINE vf min_keep_nan(vf c, vf x) {
 // The kernels call it with y ≤ 0 (a log2-probability) or NaN; e^x = 2^(x·log2 e) costs one
 // multiply more and still three fewer multiply-adds than a direct e^x polynomial, whose range
 // reduction needs ln 2 in two parts.
+//
+// AVX-512 rounds with vrndscaleps and scales with vscalefps instead (three instructions fewer,
+// a shorter dependency chain): 2^y = scalef(1 + r·poly(r), n). The clamp is then at −150, where
+// scalef gives exactly 0 (2^−150 rounds to 0), so that results between 2^−149 and 2^−126 are
+// the subnormals torch.exp2 gives rather than 0; everything else is the same numbers to within
+// the polynomial's rounding (the last bit may differ from the AVX2 build).
 MHD_INLINE vf vexp2(vf y, bool nonpos = false) {
+#if defined(MHD_AVX512)
+  y = max_keep_nan(splat(-150.0f), y);
+  if (!nonpos) y = min_keep_nan(splat(127.0f), y);
+  const vf n = _mm512_maskz_roundscale_ps(0xFFFF, y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf r = y - n;
+  vf p = fmadd(splat(0x1.59977ap-10f), r, splat(0x1.3ce9e4p-7f));
+  p = fmadd(p, r, splat(0x1.c6bd32p-5f));
+  p = fmadd(p, r, splat(0x1.ebf9bcp-3f));
+  p = fmadd(p, r, splat(0x1.62e422p-1f));
+  return _mm512_maskz_scalef_ps(0xFFFF, fmadd(p, r, splat(1.0f)), n);  // maskz: see max_keep_nan
+#else
   y = max_keep_nan(splat(-127.0f), y);
   if (!nonpos) y = min_keep_nan(splat(127.0f), y);
   const vf shift = splat(0x1.8p23f);
@@ -140,6 +157,7 @@ MHD_INLINE vf vexp2(vf y, bool nonpos = false) {
   p = fmadd(p, r, splat(0x1.ebf9bcp-3f));
   p = fmadd(p, r, splat(0x1.62e422p-1f));
   return fmadd(p * r, scale, scale);
+#endif
 }
 
 // log(x) = e·ln 2 + log(m), x = m·2^e with m ∈ [√½, √2); log(1 + f) by the Cephes logf
