@@ -300,7 +300,8 @@ PYBIND11_MODULE(_C, m) {
       "distill_dense",
       [](const TensorArg& z, const TensorArg& t, const TensorArg& adj, double tau, bool include_self, int aggregate,
          int acc, uintptr_t lse_t, uintptr_t logconf_t, uintptr_t idx, uintptr_t loss, uintptr_t lse_z,
-         uintptr_t grad, const std::vector<int64_t>& grad_strides, int64_t heads, int64_t head_offset, int threads) {
+         uintptr_t grad, const std::vector<int64_t>& grad_strides, int64_t heads, int64_t head_offset, int threads,
+         uintptr_t loss_sum, int64_t sum_divisor) {
         DistillArgs a;
         student_arg(a, z, acc);
         dense_teacher_arg(a, t);
@@ -321,13 +322,32 @@ PYBIND11_MODULE(_C, m) {
           out.heads = heads;
           out.head_offset = head_offset;
         }
+        if (loss_sum != 0 && sum_divisor < 1) throw py::value_error("sum_divisor must be >= 1");
         py::gil_scoped_release nogil;
         kernels().distill_dense(a, acc, out);
+        if (loss_sum != 0) {
+          // The reduced loss: the rows summed in row order into four double accumulators (a fixed
+          // order: the same bits for any thread count), divided once, rounded once.
+          const int64_t R = a.z.size[0] * a.z.size[1] * a.z.size[2];
+          double part[4] = {0, 0, 0, 0};
+          if (acc == F64) {
+            const double* l = static_cast<const double*>(out.loss);
+            for (int64_t r = 0; r < R; ++r) part[r & 3] += l[r];
+          } else {
+            const float* l = static_cast<const float*>(out.loss);
+            for (int64_t r = 0; r < R; ++r) part[r & 3] += l[r];
+          }
+          const double total = ((part[0] + part[1]) + (part[2] + part[3])) / (double)sum_divisor;
+          if (acc == F64) *static_cast<double*>(ptr(loss_sum)) = total;
+          else *static_cast<float*>(ptr(loss_sum)) = (float)total;
+        }
       },
       py::arg("student"), py::arg("teacher"), py::arg("adj"), py::arg("tau"), py::arg("include_self"),
       py::arg("aggregate"), py::arg("acc"), py::arg("lse_t"), py::arg("logconf_t"), py::arg("idx"), py::arg("loss"),
       py::arg("lse_z"), py::arg("grad"), py::arg("grad_strides"), py::arg("heads"), py::arg("head_offset"),
-      py::arg("threads"));
+      py::arg("threads"), py::arg("loss_sum") = 0, py::arg("sum_divisor") = 1,
+      "The dense loss in one launch; with loss_sum, also the rows' sum / sum_divisor (a scalar of the "
+      "accumulation dtype) in a fixed order.");
 
   m.def(
       "topk_compress",

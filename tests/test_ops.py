@@ -615,6 +615,75 @@ def test_fused_dense_eager_twin_equals_the_custom_op(aggregate, monkeypatch):
 
 
 @needs_cpp
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fused_dense_twin_reduces_in_the_extension(reduction, dtype, monkeypatch):
+    """The eager twin has the extension sum the loss rows (fp64, fixed order) instead of a torch
+    sum: the same value as the rows' torch sum to rounding, the same bits with 1 and 2 threads,
+    and the gradient of the custom op's path (which sums with torch) bit for bit, for the 1 of
+    backward() and for another upstream gradient."""
+    z, t, adj = _case(dtype, 41, "lonely", n=6, h1=4, b=9, seed=4)
+
+    def run(grad_out):
+        zz = z.clone().requires_grad_()
+        loss = mhd_fast.mhd_loss(zz, t, adj, reduction=reduction, tau=2.0, backend="cpp")
+        (g,) = torch.autograd.grad(loss, zz, grad_out)
+        return loss.detach(), g
+
+    rows = mhd_fast.mhd_loss(z, t, adj, tau=2.0, backend="cpp")
+    want = rows.sum() if reduction == "sum" else rows.sum() / rows.numel()
+    for grad_out in (torch.tensor(1.0, dtype=rows.dtype), torch.tensor(-0.3, dtype=rows.dtype)):
+        twin = run(grad_out)
+        assert twin[0].shape == () and twin[0].dtype == rows.dtype
+        torch.testing.assert_close(twin[0], want, rtol=1e-6, atol=0)
+        with torch.no_grad():  # the forward-only path reduces the same way
+            assert torch.equal(mhd_fast.mhd_loss(z, t, adj, reduction=reduction, tau=2.0, backend="cpp"), twin[0])
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = run(grad_out)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one[0], twin[0]) and torch.equal(one[1], twin[1])
+        with monkeypatch.context() as m:
+            m.setattr(registry, "_plain_eager", lambda *tensors: False)
+            op = run(grad_out)
+        torch.testing.assert_close(op[0], twin[0], rtol=1e-6, atol=0)
+        assert torch.equal(op[1], twin[1])
+
+
+@needs_cpp
+def test_fused_dense_twin_gives_the_teacher_no_gradient():
+    """The twin reads the teacher's heads through a pointer, without detach: a teacher that
+    requires grad still gets none (as on every path) and the student's gradient is unchanged."""
+    z, t, adj = _case(torch.float32, 10, "complete", n=4, h1=3, b=5)
+    zz, tt = z.clone().requires_grad_(), t.clone().requires_grad_()
+    loss = mhd_fast.mhd_loss(zz, tt, adj, reduction="sum", backend="cpp")
+    loss.backward()
+    assert tt.grad is None
+    zz2 = z.clone().requires_grad_()
+    mhd_fast.mhd_loss(zz2, t, adj, reduction="sum", backend="cpp").backward()
+    assert torch.equal(zz.grad, zz2.grad)
+
+
+@needs_cpp
+def test_cpp_distill_dense_checks_the_heads_it_reads_through_pointers():
+    """The launcher forms the student's and teacher's head views by pointer arithmetic, so it
+    checks their bounds itself, with or without a gradient buffer (whose heads _C checks)."""
+    from mhd_fast.ops import cpp
+    z, t, adj = _case(torch.float32, 10, "complete", n=4, h1=3, b=5)
+    for head_offset, groups in ((1, 3), (3, 1), (-1, 1), (1, 4)):
+        for need_grad in (False, True):
+            with pytest.raises(ValueError, match="teacher groups"):
+                cpp.distill_dense(z, t, adj, head_offset, 1.0, False, "max_confidence", need_grad, groups=groups)
+    with pytest.raises(ValueError, match="teacher groups"):
+        cpp.distill_dense(z, t[..., 0], adj, 1, 1.0, False, "max_confidence", False, groups=2)
+    with pytest.raises(ValueError, match="sum_divisor"):
+        mhd_fast._C.distill_dense(cpp._arg("student", z[:, 1:]), cpp._arg("teacher", t[:, :2]), cpp._arg("adj", adj),
+                                  1.0, False, 0, 0, 0, 0, 0, 0, 0, 0, [], 3, 1, 1, 8, 0)
+
+
+@needs_cpp
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 @pytest.mark.parametrize("v", [100, 101])
 def test_fused_dense_large_gradient_past_the_caches(v, reduction):

@@ -272,14 +272,25 @@ def _check_loss_args(student_logits, teacher, adj, tau, aggregate, reduction) ->
 
 def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float,
              include_self: bool, aggregate: str, reduction: str, backend: str) -> Tensor:
-    """The loss of student heads head_offset.. against teacher groups (checked arguments).
-    ``student`` is the full [N, H, B, V] tensor: compiled backends take it whole, so that their
-    backward writes the full gradient in one pass."""
+    """The loss of student heads head_offset.. against teacher groups (checked arguments). The
+    teacher's groups are its first G = H − head_offset heads (mhd_loss: heads 0..H1−2; the
+    shift is a view, or for the fused dense kernel a pointer). ``student`` is the full
+    [N, H, B, V] tensor: compiled backends take it whole, so that their backward writes the
+    full gradient in one pass."""
     be = resolve_backend(backend, student.device)
-    g = (teacher.values if isinstance(teacher, TopKLogits) else teacher).shape[1]
+    g = student.shape[1] - head_offset
+    dense = not isinstance(teacher, TopKLogits)
+    if dense and be != "torch":
+        from . import registry
+        if registry.fused_dense(be):
+            need_grad = torch.is_grad_enabled() and student.requires_grad
+            return registry.dense_loss(student, teacher, adj, head_offset, tau, include_self,
+                                       aggregate, need_grad, be, reduction)
+    if head_offset:
+        teacher = _shift_teacher(teacher)
     if be == "torch":
         z = student[:, head_offset:head_offset + g]
-        if isinstance(teacher, TopKLogits):
+        if not dense:
             loss = reference.distill_topk(z, *teacher, adj, tau=tau, include_self=include_self,
                                           aggregate=aggregate)
         else:
@@ -287,7 +298,7 @@ def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float
                                            aggregate=aggregate)
     else:
         from . import registry
-        if isinstance(teacher, TopKLogits):
+        if not dense:
             dt = acc_dtype(student, teacher.values, teacher.lse)
             values = teacher.values.detach().to(dt)
             indices = teacher.indices.detach().to(torch.int32)
@@ -295,21 +306,13 @@ def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float
             idx, _ = registry.select(logconf_t, adj, include_self, be)
             loss, _ = registry.distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj,
                                                 head_offset, tau, include_self, aggregate, be)
-        elif registry.fused_dense(be):
-            need_grad = torch.is_grad_enabled() and student.requires_grad
-            loss = registry.dense_loss(student, teacher.detach(), adj, head_offset, tau, include_self,
-                                       aggregate, need_grad, be)
         else:
             teacher = teacher.detach()
             lse_t, logconf_t = registry.teacher_stats(teacher, tau, be)
             idx, _ = registry.select(logconf_t, adj, include_self, be)
             loss, _ = registry.distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, head_offset,
                                            tau, include_self, aggregate, be)
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        return loss.sum() / loss.numel()
-    return loss
+    return reference.reduce_loss(loss, reduction)
 
 
 def distill_loss(student_logits: Tensor, teacher, adj: Tensor, *, tau: float = 1.0,
@@ -350,5 +353,5 @@ def mhd_loss(student_logits: Tensor, teacher, adj: Tensor, *, tau: float = 1.0,
     if student_logits.shape[1] < 2:
         raise ValueError(f"student_logits must have H1 >= 2 heads (main + aux), got shape "
                          f"{tuple(student_logits.shape)}")
-    return _distill(student_logits, _shift_teacher(teacher), adj, 1, tau, bool(include_self),
+    return _distill(student_logits, teacher, adj, 1, tau, bool(include_self),
                     aggregate, reduction, backend)

@@ -136,19 +136,33 @@ def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj,
                      aggregate=aggregate, grad=grad, lse_z=lse_z)
 
 
+def _heads(name: str, x: Tensor, first: int, count: int) -> tuple:
+    """_arg of the view x[:, first : first + count] without making it (one op less a call)."""
+    ptr, code, shape, stride = _arg(name, x)
+    shape[1] = count
+    return ptr + first * stride[1] * x.element_size(), code, shape, stride
+
+
 def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, tau: float,
-                  include_self: bool, aggregate: str, need_grad: bool, pooled: bool = False):
+                  include_self: bool, aggregate: str, need_grad: bool, pooled: bool = False,
+                  groups: int | None = None, reduction: str = "none"):
     """Dense teacher, one launch: statistics, teacher choice, loss and (need_grad) the unit
     gradient τ(q − p̄) of the full student, zeros outside heads head_offset .. head_offset + G.
     pooled: the unit gradient may reuse an idle buffer of ``pool.POOL`` (the eager path; the
-    kernel writes all of it).
+    kernel writes all of it). groups: the teacher is read as teacher[:, :groups] (G = groups),
+    else whole (G = teacher.shape[1]). reduction "sum" / "mean": the first output is the loss
+    rows' sum (/ their number) instead of the rows, summed by _C in a fixed order in fp64.
 
     student [N, H, B, V], teacher [N, G, B, V] -> (loss, lse_z, unit [N, H, B, V] or empty,
     lse_t, logconf_t, idx int64), all [N, G, B] in the accumulation dtype but unit and idx."""
-    g = teacher.shape[1]
-    z = student[:, head_offset:head_offset + g]
-    dt = acc_dtype(student, teacher)
-    rows = z.shape[:-1]
+    g = teacher.shape[1] if groups is None else groups
+    if student.dim() != 4 or teacher.dim() != 4 or not (0 <= g <= teacher.shape[1]
+                                                        and 0 <= head_offset <= student.shape[1] - g):
+        raise ValueError(f"teacher groups 0..{g - 1} must lie within the teacher's heads and student heads "
+                         f"{head_offset}..{head_offset + g - 1} within the student's, got teacher shape "
+                         f"{tuple(teacher.shape)} and student shape {tuple(student.shape)}")
+    dt = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    rows = (student.shape[0], g, student.shape[2])
     lse_t, logconf_t, loss, lse_z = (torch.empty(rows, dtype=dt) for _ in range(4))
     idx = torch.empty(rows, dtype=torch.int64)
     if not need_grad:
@@ -157,11 +171,14 @@ def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: in
         unit = POOL.empty(student.shape, dt)
     else:
         unit = torch.empty(student.shape, dtype=dt)
-    _C.distill_dense(_arg("student", z), _arg("teacher", teacher), _arg("adj", adj), float(tau), bool(include_self),
-                     _aggregate_code(aggregate), _CODES[dt], lse_t.data_ptr(), logconf_t.data_ptr(), idx.data_ptr(),
-                     loss.data_ptr(), lse_z.data_ptr(), unit.data_ptr() if need_grad else 0,
-                     list(unit.stride()[:3]) if need_grad else [], student.shape[1], int(head_offset), _threads())
-    return loss, lse_z, unit, lse_t, logconf_t, idx
+    total = torch.empty((), dtype=dt) if reduction != "none" else None
+    _C.distill_dense(_heads("student", student, head_offset, g), _heads("teacher", teacher, 0, g), _arg("adj", adj),
+                     float(tau), bool(include_self), _aggregate_code(aggregate), _CODES[dt], lse_t.data_ptr(),
+                     logconf_t.data_ptr(), idx.data_ptr(), loss.data_ptr(), lse_z.data_ptr(),
+                     unit.data_ptr() if need_grad else 0, list(unit.stride()[:3]) if need_grad else [],
+                     student.shape[1], int(head_offset), _threads(), 0 if total is None else total.data_ptr(),
+                     loss.numel() if reduction == "mean" else 1)
+    return loss if total is None else total, lse_z, unit, lse_t, logconf_t, idx
 
 
 def zero_(x: Tensor) -> Tensor:

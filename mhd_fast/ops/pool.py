@@ -78,7 +78,7 @@ class OutputPool:
         """An uninitialized contiguous CPU tensor of shape and dtype, not shared with any live
         tensor; its memory may be an idle buffer of the pool."""
         shape = tuple(int(s) for s in shape)
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < MIN_BYTES or nbytes > self._cap:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
@@ -122,12 +122,15 @@ def _fresh(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> Tensor:
     raw = torch.empty((nbytes + HUGE_PAGE,), dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
     advise(raw.data_ptr() + start, (nbytes + HUGE_PAGE - start) // 4096 * 4096)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return torch.empty((0,), dtype=dtype).set_(raw.untyped_storage(), start // itemsize, shape)
+    return torch.empty((0,), dtype=dtype).set_(raw.untyped_storage(), start // dtype.itemsize, shape)
 
 
 def _share(buf: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """A new tensor (not a view: no _base) on buf's memory, contiguous in shape."""
+    """A new tensor (not a view: no _base) on buf's memory, contiguous in shape: buf.detach()
+    when the shape is buf's (one op; it shares buf's version counter, which nobody else
+    reads once the buffer is idle), else a tensor set onto buf's storage (two)."""
+    if buf.shape == shape:
+        return buf.detach()
     return torch.empty((0,), dtype=buf.dtype).set_(buf.untyped_storage(), buf.storage_offset(), shape)
 
 

@@ -20,6 +20,15 @@ def acc_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def reduce_loss(loss: Tensor, reduction: str) -> Tensor:
+    """Loss rows reduced as the public ops do: "none" (as is), "sum", or "mean" (sum / count)."""
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / loss.numel()
+    return loss
+
+
 def candidate_mask(adj: Tensor, include_self: bool) -> Tensor:
     """[N, N] bool: j is a candidate teacher of i. Self-loops count only with include_self."""
     mask = adj.clone()
