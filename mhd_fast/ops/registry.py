@@ -23,6 +23,9 @@ and, for the backends in FUSED_DENSE (cpp), the dense loss in one launch:
   distill_dense(Z[N,H,B,V], T[N,G,B,V], adj, head_offset, tau, include_self, aggregate, need_grad)
       -> (loss, lse_z, unit[N,H,B,V] or empty, lse_t, logconf_t, idx)
 
+  (the eager twin adds pooled=True, groups=G with T of G or more heads, read as T[:, :G], and
+  reduction="none" | "sum" | "mean", which makes loss the reduced scalar)
+
 Z, T: [N, G, B, V], any strides, fp32/fp16/bf16/fp64, dtypes may differ. values: [N, G, B, K]
 in the accumulation dtype, indices int32, lse_t / logconf_t / lse_z / grad / loss: [N, G, B] in
 the accumulation dtype (fp64 if Z or T is fp64, else fp32). ``out``: a tensor of Z's shape
@@ -210,9 +213,10 @@ def _setup_dense_fused(ctx, inputs, output):
 
 
 def _unit_times_grad(unit: Tensor, grad: Tensor, idx: Tensor, head_offset: int) -> Tensor:
-    """dZ = unit · grad, grad [N, G, B] (or a scalar for all of them) scaling the rows of heads head_offset.. (the others are
-    0), and exact zeros for clients without a candidate whatever the gradient (NaN or inf
-    included). Eager tensors with a finite gradient are scaled in place: the caller owns unit."""
+    """dZ = unit · grad, grad [N, G, B] (or one scalar for all) scaling the rows of heads
+    head_offset.. (the others are 0), and exact zeros for clients without a candidate whatever
+    the gradient (NaN or inf included). Eager tensors with a finite gradient are scaled in
+    place: the caller owns unit."""
     if type(grad) is torch.Tensor and type(unit) is torch.Tensor:  # not traced: host reads, in place
         if all(s == 0 for s in grad.stride()):  # one scalar: a reduced loss's, or loss.sum()'s expanded
             c = float(grad) if grad.dim() == 0 else float(grad[(0,) * grad.dim()])
