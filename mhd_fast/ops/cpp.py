@@ -161,7 +161,7 @@ def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: in
         raise ValueError(f"teacher groups 0..{g - 1} must lie within the teacher's heads and student heads "
                          f"{head_offset}..{head_offset + g - 1} within the student's, got teacher shape "
                          f"{tuple(teacher.shape)} and student shape {tuple(student.shape)}")
-    dt = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    dt = acc_dtype(student, teacher)
     rows = (student.shape[0], g, student.shape[2])
     lse_t, logconf_t, loss, lse_z = (torch.empty(rows, dtype=dt) for _ in range(4))
     idx = torch.empty(rows, dtype=torch.int64)

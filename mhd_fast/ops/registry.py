@@ -254,12 +254,12 @@ class _DenseFused(torch.autograd.Function):
     where nothing could tell the two apart: plain tensors, no compile, tracing, tensor mode or
     functorch transform. Per call it also spares what the custom op's contract costs: it reads
     the teacher's first G heads and the student's learning heads through pointers (no slice,
-    no detach: the teacher gets no gradient either way) and has the extension reduce the loss (the
-    rows summed in a fixed order in fp64: "sum" and "mean" may differ from the custom op's
-    torch sum in the last bit), so that a reduced loss costs no op and no autograd node, and
-    its backward, given the 1 of ``loss.backward()``, hands the unit gradient over untouched. Together about a
-    third of the fixed cost of a call in the benchmark's cold state (S1: 0.36 of 0.70 ms
-    without the kernel, on a busy host)."""
+    no detach: the teacher gets no gradient either way) and has the extension reduce the loss
+    (the rows summed in a fixed order in fp64: "sum" and "mean" may differ from the custom
+    op's torch sum in the last bit), so that a reduced loss costs no op and no autograd node,
+    and its backward, given the 1 of ``loss.backward()``, hands the unit gradient over
+    untouched. With the pool's cheaper hand-out, the fixed cost of a cold S1 call (kernel
+    stubbed, right after torch.compile's run) went from 484 to 370 µs."""
 
     @staticmethod
     def forward(ctx, student, teacher, adj, head_offset, tau, include_self, aggregate, backend, reduction):
