@@ -261,16 +261,31 @@ MHD_INLINE typename L::V sweep_max(const In* x, int64_t begin, int64_t end, cons
   return L::max(L::max(m0, m1), L::max(m2, m3));
 }
 
-// The classes of a teacher's packet in a student sweep: w, a row of V weights (0 = sent,
-// 1 = unsent), and in_block, the number of sent classes in each block of kBlock classes. A
-// block without one has unsent mass = its whole mass (the sums of e·1 and of e are the same
-// numbers), so only blocks holding sent classes read w: about 25 of S3's 63 blocks, and the
-// weights (128 KB a row at V = 32000, from L2) had cost S3's forward a fifth of its time.
-template <class A>
+// The classes of a teacher's packet in a student sweep: bits, a bitmap of V bits (bit v set =
+// class v sent; bit v is bit v % 8 of byte v / 8, padded with zero bytes), and in_block, the
+// number of sent classes in each block of kBlock classes. A block without one has unsent
+// mass = its whole mass, so only blocks holding sent classes read the bitmap: about 25 of
+// S3's 63 blocks. A bitmap, not a row of 0/1 weights: 4 KB at V = 32000 stays in L1, where
+// the weights (128 KB, from L2) had cost S3's forward 0.2-0.4 ms of 1.5-1.9.
 struct SentRow {
-  const A* w;
+  const uint8_t* bits;
   const int32_t* in_block;
 };
+
+// The bits of the W classes from v (v a multiple of W) in a bitmap of sent classes.
+template <int W>
+MHD_INLINE unsigned sent_bits(const uint8_t* bits, int64_t v) {
+  if constexpr (W == 16) {
+    uint16_t b;
+    __builtin_memcpy(&b, bits + v / 8, sizeof b);
+    return b;
+  } else if constexpr (W == 8) {
+    return bits[v / 8];
+  } else {
+    static_assert(W < 8 && 8 % W == 0, "lanes per vector");
+    return (bits[v / 8] >> (v % 8)) & ((1u << W) - 1);
+  }
+}
 
 // Online log-sum-exp of t = x/τ over one row. Per block of kBlock logits: a first sweep finds
 // the block max of x (and hands each vector to feed, top-k's hook), and when it raises the
@@ -286,7 +301,7 @@ struct SentRow {
 // softmax is keep·(1/s) without another exp.
 template <class A, class In, class Feed = NoFeed>
 MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A& lse_out,
-                        const SentRow<A>* sent = nullptr, A* log_unsent = nullptr, const Feed& feed = Feed{},
+                        const SentRow* sent = nullptr, A* log_unsent = nullptr, const Feed& feed = Feed{},
                         A* keep = nullptr, A* sum = nullptr) {
   using L = Lanes<A>;
   using Vec = typename L::V;
@@ -306,12 +321,12 @@ MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A&
     }
     const Vec c = L::splat(m == -kInf ? A(0) : m);  // all −inf so far: 2^(−inf − 0) = 0, not NaN
     Vec acc = L::splat(0), acc_w = L::splat(0);
-    const A* w = sent != nullptr && sent->in_block[blk / kBlock] != 0 ? sent->w : nullptr;
+    const uint8_t* w = sent != nullptr && sent->in_block[blk / kBlock] != 0 ? sent->bits : nullptr;
     for_vectors<W>(blk, end, [&](int64_t v, auto n) {
       __builtin_prefetch(x + v + kBlock);  // the next block (or row), for the max sweep
       const Vec e = L::exp2_nonpos((L::load(x + v, n, -kInf) - c) * k);
       acc += e;
-      if (w != nullptr) acc_w += e * L::load(w + v, W, 0);
+      if (w != nullptr) acc_w = L::add_unsent(acc_w, e, sent_bits<W>(w, v));
       if (keep != nullptr) L::store(keep + v, e, W);
     });
     s += L::sum(acc);
@@ -402,7 +417,7 @@ MHD_INLINE void kl_sweep(const ZIn* z, int64_t V, const Scale<A>& sc, const Teac
   constexpr int W = L::W;
   A m, s;
   const bool kept = Grad && qbuf != nullptr && V <= kBlock;
-  row_lse(z, V, sc, m, lse_z, static_cast<const SentRow<A>*>(nullptr), static_cast<A*>(nullptr), NoFeed{},
+  row_lse(z, V, sc, m, lse_z, static_cast<const SentRow*>(nullptr), static_cast<A*>(nullptr), NoFeed{},
           kept ? qbuf : nullptr, &s);
   const Vec k = L::splat(gs), inv_s = L::splat(A(1) / s);
   Vec acc = L::splat(0);
@@ -636,33 +651,44 @@ MHD_INLINE void aggregate_packets(const DistillArgs& a, const Candidates& cand, 
   for (int64_t v = 0; v < V; v += W) L::store(pbuf + v, L::load(pbuf + v, W, 0) + C, W);
 }
 
-// One packet (the K sent buckets of teacher row j) against a student row with known lse_z,
-// summed in fp64 (K terms a row, so precision is free): P = Σ p_k and
-// S = Σ_{p≠0} p_k (log p_k − log q_k), log p_k = value_k − lse_t, log q_k = z_k/τ − lse_z.
+// One packet (the K sent buckets of teacher row j) against a student row with known lse_z:
+// P = Σ p_k and S = Σ_{p≠0} p_k (log p_k − log q_k), log p_k = value_k − lse_t and
+// log q_k = z_k/τ − lse_z in A (as the torch reference takes them), p_k = e^(log p_k) in
+// vectors, the two sums in fp64 in the order of k (K terms a row, so precision is free).
+// buf: 3·round_up(K, W) elements. (The exps had been libm calls, 32 a row: 8 % of S3's forward.)
 template <class A, class ZIn>
 MHD_INLINE void packet_sums(const DistillArgs& a, int64_t j, int64_t g, int64_t b, const ZIn* z,
-                            const Scale<A>& sc, A lse_z, double& P, double& S) {
+                            const Scale<A>& sc, A lse_z, A* buf, double& P, double& S) {
+  using L = Lanes<A>;
   const int64_t K = a.values.size[3], vs = a.values.stride[3], is = a.indices.stride[3];
+  const int64_t kpad = round_up(K, L::W);
   const A* val = static_cast<const A*>(a.values.data) + offset(a.values, j, g, b);
   const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, j, g, b);
-  const double lse_t = at<A>(a.lse_t, j, g, b);
+  const A lse_t = at<A>(a.lse_t, j, g, b);
+  A* lp = buf;
+  A* lq = buf + kpad;
+  A* p = buf + 2 * kpad;
+  for (int64_t k = 0; k < K; ++k) {
+    lp[k] = val[k * vs] - lse_t;
+    lq[k] = sc(to_acc<A>(z[ind[k * is]])) - lse_z;
+  }
+  for_vectors<L::W>(0, K, [&](int64_t k, auto n) { L::store(p + k, L::exp(L::load(lp + k, n, -kInf)), L::W); });
   P = S = 0;
   for (int64_t k = 0; k < K; ++k) {
-    const double lp = val[k * vs] - lse_t, p = sexp(lp);
-    const double lq = (double)sc(to_acc<A>(z[ind[k * is]])) - (double)lse_z;
-    P += p;
-    if (p != 0) S += p * (lp - lq);
+    P += p[k];
+    if (p[k] != 0) S += (double)p[k] * ((double)lp[k] - (double)lq[k]);
   }
 }
 
-// Marks the K sent classes of teacher row j in the weight row w (0 = sent) and counts them in
-// in_block, or unmarks them (w = 1, counts back to 0).
-template <class A>
-MHD_INLINE void mark_sent(const DistillArgs& a, int64_t j, int64_t g, int64_t b, A* w, int32_t* in_block, bool on) {
+// Marks the K sent classes of teacher row j in the bitmap (SentRow) and counts them in
+// in_block, or unmarks them (bits and counts back to 0).
+MHD_INLINE void mark_sent(const DistillArgs& a, int64_t j, int64_t g, int64_t b, uint8_t* bits, int32_t* in_block,
+                          bool on) {
   const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, j, g, b);
   for (int64_t k = 0; k < a.values.size[3]; ++k) {
     const int32_t v = ind[k * a.indices.stride[3]];
-    w[v] = on ? A(0) : A(1);
+    const uint8_t bit = uint8_t(1u << (v % 8));
+    bits[v / 8] = on ? uint8_t(bits[v / 8] | bit) : uint8_t(bits[v / 8] & ~bit);
     in_block[v / kBlock] = on ? in_block[v / kBlock] + 1 : 0;
   }
 }
@@ -693,15 +719,20 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
   Candidates cand;
   if (aggregated) cand.build(a.adj, a.include_self);
   const int64_t vpad = round_up(V, L::W);
-  // Per thread: the student row, a teacher row, p̄ (or the student's q), unsent-class weights.
-  const int64_t share = per_thread<A>(4 * vpad);
+  // Per thread: the student row, a teacher row, p̄ (or the student's q); with packets, the
+  // sent classes per block and the bitmap of sent classes (SentRow).
+  const int64_t kpad = a.packets ? round_up(a.values.size[3], L::W) : 0;
+  const int64_t share = per_thread<A>(3 * vpad + 3 * kpad);
   const int nt = team(a.threads, N * G * B * V);
   Scratch<A> scratch(nt * share);
-  for (int tid = 0; tid < nt; ++tid)
-    for (int64_t v = 0; v < vpad; ++v) scratch[tid * share + 3 * vpad + v] = A(1);
-  const int64_t count_share = per_thread<int32_t>(V / kBlock + 1);  // sent classes per block
+  const int64_t count_share = per_thread<int32_t>(V / kBlock + 1);
+  const int64_t bit_share = per_thread<uint8_t>(V / 8 + 2);
   Scratch<int32_t> counts(a.packets ? nt * count_share : 0);
-  if (a.packets) std::memset(counts.data(), 0, nt * count_share * sizeof(int32_t));
+  Scratch<uint8_t> sent_bitmap(a.packets ? nt * bit_share : 0);
+  if (a.packets) {
+    std::memset(counts.data(), 0, nt * count_share * sizeof(int32_t));
+    std::memset(sent_bitmap.data(), 0, nt * bit_share);
+  }
   A* loss = static_cast<A*>(out.loss);
   A* lse_out = static_cast<A*>(out.lse_z);
   char* dz = static_cast<char*>(out.dz);
@@ -715,8 +746,8 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
     A* zbuf = scratch.data() + tid * share;
     A* tbuf = zbuf + vpad;
     A* pbuf = tbuf + vpad;
-    A* wbuf = pbuf + vpad;
     int32_t* in_block = a.packets ? counts.data() + tid * count_share : nullptr;
+    uint8_t* bits = a.packets ? sent_bitmap.data() + tid * bit_share : nullptr;
     const ZIn* z = row<ZIn>(a.z, n, g, b, V, gather, zbuf);
     const int64_t j = at<int64_t>(a.idx, n, g, b);
     void* dz_row = backward
@@ -754,15 +785,15 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
       const int64_t K = a.values.size[3];
       const bool rest = K < V;
       const A lse_t = at<A>(a.lse_t, j, g, b);
-      if (rest) mark_sent(a, j, g, b, wbuf, in_block, true);
+      if (rest) mark_sent(a, j, g, b, bits, in_block, true);
       A lse_z, log_q_rest = 0, q_rest = 0;
       if (!backward) {
         A m;
-        const SentRow<A> sent{wbuf, in_block};
+        const SentRow sent{bits, in_block};
         row_lse(z, V, sc, m, lse_z, rest ? &sent : nullptr, &log_q_rest);
       } else {
         // q_v into pbuf, and q_rest summed over the unsent classes in the same sweep; as in
-        // row_lse, only blocks that hold a sent class read the weights (log q <= 0 up to
+        // row_lse, only blocks that hold a sent class read the bitmap (log q <= 0 up to
         // rounding, so 2^y needs no clamp from above).
         lse_z = at<A>(a.lse_z, n, g, b);
         const typename L::V log2e = L::splat(A(kLog2e));
@@ -773,7 +804,7 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
             for_vectors<L::W>(blk, end, [&](int64_t v, auto w) {
               const auto q = L::exp2_nonpos((sc(L::load(z + v, w, -kInf)) - lse_z) * log2e);
               L::store(pbuf + v, q, L::W);
-              if constexpr (decltype(weighted)::value) acc += q * L::load(wbuf + v, L::W, 0);
+              if constexpr (decltype(weighted)::value) acc = L::add_unsent(acc, q, sent_bits<L::W>(bits, v));
               else acc += q;
             });
           };
@@ -782,9 +813,9 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
         }
         q_rest = L::sum(acc);
       }
-      if (rest) mark_sent(a, j, g, b, wbuf, in_block, false);
+      if (rest) mark_sent(a, j, g, b, bits, in_block, false);
       double P, S;
-      packet_sums(a, j, g, b, z, sc, lse_z, P, S);
+      packet_sums(a, j, g, b, z, sc, lse_z, pbuf + vpad, P, S);
       const double p_rest = clamp0(1.0 - P);
       if (!backward) {
         if (rest && p_rest != 0) S += p_rest * (slog(p_rest) - (double)log_q_rest);
@@ -930,7 +961,7 @@ void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
     for (; i < N * nbb; ++i) {
       const int64_t n = i / nbb, b = b0 + i % nbb;
       A m, l, sum;
-      row_lse(row_t(n, b), V, sc, m, l, static_cast<const SentRow<A>*>(nullptr), static_cast<A*>(nullptr), NoFeed{},
+      row_lse(row_t(n, b), V, sc, m, l, static_cast<const SentRow*>(nullptr), static_cast<A*>(nullptr), NoFeed{},
               keep ? terms + slot(n, b) * vpad : nullptr, &sum);
       put_stats(n, b, m, l, sum);
     }
@@ -1261,7 +1292,7 @@ MHD_INLINE void topk_row(const In* x, int64_t V, int64_t K, const Scale<A>& sc, 
     if (heap.full()) thr = to_acc<A>(x[Kx::index(heap.worst())]);
   };
   A m;
-  row_lse(x, V, sc, m, lse, static_cast<const SentRow<A>*>(nullptr), static_cast<A*>(nullptr), feed);
+  row_lse(x, V, sc, m, lse, static_cast<const SentRow*>(nullptr), static_cast<A*>(nullptr), feed);
   const typename Kx::Key* best = heap.best();
   for (int64_t pos = 0; pos < K; ++pos) {
     const int32_t i = Kx::index(best[pos]);

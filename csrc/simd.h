@@ -266,6 +266,17 @@ template <> struct Lanes<float> {
     return __builtin_popcount(bits((M)(a >= b)));
 #endif
   }
+  // acc + x in the lanes whose bit l of `sent` is clear (a class of the teacher's packet is
+  // left out of the unsent mass); + 0 elsewhere, so acc is unchanged there.
+  static MHD_INLINE V add_unsent(V acc, V x, unsigned sent) {
+#if defined(MHD_AVX512)
+    return _mm512_mask_add_ps(acc, (__mmask16)~sent, acc, x);
+#else
+    vi bit;
+    for (int l = 0; l < W; ++l) bit[l] = 1 << l;
+    return acc + (V)((vi)x & (vi)((splat_i((int32_t)sent) & bit) == 0));
+#endif
+  }
   static MHD_INLINE M lanes_below(int n) {
     M id;
     for (int l = 0; l < W; ++l) id[l] = l;
@@ -371,6 +382,7 @@ template <> struct Lanes<double> {
   static MHD_INLINE double sum(V v) { return v; }
   static MHD_INLINE double max(V v) { return v; }
   static MHD_INLINE unsigned bits(M m) { return m; }
+  static MHD_INLINE V add_unsent(V acc, V x, unsigned sent) { return (sent & 1) ? acc : acc + x; }
   template <class In>
   static MHD_INLINE V load(const In* p, int = 1, double = 0) { return to_acc<double>(*p); }
   static MHD_INLINE void store(float* p, V v, int = 1) { *p = (float)v; }

@@ -543,9 +543,9 @@ def test_fused_dense_rows_in_groups_equal_one_row_at_a_time(isa, aggregate, v):
 @pytest.mark.parametrize("k", [1, 5])
 def test_topk_teacher_with_blocks_of_no_sent_class(backend, k):
     """A packet whose sent classes all lie in the first block of 512: the student sweep sums
-    the unsent mass of the other blocks without the weight row (the same numbers); the rest
-    bucket still matches the reference, forward and backward, with a student whose mass sits
-    mostly in the sent classes (q_rest small) and one whose mass sits outside them."""
+    the unsent mass of the other blocks without the bitmap of sent classes (the same numbers);
+    the rest bucket still matches the reference, forward and backward, with a student whose
+    mass sits mostly in the sent classes (q_rest small) and one whose mass sits outside them."""
     n, h1, b, v = 3, 2, 3, 1300
     z, t, adj = _case(torch.float32, v, "complete", n=n, h1=h1, b=b, seed=11)
     t[..., 100:110] += 40.0  # the teacher's top classes, in block 0
@@ -555,6 +555,31 @@ def test_topk_teacher_with_blocks_of_no_sent_class(backend, k):
     _assert_matches_reference(z, packet, adj, backend, tau=1.0)
     _assert_matches_reference(z, packet, adj, backend, tau=2.0, aggregate="mean")
 
+
+@needs_cpp
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_topk_teacher_sent_classes_at_every_lane_and_block_edge(isa, tau):
+    """The student sweep leaves the sent classes out of the unsent mass through a bitmap read
+    a vector of lanes at a time (4, 8 or 16 lanes by ISA): sent classes in the first and last
+    lane of vectors and bytes, on both sides of a block edge of 512, in the ragged last vector
+    of a row of 1300, and runs of neighbours. Loss and gradient match the reference with a
+    student whose mass sits in the sent classes (unsent mass < 1e-6, where 1 − Σ_sent q
+    would cancel) and with students whose mass sits elsewhere; at τ = 4 the teacher's rest
+    bucket holds 14-25 % of its mass, so the rest term weighs in the loss."""
+    sent = [0, 1, 2, 3, 4, 7, 8, 15, 16, 17, 31, 63, 64, 511, 512, 513, 1023, 1024, 1290, 1296, 1299]
+    n, h1, b, v = 3, 2, 4, 1300
+    z, t, adj = _case(torch.float32, v, "complete", n=n, h1=h1, b=b, seed=21)
+    t[..., sent] += torch.linspace(24.0, 20.0, len(sent))  # distinct: the packet's order is fixed
+    z[0, ..., sent] += 80.0  # client 0's student agrees with its teachers
+    packet = mhd_fast.topk_compress(t, len(sent), tau=tau, backend="torch")
+    assert sorted(packet.indices[0, 0, 0].tolist()) == sent
+    _assert_matches_reference(z, packet, adj, "cpp", tau=tau)
+    unsent = torch.ones(v, dtype=torch.bool)
+    unsent[sent] = False
+    q_rest = torch.softmax(z[:, 1:] / tau, dim=-1)[..., unsent].sum(-1)
+    p_rest = torch.softmax(t[:, 1:] / tau, dim=-1)[..., unsent].sum(-1)
+    assert float(q_rest[0].max()) < 1e-6  # the case that cancels
+    assert float(p_rest.min()) > (0.1 if tau == 4.0 else 0.0)
 
 @needs_cpp
 @pytest.mark.parametrize("aggregate", AGGREGATES)
