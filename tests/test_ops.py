@@ -613,6 +613,42 @@ def test_fused_dense_backward_for_every_upstream_gradient(aggregate):
 
 @needs_cpp
 @pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
+def test_topk_eager_twin_equals_the_custom_ops(aggregate, value_dtype, monkeypatch):
+    """In plain eager mode a top-k teacher's loss runs select and distill_topk_fwd through their
+    launchers and an autograd.Function twin instead of the custom ops; both give the same bits,
+    loss, gradient (a full-size buffer, zeros in the main head) and the no-grad forward, with
+    a client without candidate."""
+    z, t, adj = _case(torch.float32, 50, "lonely", n=5, h1=3, b=6, seed=8)
+    packet = mhd_fast.topk_compress(t, 7, tau=2.0, value_dtype=value_dtype, backend="cpp")
+    grad_out = torch.rand(5, 2, 6, generator=torch.Generator().manual_seed(4))
+
+    def run():
+        zz = z.clone().requires_grad_()
+        loss = mhd_fast.mhd_loss(zz, packet, adj, aggregate=aggregate, tau=2.0, backend="cpp")
+        (g,) = torch.autograd.grad(loss, zz, grad_out)
+        with torch.no_grad():
+            nograd = mhd_fast.mhd_loss(zz, packet, adj, aggregate=aggregate, tau=2.0, backend="cpp")
+        return loss.detach(), g, nograd
+
+    calls = []
+    apply = registry._TopKFused.apply
+    monkeypatch.setattr(registry._TopKFused, "apply", lambda *args: calls.append(1) or apply(*args))
+    twin = run()
+    assert calls, "plain eager mode should take the twin"
+    assert torch.equal(twin[1][:, 0], torch.zeros_like(twin[1][:, 0]))
+    monkeypatch.setattr(registry, "_plain_eager", lambda *tensors: False)
+    op = run()
+    assert len(calls) == 1
+    for a, b_ in zip(twin, op):
+        assert torch.equal(a, b_)
+    want_loss, want_grad = _reference(z, packet, adj, grad_out, aggregate=aggregate, tau=2.0)
+    torch.testing.assert_close(twin[0], want_loss.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(twin[1], want_grad.float(), rtol=1e-4, atol=1e-6)
+
+
+@needs_cpp
+@pytest.mark.parametrize("aggregate", AGGREGATES)
 def test_fused_dense_eager_twin_equals_the_custom_op(aggregate, monkeypatch):
     """In plain eager mode mhd_loss calls distill_dense's autograd.Function twin instead of the
     custom op (no dispatcher round trip); both give the same bits, forward and backward."""

@@ -171,10 +171,10 @@ def _check_packet(teacher: TopKLogits, rows: tuple, v: int | None, device: torch
     if v is not None:
         if k > v:
             raise ValueError(f"teacher packets must have K <= V = {v}, got K = {k}")
-        if not _is_compiling() and indices.numel() and (
-                int(indices.min()) < 0 or int(indices.max()) >= v):  # host sync: skipped under compile
-            raise ValueError(f"teacher.indices must lie in [0, {v}), got values in "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+        if not _is_compiling() and indices.numel():  # a host sync: skipped under compile
+            lo, hi = (int(x) for x in torch.aminmax(indices))
+            if lo < 0 or hi >= v:
+                raise ValueError(f"teacher.indices must lie in [0, {v}), got values in [{lo}, {hi}]")
 
 
 # ---- public ops ----------------------------------------------------------------------------
@@ -303,9 +303,8 @@ def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float
             values = teacher.values.detach().to(dt)
             indices = teacher.indices.detach().to(torch.int32)
             lse_t, logconf_t = reference.packet_stats(values, teacher.lse.detach())
-            idx, _ = registry.select(logconf_t, adj, include_self, be)
-            loss, _ = registry.distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj,
-                                                head_offset, tau, include_self, aggregate, be)
+            loss = registry.topk_loss(student, values, indices, lse_t, logconf_t, adj, head_offset, tau,
+                                      include_self, aggregate, be)
         else:
             teacher = teacher.detach()
             lse_t, logconf_t = registry.teacher_stats(teacher, tau, be)

@@ -353,6 +353,51 @@ def _backward_topk(ctx, grad_loss, grad_lse_z):
 distill_topk_fwd.register_autograd(_backward_topk, setup_context=_setup_topk)
 
 
+class _TopKFused(torch.autograd.Function):
+    """distill_topk_fwd's eager twin: the same kernel calls (forward and the bucket backward)
+    without the dispatcher round trip and the custom op's autograd wrapper, which cost S3's
+    forward about 40 µs for this op and 75 µs for select's (their backend impls run under
+    dynamo's disable wrapper). topk_loss takes it only in plain eager mode (_plain_eager)."""
+
+    @staticmethod
+    def forward(ctx, student, values, indices, lse_t, logconf_t, idx, adj, head_offset, tau, include_self,
+                aggregate, backend):
+        loss, lse_z = kernels(backend).distill_topk_fwd(_groups(student, values, head_offset), values, indices,
+                                                        lse_t, logconf_t, idx, adj, tau, include_self, aggregate)
+        ctx.save_for_backward(student, values, indices, lse_t, logconf_t, idx, adj, lse_z)
+        ctx.options = (head_offset, tau, include_self, aggregate, backend)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, values, indices, lse_t, logconf_t, idx, adj, lse_z = ctx.saved_tensors
+        head_offset, tau, include_self, aggregate, backend = ctx.options
+        d = _grad_buffer(student, head_offset, values.shape[1], backend)
+        kernels(backend).distill_topk_bwd(grad.to(lse_z.dtype), _groups(student, values, head_offset), values,
+                                          indices, lse_t, logconf_t, idx, adj, lse_z, tau, include_self, aggregate,
+                                          out=_groups(d, values, head_offset))
+        return (d,) + (None,) * 11
+
+
+def topk_loss(student: Tensor, values: Tensor, indices: Tensor, lse_t: Tensor, logconf_t: Tensor, adj: Tensor,
+              head_offset: int, tau: float, include_self: bool, aggregate: str, backend: str) -> Tensor:
+    """The loss rows [N, G, B] of student heads head_offset.. against top-k packets (values in
+    the accumulation dtype, indices int32, their lse_t / logconf_t): the teacher choice and the
+    loss through the custom ops select and distill_topk_fwd, or in plain eager mode through
+    their launchers and _TopKFused (same kernels, same bits)."""
+    if _plain_eager(student, values, indices, lse_t, logconf_t, adj):
+        be = kernels(backend)
+        idx, _ = be.select(logconf_t, adj, include_self)
+        if not (torch.is_grad_enabled() and student.requires_grad):
+            return be.distill_topk_fwd(_groups(student, values, head_offset), values, indices, lse_t, logconf_t,
+                                       idx, adj, tau, include_self, aggregate)[0]
+        return _TopKFused.apply(student, values, indices, lse_t, logconf_t, idx, adj, head_offset, tau,
+                                include_self, aggregate, backend)
+    idx, _ = select(logconf_t, adj, include_self, backend)
+    return distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj, head_offset, tau, include_self,
+                            aggregate, backend)[0]
+
+
 # ---- top-k compression ---------------------------------------------------------------------
 
 @torch.library.custom_op("mhd_fast::topk_compress", mutates_args=())
