@@ -655,7 +655,7 @@ MHD_INLINE void aggregate_packets(const DistillArgs& a, const Candidates& cand, 
 // P = Σ p_k and S = Σ_{p≠0} p_k (log p_k − log q_k), log p_k = value_k − lse_t and
 // log q_k = z_k/τ − lse_z in A (as the torch reference takes them), p_k = e^(log p_k) in
 // vectors, the two sums in fp64 in the order of k (K terms a row, so precision is free).
-// buf: 3·round_up(K, W) elements. (The exps had been libm calls, 32 a row: 8 % of S3's forward.)
+// buf: 3·round_up(K, W) elements. (The exps had been K libm calls a row: 3 % of S3's forward.)
 template <class A, class ZIn>
 MHD_INLINE void packet_sums(const DistillArgs& a, int64_t j, int64_t g, int64_t b, const ZIn* z,
                             const Scale<A>& sc, A lse_z, A* buf, double& P, double& S) {

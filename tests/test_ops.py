@@ -611,6 +611,31 @@ def test_fused_dense_backward_for_every_upstream_gradient(aggregate):
         torch.testing.assert_close(first, want.float(), rtol=1e-4, atol=1e-6)
 
 
+def _twin_equals_custom_ops(z, teacher, adj, aggregate, grad_out, twin, monkeypatch):
+    """mhd_loss's loss, gradient (upstream grad_out) and no-grad forward at τ = 2, once in plain
+    eager mode, which must call the autograd.Function ``twin`` once, and once through the
+    custom ops: the same bits. Returns the eager mode's three."""
+    def run():
+        zz = z.clone().requires_grad_()
+        loss = mhd_fast.mhd_loss(zz, teacher, adj, aggregate=aggregate, tau=2.0, backend="cpp")
+        (g,) = torch.autograd.grad(loss, zz, grad_out)
+        with torch.no_grad():
+            nograd = mhd_fast.mhd_loss(zz, teacher, adj, aggregate=aggregate, tau=2.0, backend="cpp")
+        return loss.detach(), g, nograd
+
+    calls = []
+    apply = twin.apply
+    monkeypatch.setattr(twin, "apply", lambda *args: calls.append(1) or apply(*args))
+    eager = run()
+    assert calls, "plain eager mode should take the twin"
+    monkeypatch.setattr(registry, "_plain_eager", lambda *tensors: False)
+    op = run()
+    assert len(calls) == 1
+    for a, b_ in zip(eager, op):
+        assert torch.equal(a, b_)
+    return eager
+
+
 @needs_cpp
 @pytest.mark.parametrize("aggregate", AGGREGATES)
 @pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
@@ -618,33 +643,15 @@ def test_topk_eager_twin_equals_the_custom_ops(aggregate, value_dtype, monkeypat
     """In plain eager mode a top-k teacher's loss runs select and distill_topk_fwd through their
     launchers and an autograd.Function twin instead of the custom ops; both give the same bits,
     loss, gradient (a full-size buffer, zeros in the main head) and the no-grad forward, with
-    a client without candidate."""
+    a client without candidate; and both match the reference."""
     z, t, adj = _case(torch.float32, 50, "lonely", n=5, h1=3, b=6, seed=8)
     packet = mhd_fast.topk_compress(t, 7, tau=2.0, value_dtype=value_dtype, backend="cpp")
     grad_out = torch.rand(5, 2, 6, generator=torch.Generator().manual_seed(4))
-
-    def run():
-        zz = z.clone().requires_grad_()
-        loss = mhd_fast.mhd_loss(zz, packet, adj, aggregate=aggregate, tau=2.0, backend="cpp")
-        (g,) = torch.autograd.grad(loss, zz, grad_out)
-        with torch.no_grad():
-            nograd = mhd_fast.mhd_loss(zz, packet, adj, aggregate=aggregate, tau=2.0, backend="cpp")
-        return loss.detach(), g, nograd
-
-    calls = []
-    apply = registry._TopKFused.apply
-    monkeypatch.setattr(registry._TopKFused, "apply", lambda *args: calls.append(1) or apply(*args))
-    twin = run()
-    assert calls, "plain eager mode should take the twin"
-    assert torch.equal(twin[1][:, 0], torch.zeros_like(twin[1][:, 0]))
-    monkeypatch.setattr(registry, "_plain_eager", lambda *tensors: False)
-    op = run()
-    assert len(calls) == 1
-    for a, b_ in zip(twin, op):
-        assert torch.equal(a, b_)
+    loss, grad, _ = _twin_equals_custom_ops(z, packet, adj, aggregate, grad_out, registry._TopKFused, monkeypatch)
+    assert torch.equal(grad[:, 0], torch.zeros_like(grad[:, 0]))
     want_loss, want_grad = _reference(z, packet, adj, grad_out, aggregate=aggregate, tau=2.0)
-    torch.testing.assert_close(twin[0], want_loss.float(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(twin[1], want_grad.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, want_loss.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad.float(), rtol=1e-4, atol=1e-6)
 
 
 @needs_cpp
@@ -654,25 +661,7 @@ def test_fused_dense_eager_twin_equals_the_custom_op(aggregate, monkeypatch):
     custom op (no dispatcher round trip); both give the same bits, forward and backward."""
     z, t, adj = _case(torch.float32, 12, "lonely", n=5, h1=4, b=7, seed=5)
     grad_out = torch.rand(5, 3, 7, generator=torch.Generator().manual_seed(2))
-
-    def run():
-        zz = z.clone().requires_grad_()
-        loss = mhd_fast.mhd_loss(zz, t, adj, aggregate=aggregate, tau=2.0, backend="cpp")
-        (g,) = torch.autograd.grad(loss, zz, grad_out)
-        with torch.no_grad():
-            nograd = mhd_fast.mhd_loss(zz, t, adj, aggregate=aggregate, tau=2.0, backend="cpp")
-        return loss.detach(), g, nograd
-
-    calls = []
-    apply = registry._DenseFused.apply
-    monkeypatch.setattr(registry._DenseFused, "apply", lambda *args: calls.append(1) or apply(*args))
-    twin = run()
-    assert calls, "plain eager mode should take the twin"
-    monkeypatch.setattr(registry, "_plain_eager", lambda *tensors: False)
-    op = run()
-    assert len(calls) == 1
-    for a, b_ in zip(twin, op):
-        assert torch.equal(a, b_)
+    _twin_equals_custom_ops(z, t, adj, aggregate, grad_out, registry._DenseFused, monkeypatch)
 
 
 @needs_cpp
