@@ -9,6 +9,7 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -197,6 +198,59 @@ DistillArgs distill_args(const TensorArg& z, const std::optional<TensorArg>& t,
 
 void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
+// Element (n, g, b, k) of an integer View (int16, int32 or int64).
+int64_t index_at(const View& v, int64_t n, int64_t g, int64_t b, int64_t k) {
+  const int64_t off = n * v.stride[0] + g * v.stride[1] + b * v.stride[2] + k * v.stride[3];
+  switch (v.dtype) {
+    case I16: return static_cast<const int16_t*>(v.data)[off];
+    case I32: return static_cast<const int32_t*>(v.data)[off];
+    default: return static_cast<const int64_t*>(v.data)[off];
+  }
+}
+
+// The per-row part of a packet teacher as the kernels take it, from the packet as it arrives:
+// its indices as int32 [N, G, B, K] (checked to lie in [0, V)), lse_t in A and the log
+// confidence logconf_t = value_0 − lse_t in A ([N, G, B], contiguous), the arithmetic of
+// reference.packet_stats.
+template <class A>
+void packet_rows(const View& values, const View& indices, const View& lse, int64_t V, int32_t* ind_out, A* lse_out,
+                 A* logconf_out) {
+  const int64_t N = values.size[0], G = values.size[1], B = values.size[2], K = values.size[3];
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t r = (n * G + g) * B + b;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t x = index_at(indices, n, g, b, k);
+          if (x < 0 || x >= V)
+            throw py::value_error("teacher.indices must lie in [0, " + std::to_string(V) + "), got " +
+                                  std::to_string(x));
+          ind_out[r * K + k] = static_cast<int32_t>(x);
+        }
+        const int64_t lo = n * lse.stride[0] + g * lse.stride[1] + b * lse.stride[2];
+        const A l = lse.dtype == F64 ? (A) static_cast<const double*>(lse.data)[lo]
+                                     : (A) static_cast<const float*>(lse.data)[lo];
+        const A v0 = static_cast<const A*>(values.data)[n * values.stride[0] + g * values.stride[1] +
+                                                        b * values.stride[2]];
+        lse_out[r] = l;
+        logconf_out[r] = v0 - l;
+      }
+}
+
+// A contiguous View of rows [N, G, B] (or [N, G, B, K]) at data.
+View rows_view(void* data, int dtype, const View& like, int ndim, int64_t k = 1) {
+  View v;
+  v.data = data;
+  v.dtype = dtype;
+  for (int d = 0; d < 3; ++d) v.size[d] = like.size[d];
+  v.size[3] = ndim == 4 ? k : 1;
+  v.stride[3] = ndim == 4 ? 1 : 0;
+  v.stride[2] = ndim == 4 ? k : 1;
+  v.stride[1] = v.stride[2] * v.size[2];
+  v.stride[0] = v.stride[1] * v.size[1];
+  return v;
+}
+
 }  // namespace
 }  // namespace mhd
 
@@ -268,6 +322,52 @@ PYBIND11_MODULE(_C, m) {
       py::arg("student"), py::arg("teacher"), py::arg("values"), py::arg("indices"), py::arg("lse_t"),
       py::arg("logconf_t"), py::arg("idx"), py::arg("adj"), py::arg("tau"), py::arg("include_self"),
       py::arg("aggregate"), py::arg("acc"), py::arg("loss"), py::arg("lse_z"), py::arg("threads"));
+
+  m.def(
+      "distill_topk_packets",
+      [](const TensorArg& z, const TensorArg& values, const TensorArg& indices, const TensorArg& lse,
+         const TensorArg& adj, double tau, bool include_self, int aggregate, int acc, uintptr_t indices_out,
+         uintptr_t lse_t, uintptr_t logconf_t, uintptr_t idx, uintptr_t loss, uintptr_t lse_z, int threads) {
+        DistillArgs a;
+        student_arg(a, z, acc);
+        a.packets = true;
+        a.values = view(values, "teacher.values", 4);
+        expect_acc(a.values, "teacher.values", acc);
+        expect_rows(a.values, "teacher.values", a.z, 3);
+        const int64_t V = a.z.size[3], K = a.values.size[3];
+        if (K < 1 || K > V)
+          throw py::value_error("teacher.values must hold K in [1, V = " + std::to_string(V) + "] per row, got K = " +
+                                std::to_string(K));
+        const View ind = view(indices, "teacher.indices", 4);
+        expect_dtype(ind, "teacher.indices", {I16, I32, I64}, "int16, int32 or int64");
+        expect_rows(ind, "teacher.indices", a.values, 4);
+        const View l = view(lse, "teacher.lse", 3);
+        expect_dtype(l, "teacher.lse", {F32, F64}, "float32 or float64");
+        expect_rows(l, "teacher.lse", a.z, 3);
+        graph_args(a, adj, tau, include_self, aggregate, threads);
+        if (acc == F64)
+          packet_rows<double>(a.values, ind, l, V, static_cast<int32_t*>(ptr(indices_out)),
+                              static_cast<double*>(ptr(lse_t)), static_cast<double*>(ptr(logconf_t)));
+        else
+          packet_rows<float>(a.values, ind, l, V, static_cast<int32_t*>(ptr(indices_out)),
+                             static_cast<float*>(ptr(lse_t)), static_cast<float*>(ptr(logconf_t)));
+        a.indices = rows_view(ptr(indices_out), I32, a.z, 4, K);
+        a.lse_t = rows_view(ptr(lse_t), acc, a.z, 3);
+        a.logconf_t = rows_view(ptr(logconf_t), acc, a.z, 3);
+        a.idx = rows_view(ptr(idx), I64, a.z, 3);
+        std::unique_ptr<bool[]> has(new bool[a.z.size[0]]);
+        DistillOut out;
+        out.loss = ptr(loss);
+        out.lse_z = ptr(lse_z);
+        py::gil_scoped_release nogil;
+        kernels().select(a.logconf_t, a.adj, include_self, static_cast<int64_t*>(ptr(idx)), has.get(), threads);
+        kernels().distill_fwd(a, acc, out);
+      },
+      py::arg("student"), py::arg("values"), py::arg("indices"), py::arg("lse"), py::arg("adj"), py::arg("tau"),
+      py::arg("include_self"), py::arg("aggregate"), py::arg("acc"), py::arg("indices_out"), py::arg("lse_t"),
+      py::arg("logconf_t"), py::arg("idx"), py::arg("loss"), py::arg("lse_z"), py::arg("threads"),
+      "A packet teacher's max_confidence / mean / confidence_weighted loss forward in one call: the packet's rows "
+      "(indices as int32, lse_t, logconf_t), the teacher choice (idx) and the loss rows (loss, lse_z).");
 
   m.def(
       "distill_bwd",

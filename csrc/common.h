@@ -10,7 +10,7 @@
 namespace mhd {
 
 // The dtype codes of mhd_fast/ops/cpp.py.
-enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3, I32 = 4, I64 = 5, BOOL = 6 };
+enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3, I32 = 4, I64 = 5, BOOL = 6, I16 = 7 };
 
 // 16-bit storage types; arithmetic always happens after conversion to fp32.
 struct f16 { uint16_t bits; };

@@ -83,7 +83,7 @@ void for_rows(int64_t N, int64_t G, int64_t B, int nt, F&& body) {
 }
 
 MHD_INLINE int64_t dtype_size(int dtype) {
-  return dtype == F64 || dtype == I64 ? 8 : dtype == F16 || dtype == BF16 ? 2 : dtype == BOOL ? 1 : 4;
+  return dtype == F64 || dtype == I64 ? 8 : dtype == F16 || dtype == BF16 || dtype == I16 ? 2 : dtype == BOOL ? 1 : 4;
 }
 
 // Elements of T that one thread's share of a Scratch takes for n of them: whole 128-byte

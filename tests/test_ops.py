@@ -656,6 +656,59 @@ def test_topk_eager_twin_equals_the_custom_ops(aggregate, value_dtype, monkeypat
 
 @needs_cpp
 @pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("value_dtype,index_dtype,z_dtype", [
+    (torch.float32, torch.int32, torch.float32), (torch.bfloat16, torch.int16, torch.float32),
+    (torch.float16, torch.int64, torch.bfloat16), (torch.float32, torch.int16, torch.float64)], ids=str)
+def test_topk_packets_in_one_call_equal_the_launchers(aggregate, value_dtype, index_dtype, z_dtype):
+    """cpp.distill_topk_packets (the packet's rows, the teacher choice and the loss in one
+    call, reading the packet's first G heads through pointers) gives the bits of the three
+    steps it replaces: the packet rows by torch (values in the accumulation dtype, int32
+    indices, reference.packet_stats), cpp.select and cpp.distill_topk_fwd; with a strided
+    packet (every other row of a larger one), a client without candidate, and any dtypes."""
+    from mhd_fast.ops import cpp
+    z, t, adj = _case(z_dtype, 37, "lonely", n=5, h1=3, b=4, seed=12)
+    big = mhd_fast.topk_compress(torch.cat([t, t.flip(-1)], dim=2), 6, tau=1.5, value_dtype=value_dtype,
+                                 backend="cpp")
+    values, indices, lse = big.values[:, :, ::2], big.indices[:, :, ::2].to(index_dtype), big.lse[:, :, ::2]
+    assert not values.is_contiguous()
+    groups = z[:, 1:]
+    got = cpp.distill_topk_packets(groups, values, indices, lse, adj, 1.5, False, aggregate)
+    dt = reference.acc_dtype(groups, values, lse)
+    want_rows = registry._packet_rows(values, indices, lse, 2, dt)
+    idx, _ = cpp.select(want_rows[3], adj, False)
+    want_loss, want_lse_z = cpp.distill_topk_fwd(groups, *want_rows, idx, adj, 1.5, False, aggregate)
+    for a, b_ in zip(got, (want_loss, want_lse_z, *want_rows, idx)):
+        assert a.dtype == b_.dtype and a.shape == b_.shape
+        assert torch.equal(a, b_)
+    assert bool((got[0][0] == 0).all())  # client 0 has no candidate
+
+
+@needs_cpp
+def test_topk_packets_in_one_call_check_their_arguments():
+    """The one-call packet forward checks what memory safety needs, naming the argument."""
+    from mhd_fast.ops import cpp
+    z, t, adj = _case(torch.float32, 20, "ring", n=4, h1=3, b=2, seed=2)
+    p = mhd_fast.topk_compress(t, 3, backend="cpp")
+    groups = z[:, 1:]
+    bad = p.indices.clone()
+    bad[1, 0, 1, 2] = 20
+    with pytest.raises(ValueError, match=r"teacher.indices must lie in \[0, 20\), got 20"):
+        cpp.distill_topk_packets(groups, p.values, bad, p.lse, adj, 1.0, False, "max_confidence")
+    bad[1, 0, 1, 2] = -1
+    with pytest.raises(ValueError, match=r"teacher.indices must lie in \[0, 20\), got -1"):
+        cpp.distill_topk_packets(groups, p.values, bad, p.lse, adj, 1.0, False, "mean")
+    with pytest.raises(ValueError, match="teacher.indices must be int16, int32 or int64"):
+        cpp.distill_topk_packets(groups, p.values, p.indices.float(), p.lse, adj, 1.0, False, "mean")
+    with pytest.raises(ValueError, match="teacher.values must have shape"):
+        cpp.distill_topk_packets(groups, p.values[:, :, :1], p.indices, p.lse, adj, 1.0, False, "mean")
+    with pytest.raises(ValueError, match="teacher.lse must be float32 or float64"):
+        cpp.distill_topk_packets(groups, p.values, p.indices, p.lse.half(), adj, 1.0, False, "mean")
+    with pytest.raises(ValueError, match="adj must have shape"):
+        cpp.distill_topk_packets(groups, p.values, p.indices, p.lse, adj[:3, :3], 1.0, False, "mean")
+
+
+@needs_cpp
+@pytest.mark.parametrize("aggregate", AGGREGATES)
 def test_fused_dense_eager_twin_equals_the_custom_op(aggregate, monkeypatch):
     """In plain eager mode mhd_loss calls distill_dense's autograd.Function twin instead of the
     custom op (no dispatcher round trip); both give the same bits, forward and backward."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .reference import AGGREGATES, acc_dtype
+from .reference import AGGREGATES
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
 REDUCTIONS = ("none", "mean", "sum")
@@ -286,6 +286,11 @@ def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float
             need_grad = torch.is_grad_enabled() and student.requires_grad
             return registry.dense_loss(student, teacher, adj, head_offset, tau, include_self,
                                        aggregate, need_grad, be, reduction)
+    if not dense and be != "torch":
+        from . import registry
+        loss = registry.topk_loss(student, teacher.values, teacher.indices, teacher.lse, adj, head_offset, tau,
+                                  include_self, aggregate, be)
+        return reference.reduce_loss(loss, reduction)
     if head_offset:
         teacher = _shift_teacher(teacher)
     if be == "torch":
@@ -296,21 +301,13 @@ def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float
         else:
             loss = reference.distill_dense(z, teacher, adj, tau=tau, include_self=include_self,
                                            aggregate=aggregate)
-    else:
+    else:  # a dense teacher on a backend without the one-launch dense loss
         from . import registry
-        if not dense:
-            dt = acc_dtype(student, teacher.values, teacher.lse)
-            values = teacher.values.detach().to(dt)
-            indices = teacher.indices.detach().to(torch.int32)
-            lse_t, logconf_t = reference.packet_stats(values, teacher.lse.detach())
-            loss = registry.topk_loss(student, values, indices, lse_t, logconf_t, adj, head_offset, tau,
-                                      include_self, aggregate, be)
-        else:
-            teacher = teacher.detach()
-            lse_t, logconf_t = registry.teacher_stats(teacher, tau, be)
-            idx, _ = registry.select(logconf_t, adj, include_self, be)
-            loss, _ = registry.distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, head_offset,
-                                           tau, include_self, aggregate, be)
+        teacher = teacher.detach()
+        lse_t, logconf_t = registry.teacher_stats(teacher, tau, be)
+        idx, _ = registry.select(logconf_t, adj, include_self, be)
+        loss, _ = registry.distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, head_offset,
+                                       tau, include_self, aggregate, be)
     return reference.reduce_loss(loss, reduction)
 
 

@@ -28,7 +28,7 @@ from .pool import POOL
 from .reference import AGGREGATES, acc_dtype
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
-          torch.int32: 4, torch.int64: 5, torch.bool: 6}
+          torch.int32: 4, torch.int64: 5, torch.bool: 6, torch.int16: 7}
 
 
 def _arg(name: str, t: Tensor) -> tuple:
@@ -125,6 +125,33 @@ def distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj, tau, 
     return _forward(student, acc_dtype(student, values), teacher=None, values=values, indices=indices,
                     lse_t=lse_t, logconf_t=logconf_t, idx=idx, adj=adj, tau=tau, include_self=include_self,
                     aggregate=aggregate)
+
+
+def distill_topk_packets(student: Tensor, values: Tensor, indices: Tensor, lse: Tensor, adj: Tensor, tau: float,
+                         include_self: bool, aggregate: str) -> tuple:
+    """The forward of a packet teacher in one call, from the packet as it arrives: student
+    [N, G, B, V] (the learning heads), values / indices [N, ≥ G, B, K] and lse [N, ≥ G, B] of
+    which the first G heads are read (through pointers: no slice), values in any float dtype,
+    indices int16 / int32 / int64. -> (loss, lse_z, values, indices, lse_t, logconf_t, idx): the
+    loss rows and what the backward reads (the packet's first G heads in the accumulation
+    dtype, indices as int32, the packet statistics and the teacher choice), the same numbers
+    as reference.packet_stats, select and distill_topk_fwd."""
+    dt = acc_dtype(student, values, lse)
+    g = student.shape[1]
+    values = values.to(dt)
+    rows = student.shape[:-1]
+    ind32 = torch.empty((*rows, values.shape[-1]), dtype=torch.int32)
+    lse_t = torch.empty(rows, dtype=dt)
+    logconf_t = torch.empty(rows, dtype=dt)
+    idx = torch.empty(rows, dtype=torch.int64)
+    loss = torch.empty(rows, dtype=dt)
+    lse_z = torch.empty(rows, dtype=dt)
+    _C.distill_topk_packets(_arg("student", student), _heads("teacher.values", values, 0, g),
+                            _heads("teacher.indices", indices, 0, g), _heads("teacher.lse", lse, 0, g),
+                            _arg("adj", adj), float(tau), bool(include_self), _aggregate_code(aggregate), _CODES[dt],
+                            ind32.data_ptr(), lse_t.data_ptr(), logconf_t.data_ptr(), idx.data_ptr(), loss.data_ptr(),
+                            lse_z.data_ptr(), _threads())
+    return loss, lse_z, values[:, :g], ind32, lse_t, logconf_t, idx
 
 
 def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj, lse_z, tau, include_self,

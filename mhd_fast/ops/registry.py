@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .pool import POOL
-from .reference import acc_dtype, reduce_loss
+from .reference import acc_dtype, packet_stats, reduce_loss
 
 _BACKEND_MODULES = {"cpp": "mhd_fast.ops.cpp", "triton": "mhd_fast.ops.triton_backend"}
 
@@ -353,18 +353,45 @@ def _backward_topk(ctx, grad_loss, grad_lse_z):
 distill_topk_fwd.register_autograd(_backward_topk, setup_context=_setup_topk)
 
 
+def _packet_rows(values: Tensor, indices: Tensor, lse: Tensor, g: int, dt: torch.dtype) -> tuple:
+    """The first g heads of a packet as the kernel contract takes them: values in dt, indices
+    int32, and their lse_t / logconf_t (reference.packet_stats)."""
+    values = values[:, :g].detach().to(dt)
+    lse_t, logconf_t = packet_stats(values, lse[:, :g].detach())
+    return values, indices[:, :g].detach().to(torch.int32), lse_t, logconf_t
+
+
+def _topk_forward(backend: str, student: Tensor, values: Tensor, indices: Tensor, lse: Tensor, adj: Tensor,
+                  head_offset: int, tau: float, include_self: bool, aggregate: str) -> tuple:
+    """(loss, lse_z, values, indices, lse_t, logconf_t, idx) of student heads head_offset.. against
+    the packet's first G heads, through the backend's launchers: in one call where the backend
+    has distill_topk_packets (cpp), else its select and distill_topk_fwd."""
+    be = kernels(backend)
+    g = student.shape[1] - head_offset
+    groups = student[:, head_offset:head_offset + g]
+    if hasattr(be, "distill_topk_packets"):
+        return be.distill_topk_packets(groups, values.detach(), indices.detach(), lse.detach(), adj, tau,
+                                       include_self, aggregate)
+    values, indices, lse_t, logconf_t = _packet_rows(values, indices, lse, g, acc_dtype(student, values, lse))
+    idx, _ = be.select(logconf_t, adj, include_self)
+    loss, lse_z = be.distill_topk_fwd(groups, values, indices, lse_t, logconf_t, idx, adj, tau, include_self,
+                                      aggregate)
+    return loss, lse_z, values, indices, lse_t, logconf_t, idx
+
+
 class _TopKFused(torch.autograd.Function):
-    """distill_topk_fwd's eager twin: the same kernel calls (forward and the bucket backward)
-    without the dispatcher round trip and the custom op's autograd wrapper, which cost S3's
-    forward about 40 µs for this op and 75 µs for select's (their backend impls run under
-    dynamo's disable wrapper). topk_loss takes it only in plain eager mode (_plain_eager)."""
+    """The eager twin of select + distill_topk_fwd: the same kernels (forward, and the bucket
+    backward into a pooled full-size buffer) without the dispatcher round trips and the custom
+    ops' autograd wrapper, whose backend impls run under dynamo's disable wrapper (S3: select
+    86-89 µs through its op against 13-14 µs direct, distill_topk_fwd 40-55 µs more than its
+    launcher); on cpp the packet's conversion, statistics, teacher choice and loss are one call
+    (_topk_forward). topk_loss takes it only in plain eager mode (_plain_eager)."""
 
     @staticmethod
-    def forward(ctx, student, values, indices, lse_t, logconf_t, idx, adj, head_offset, tau, include_self,
-                aggregate, backend):
-        loss, lse_z = kernels(backend).distill_topk_fwd(_groups(student, values, head_offset), values, indices,
-                                                        lse_t, logconf_t, idx, adj, tau, include_self, aggregate)
-        ctx.save_for_backward(student, values, indices, lse_t, logconf_t, idx, adj, lse_z)
+    def forward(ctx, student, values, indices, lse, adj, head_offset, tau, include_self, aggregate, backend):
+        loss, lse_z, *rows = _topk_forward(backend, student, values, indices, lse, adj, head_offset, tau,
+                                           include_self, aggregate)
+        ctx.save_for_backward(student, *rows, adj, lse_z)
         ctx.options = (head_offset, tau, include_self, aggregate, backend)
         return loss
 
@@ -376,23 +403,23 @@ class _TopKFused(torch.autograd.Function):
         kernels(backend).distill_topk_bwd(grad.to(lse_z.dtype), _groups(student, values, head_offset), values,
                                           indices, lse_t, logconf_t, idx, adj, lse_z, tau, include_self, aggregate,
                                           out=_groups(d, values, head_offset))
-        return (d,) + (None,) * 11
+        return (d,) + (None,) * 9
 
 
-def topk_loss(student: Tensor, values: Tensor, indices: Tensor, lse_t: Tensor, logconf_t: Tensor, adj: Tensor,
-              head_offset: int, tau: float, include_self: bool, aggregate: str, backend: str) -> Tensor:
-    """The loss rows [N, G, B] of student heads head_offset.. against top-k packets (values in
-    the accumulation dtype, indices int32, their lse_t / logconf_t): the teacher choice and the
-    loss through the custom ops select and distill_topk_fwd, or in plain eager mode through
-    their launchers and _TopKFused (same kernels, same bits)."""
-    if _plain_eager(student, values, indices, lse_t, logconf_t, adj):
-        be = kernels(backend)
-        idx, _ = be.select(logconf_t, adj, include_self)
+def topk_loss(student: Tensor, values: Tensor, indices: Tensor, lse: Tensor, adj: Tensor, head_offset: int,
+              tau: float, include_self: bool, aggregate: str, backend: str) -> Tensor:
+    """The loss rows [N, G, B] of student heads head_offset.. against the first G = H −
+    head_offset heads of a top-k packet (values, indices, lse as they arrive): through the
+    custom ops select and distill_topk_fwd, or in plain eager mode through the launchers and
+    _TopKFused (same kernels, same bits)."""
+    if _plain_eager(student, values, indices, lse, adj):
         if not (torch.is_grad_enabled() and student.requires_grad):
-            return be.distill_topk_fwd(_groups(student, values, head_offset), values, indices, lse_t, logconf_t,
-                                       idx, adj, tau, include_self, aggregate)[0]
-        return _TopKFused.apply(student, values, indices, lse_t, logconf_t, idx, adj, head_offset, tau,
-                                include_self, aggregate, backend)
+            return _topk_forward(backend, student, values, indices, lse, adj, head_offset, tau, include_self,
+                                 aggregate)[0]
+        return _TopKFused.apply(student, values, indices, lse, adj, head_offset, tau, include_self, aggregate,
+                                backend)
+    g = student.shape[1] - head_offset
+    values, indices, lse_t, logconf_t = _packet_rows(values, indices, lse, g, acc_dtype(student, values, lse))
     idx, _ = select(logconf_t, adj, include_self, backend)
     return distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj, head_offset, tau, include_self,
                             aggregate, backend)[0]
