@@ -26,6 +26,12 @@ and, for the backends in FUSED_DENSE (cpp), the dense loss in one launch:
   (the eager twin adds pooled=True, groups=G with T of G or more heads, read as T[:, :G], and
   reduction="none" | "sum" | "mean", which makes loss the reduced scalar)
 
+and, optionally (cpp), a packet teacher's forward in one call for the eager twin:
+
+  distill_topk_packets(Z[N,G,B,V], values[N,≥G,B,K], indices (int16/32/64), lse[N,≥G,B], adj, tau,
+                       include_self, aggregate)
+      -> (loss, lse_z, values[:, :G] in the accumulation dtype, indices int32, lse_t, logconf_t, idx)
+
 Z, T: [N, G, B, V], any strides, fp32/fp16/bf16/fp64, dtypes may differ. values: [N, G, B, K]
 in the accumulation dtype, indices int32, lse_t / logconf_t / lse_z / grad / loss: [N, G, B] in
 the accumulation dtype (fp64 if Z or T is fp64, else fp32). ``out``: a tensor of Z's shape
