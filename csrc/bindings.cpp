@@ -157,6 +157,18 @@ void dense_teacher_arg(DistillArgs& a, const TensorArg& t) {
   expect_rows(a.t, "teacher", a.z, 4);
 }
 
+// Packet values [N, G, B, K] in the accumulation dtype, rows of the student's, 1 <= K <= V,
+// checked, into a (a.packets set).
+void packet_values_arg(DistillArgs& a, const TensorArg& values, const char* name, int acc) {
+  a.packets = true;
+  a.values = view(values, name, 4);
+  expect_acc(a.values, name, acc);
+  expect_rows(a.values, name, a.z, 3);
+  if (a.values.size[3] < 1 || a.values.size[3] > a.z.size[3])
+    throw py::value_error(std::string(name) + " must hold K in [1, V = " + std::to_string(a.z.size[3]) +
+                          "] per row, got K = " + std::to_string(a.values.size[3]));
+}
+
 // The arguments shared by the forward and backward of the distillation loss, checked.
 DistillArgs distill_args(const TensorArg& z, const std::optional<TensorArg>& t,
                          const std::optional<TensorArg>& values, const std::optional<TensorArg>& indices,
@@ -169,15 +181,10 @@ DistillArgs distill_args(const TensorArg& z, const std::optional<TensorArg>& t,
   a.packets = !t.has_value();
   if (a.packets) {
     if (!indices.has_value() || !values.has_value()) throw py::value_error("teacher packets need values and indices");
-    a.values = view(*values, "values", 4);
+    packet_values_arg(a, *values, "values", acc);
     a.indices = view(*indices, "indices", 4);
-    expect_acc(a.values, "values", acc);
     expect_dtype(a.indices, "indices", {I32}, "int32");
-    expect_rows(a.values, "values", a.z, 3);
     expect_rows(a.indices, "indices", a.values, 4);
-    if (a.values.size[3] < 1 || a.values.size[3] > a.z.size[3])
-      throw py::value_error("values must hold K in [1, V = " + std::to_string(a.z.size[3]) + "] per row, got K = " +
-                            std::to_string(a.values.size[3]));
     expect_range<int32_t>(a.indices, 4, 0, a.z.size[3], "indices");
   } else {
     dense_teacher_arg(a, *t);
@@ -330,14 +337,8 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t lse_t, uintptr_t logconf_t, uintptr_t idx, uintptr_t loss, uintptr_t lse_z, int threads) {
         DistillArgs a;
         student_arg(a, z, acc);
-        a.packets = true;
-        a.values = view(values, "teacher.values", 4);
-        expect_acc(a.values, "teacher.values", acc);
-        expect_rows(a.values, "teacher.values", a.z, 3);
+        packet_values_arg(a, values, "teacher.values", acc);
         const int64_t V = a.z.size[3], K = a.values.size[3];
-        if (K < 1 || K > V)
-          throw py::value_error("teacher.values must hold K in [1, V = " + std::to_string(V) + "] per row, got K = " +
-                                std::to_string(K));
         const View ind = view(indices, "teacher.indices", 4);
         expect_dtype(ind, "teacher.indices", {I16, I32, I64}, "int16, int32 or int64");
         expect_rows(ind, "teacher.indices", a.values, 4);

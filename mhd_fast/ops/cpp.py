@@ -131,14 +131,15 @@ def distill_topk_packets(student: Tensor, values: Tensor, indices: Tensor, lse: 
                          include_self: bool, aggregate: str) -> tuple:
     """The forward of a packet teacher in one call, from the packet as it arrives: student
     [N, G, B, V] (the learning heads), values / indices [N, ≥ G, B, K] and lse [N, ≥ G, B] of
-    which the first G heads are read (through pointers: no slice), values in any float dtype,
-    indices int16 / int32 / int64. -> (loss, lse_z, values, indices, lse_t, logconf_t, idx): the
+    which the first G heads are read (indices and lse through pointers, no slice; values as a
+    slice in the accumulation dtype, converted only when they come in another), values in any
+    float dtype, indices int16 / int32 / int64. -> (loss, lse_z, values, indices, lse_t, logconf_t, idx): the
     loss rows and what the backward reads (the packet's first G heads in the accumulation
     dtype, indices as int32, the packet statistics and the teacher choice), the same numbers
     as reference.packet_stats, select and distill_topk_fwd."""
     dt = acc_dtype(student, values, lse)
     g = student.shape[1]
-    values = values.to(dt)
+    values = values[:, :g].to(dt)
     rows = student.shape[:-1]
     ind32 = torch.empty((*rows, values.shape[-1]), dtype=torch.int32)
     lse_t = torch.empty(rows, dtype=dt)
@@ -146,12 +147,12 @@ def distill_topk_packets(student: Tensor, values: Tensor, indices: Tensor, lse: 
     idx = torch.empty(rows, dtype=torch.int64)
     loss = torch.empty(rows, dtype=dt)
     lse_z = torch.empty(rows, dtype=dt)
-    _C.distill_topk_packets(_arg("student", student), _heads("teacher.values", values, 0, g),
+    _C.distill_topk_packets(_arg("student", student), _arg("teacher.values", values),
                             _heads("teacher.indices", indices, 0, g), _heads("teacher.lse", lse, 0, g),
                             _arg("adj", adj), float(tau), bool(include_self), _aggregate_code(aggregate), _CODES[dt],
                             ind32.data_ptr(), lse_t.data_ptr(), logconf_t.data_ptr(), idx.data_ptr(), loss.data_ptr(),
                             lse_z.data_ptr(), _threads())
-    return loss, lse_z, values[:, :g], ind32, lse_t, logconf_t, idx
+    return loss, lse_z, values, ind32, lse_t, logconf_t, idx
 
 
 def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj, lse_z, tau, include_self,

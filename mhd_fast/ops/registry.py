@@ -327,6 +327,14 @@ def _(student, values, indices, lse_t, logconf_t, idx, adj, head_offset, tau, in
 def distill_topk_bwd(grad: Tensor, student: Tensor, values: Tensor, indices: Tensor, lse_t: Tensor,
                      logconf_t: Tensor, idx: Tensor, adj: Tensor, lse_z: Tensor, head_offset: int,
                      tau: float, include_self: bool, aggregate: str, backend: str) -> Tensor:
+    return _topk_grad(grad, student, values, indices, lse_t, logconf_t, idx, adj, lse_z, head_offset, tau,
+                      include_self, aggregate, backend)
+
+
+def _topk_grad(grad, student, values, indices, lse_t, logconf_t, idx, adj, lse_z, head_offset, tau, include_self,
+               aggregate, backend) -> Tensor:
+    """dZ of the full student for a packet teacher (the bucket backward into a zero-headed
+    buffer): the body of distill_topk_bwd, and the backward of its eager twin."""
     d = _grad_buffer(student, head_offset, values.shape[1], backend)
     kernels(backend).distill_topk_bwd(grad, _groups(student, values, head_offset), values, indices,
                                       lse_t, logconf_t, idx, adj, lse_z, tau, include_self,
@@ -404,11 +412,8 @@ class _TopKFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         student, values, indices, lse_t, logconf_t, idx, adj, lse_z = ctx.saved_tensors
-        head_offset, tau, include_self, aggregate, backend = ctx.options
-        d = _grad_buffer(student, head_offset, values.shape[1], backend)
-        kernels(backend).distill_topk_bwd(grad.to(lse_z.dtype), _groups(student, values, head_offset), values,
-                                          indices, lse_t, logconf_t, idx, adj, lse_z, tau, include_self, aggregate,
-                                          out=_groups(d, values, head_offset))
+        d = _topk_grad(grad.to(lse_z.dtype), student, values, indices, lse_t, logconf_t, idx, adj, lse_z,
+                       *ctx.options)
         return (d,) + (None,) * 9
 
 
