@@ -55,32 +55,6 @@ MHD_INLINE int team_size() {
 #endif
 }
 
-// body(r, n, g, b, tid) for every row r = (n·G + g)·B + b of an [N, G, B] row space, on nt
-// threads that each take one contiguous chunk (a static schedule) and step (n, g, b) along
-// without divisions. Each thread ends with a fence, so that rows it wrote by non-temporal
-// stores are in memory when the call returns.
-template <class F>
-void for_rows(int64_t N, int64_t G, int64_t B, int nt, F&& body) {
-  const int64_t R = N * G * B;
-  if (R == 0) return;
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = thread_id(), size = team_size();
-    const int64_t r0 = R * tid / size, r1 = R * (tid + 1) / size;
-    int64_t b = r0 % B, g = (r0 / B) % G, n = r0 / (B * G);
-    for (int64_t r = r0; r < r1; ++r) {
-      body(r, n, g, b, tid);
-      if (++b == B) {
-        b = 0;
-        if (++g == G) {
-          g = 0;
-          ++n;
-        }
-      }
-    }
-    fence();
-  }
-}
 
 MHD_INLINE int64_t dtype_size(int dtype) {
   return dtype == F64 || dtype == I64 ? 8 : dtype == F16 || dtype == BF16 || dtype == I16 ? 2 : dtype == BOOL ? 1 : 4;
@@ -119,6 +93,68 @@ class Scratch {
  private:
   T* p_ = nullptr;
 };
+
+// Claims of the work of a parallel call: thread c owns chunk c of [0, T) (T·c/nt to
+// T·(c + 1)/nt) and takes its items in order; a thread done with its own chunk takes the next
+// items of the other chunks (each item claimed once, by an atomic counter per chunk, one per
+// 128 bytes), so that a thread slowed by its core (a busy or just-woken vCPU ran a third slower
+// than the other) holds the call back by an item at most, not by its whole share. The results
+// of an item do not depend on the thread that runs it.
+class Claims {
+ public:
+  Claims(int64_t T, int nt) : T_(T), nt_(nt), next_(nt * kLine) {
+    for (int c = 0; c < nt; ++c) next_[c * kLine] = T * c / nt;
+  }
+  // body(item) for the items thread tid claims, its own chunk first.
+  template <class F>
+  MHD_INLINE void run(int tid, F&& body) {
+    for (int k = 0; k < nt_; ++k) {
+      const int c = (tid + k) % nt_;
+      for (const int64_t end = T_ * (c + 1) / nt_;;) {
+        const int64_t t = __atomic_fetch_add(&next_[c * kLine], 1, __ATOMIC_RELAXED);
+        if (t >= end) break;
+        body(t);
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kLine = 128 / sizeof(int64_t);
+  int64_t T_;
+  int nt_;
+  Scratch<int64_t> next_;
+};
+
+// body(r, n, g, b, tid) for every row r = (n·G + g)·B + b of an [N, G, B] row space, on nt
+// threads. The rows go in blocks (16 per thread's share, or single rows), claimed as Claims
+// hands them out; a block steps (n, g, b) along without divisions. Each thread ends with a
+// fence, so that rows it wrote by non-temporal stores are in memory when the call returns.
+template <class F>
+void for_rows(int64_t N, int64_t G, int64_t B, int nt, F&& body) {
+  const int64_t R = N * G * B;
+  if (R == 0) return;
+  const int64_t per = min64(R, 16 * (int64_t)nt);  // blocks
+  Claims claims(per, nt);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = thread_id();
+    claims.run(tid, [&](int64_t blk) {
+      const int64_t r0 = R * blk / per, r1 = R * (blk + 1) / per;
+      int64_t b = r0 % B, g = (r0 / B) % G, n = r0 / (B * G);
+      for (int64_t r = r0; r < r1; ++r) {
+        body(r, n, g, b, tid);
+        if (++b == B) {
+          b = 0;
+          if (++g == G) {
+            g = 0;
+            ++n;
+          }
+        }
+      }
+    });
+    fence();
+  }
+}
 
 // ---- strided access --------------------------------------------------------------------------
 
@@ -253,7 +289,7 @@ MHD_INLINE typename L::V sweep_max(const In* x, int64_t begin, int64_t end, cons
     m0 = L::max(m0, a), m1 = L::max(m1, b), m2 = L::max(m2, c), m3 = L::max(m3, d);
     feed(v, Whole<W>{}, a), feed(v + W, Whole<W>{}, b), feed(v + 2 * W, Whole<W>{}, c), feed(v + 3 * W, Whole<W>{}, d);
   }
-  for_vectors<W>(v, end, [&](int64_t u, auto n) {
+  for_vectors<W>(v, end, [&](int64_t u, auto n) MHD_INLINE_BODY {
     const Vec xv = L::load(x + u, n, -kInf);
     m0 = L::max(m0, xv);
     feed(u, n, xv);
@@ -322,7 +358,7 @@ MHD_INLINE void row_lse(const In* x, int64_t V, const Scale<A>& sc, A& m_out, A&
     const Vec c = L::splat(m == -kInf ? A(0) : m);  // all −inf so far: 2^(−inf − 0) = 0, not NaN
     Vec acc = L::splat(0), acc_w = L::splat(0);
     const uint8_t* w = sent != nullptr && sent->in_block[blk / kBlock] != 0 ? sent->bits : nullptr;
-    for_vectors<W>(blk, end, [&](int64_t v, auto n) {
+    for_vectors<W>(blk, end, [&](int64_t v, auto n) MHD_INLINE_BODY {
       __builtin_prefetch(x + v + kBlock);  // the next block (or row), for the max sweep
       const Vec e = L::exp2_nonpos((L::load(x + v, n, -kInf) - c) * k);
       acc += e;
@@ -373,7 +409,7 @@ MHD_INLINE void grad_row(const ZIn* z, int64_t V, const Scale<A>& sc, const Teac
   using L = Lanes<A>;
   using Vec = typename L::V;
   constexpr int W = L::W;
-  for_vectors<W>(0, V, [&](int64_t v, auto n) {
+  for_vectors<W>(0, V, [&](int64_t v, auto n) MHD_INLINE_BODY {
     const Vec q = L::exp(sc(L::load(z + v, n, -kInf)) - lse_z);
     store_grad<A>(out, dtype, v, gs * (q - teacher.prob(v, n)), n, stream);
   });
@@ -421,7 +457,7 @@ MHD_INLINE void kl_sweep(const ZIn* z, int64_t V, const Scale<A>& sc, const Teac
           kept ? qbuf : nullptr, &s);
   const Vec k = L::splat(gs), inv_s = L::splat(A(1) / s);
   Vec acc = L::splat(0);
-  for_vectors<W>(0, V, [&](int64_t v, auto n) {
+  for_vectors<W>(0, V, [&](int64_t v, auto n) MHD_INLINE_BODY {
     const Vec lq = sc(L::load(z + v, n, -kInf)) - lse_z;
     Vec p, lp;
     teacher.get(v, n, p, lp);
@@ -464,7 +500,7 @@ MHD_INLINE void rows_lse_kept(const In* const (&x)[R], int64_t V, const Scale<A>
   Vec vm[R], c[R], acc[R];
   MHD_UNROLL
   for (int r = 0; r < R; ++r) vm[r] = L::splat(-kInf), acc[r] = L::splat(0);
-  for_vectors<W>(0, V, [&](int64_t v, auto n) {
+  for_vectors<W>(0, V, [&](int64_t v, auto n) MHD_INLINE_BODY {
     MHD_UNROLL
     for (int r = 0; r < R; ++r) vm[r] = L::max(vm[r], L::load(x[r] + v, n, -kInf));
   });
@@ -475,7 +511,7 @@ MHD_INLINE void rows_lse_kept(const In* const (&x)[R], int64_t V, const Scale<A>
     m[r] = bm > -kInf ? bm : -kInf;  // row_lse's first block: a NaN max leaves m = −inf
     c[r] = L::splat(m[r] == -kInf ? A(0) : m[r]);
   }
-  for_vectors<W>(0, V, [&](int64_t v, auto n) {
+  for_vectors<W>(0, V, [&](int64_t v, auto n) MHD_INLINE_BODY {
     MHD_UNROLL
     for (int r = 0; r < R; ++r) {
       __builtin_prefetch(x[r] + v + kBlock);  // rows ahead, for their max sweep
@@ -512,7 +548,7 @@ MHD_INLINE void kl_sweep_rows(const ZIn* const (&z)[R], int64_t V, const Scale<A
   Vec inv_s[R], acc[R];
   MHD_UNROLL
   for (int r = 0; r < R; ++r) inv_s[r] = L::splat(A(1) / s[r]), acc[r] = L::splat(0);
-  for_vectors<W>(0, V, [&](int64_t v, auto n) {
+  for_vectors<W>(0, V, [&](int64_t v, auto n) MHD_INLINE_BODY {
     MHD_UNROLL
     for (int r = 0; r < R; ++r) {
       const Vec lq = sc(L::load(z[r] + v, n, -kInf)) - lse_z[r];
@@ -573,6 +609,27 @@ MHD_INLINE void choose(const Candidates& cand, int64_t i, RowOf row_of, int64_t 
     for (int64_t b = b0; b < b1; ++b) out[b] = -1;
     return;
   }
+  if constexpr (sizeof(A) == 4 && Lanes<A>::W > 1) {
+    if (sb == 1) {  // W rows at a time, the running best in registers: the same comparisons in the same order
+      using L = Lanes<A>;
+      using Vec = typename L::V;
+      constexpr int W = L::W;
+      for (int64_t b = b0; b < b1; b += W) {
+        const int n = (int)min64(W, b1 - b);
+        const int64_t* j = c;
+        Vec bv = L::load(row_of(*j) + b, n, 0);
+        vi who = splat_i((int32_t)*j);
+        for (++j; j != cand.end(i); ++j) {
+          const Vec v = L::load(row_of(*j) + b, n, 0);
+          const vi take = (v > bv) | ((v != v) & (bv == bv));
+          bv = take ? v : bv;
+          who = take ? splat_i((int32_t)*j) : who;
+        }
+        for (int l = 0; l < n; ++l) out[b + l] = who[l];
+      }
+      return;
+    }
+  }
   const A* x = row_of(*c);
   for (int64_t b = b0; b < b1; ++b) {
     best[b - b0] = x[b * sb];
@@ -621,7 +678,7 @@ MHD_INLINE void aggregate_logits(const DistillArgs& a, const Candidates& cand, i
   for (const int64_t* j = cand.begin(i); j != cand.end(i); ++j) {
     const LogitTeacher<A, TIn> teacher{row<TIn>(a.t, *j, g, b, V, gather, tbuf), sc, at<A>(a.lse_t, *j, g, b)};
     const A w = weight(*j);
-    for_vectors<W>(0, V, [&](int64_t v, auto n) { L::store(pbuf + v, L::load(pbuf + v, W, 0) + w * teacher.prob(v, n), W); });
+    for_vectors<W>(0, V, [&](int64_t v, auto n) MHD_INLINE_BODY { L::store(pbuf + v, L::load(pbuf + v, W, 0) + w * teacher.prob(v, n), W); });
   }
 }
 
@@ -841,14 +898,15 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
 
 // ---- the whole dense loss in one launch ---------------------------------------------------------
 
-// body(tile, tid) for tiles [0, T) on nt threads, each taking one contiguous chunk.
+// body(tile, tid) for tiles [0, T) on nt threads, claimed as Claims hands them out.
 template <class F>
 void for_tiles(int64_t T, int nt, F&& body) {
   if (T == 0) return;
+  Claims claims(T, nt);
 #pragma omp parallel num_threads(nt)
   {
-    const int tid = thread_id(), size = team_size();
-    for (int64_t t = T * tid / size, t1 = T * (tid + 1) / size; t < t1; ++t) body(t, tid);
+    const int tid = thread_id();
+    claims.run(tid, [&](int64_t t) { body(t, tid); });
   }
 }
 

@@ -15,6 +15,8 @@
 // for partial loads and stores.
 
 #define MHD_INLINE inline __attribute__((always_inline))
+// A lambda whose body is inlined into its caller (the partial-vector tail of a hot loop too).
+#define MHD_INLINE_BODY __attribute__((always_inline))
 
 constexpr int kLanes = MHD_LANES;
 typedef float vf __attribute__((vector_size(4 * MHD_LANES)));

@@ -205,6 +205,29 @@ def test_select_teachers_matches_reference(backend, graph, include_self):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@needs_cpp
+@pytest.mark.parametrize("b", [1, 5, 16, 37])
+def test_select_rows_in_vectors_on_every_isa(isa, b):
+    """The teacher choice runs a vector of rows at a time (the running best in registers): the
+    same choice as the reference for row counts that leave a partial vector, with exact ties
+    between candidates (the lowest client wins), NaN confidences (the first NaN wins, as
+    torch.argmax) and a client without candidates; the same through the fused dense launch."""
+    n, h1, v = 7, 3, 5
+    t = make_logits((n, h1, b, v), seed=b)
+    t[3] = t[1]  # clients 1 and 3 tie on every row: 1 wins where it is the best
+    t[2, :, ::3] = float("nan")  # NaN confidence on every third row of client 2
+    t[5, :, 1::4, 0] = float("nan")
+    t[6, :, ::2] = t[0, :, ::2] * 4  # the most confident on even rows
+    adj = make_graph("lonely", n, seed=3)
+    want = mhd_fast.select_teachers(t, adj, tau=0.7, backend="torch")
+    got = mhd_fast.select_teachers(t, adj, tau=0.7, backend="cpp")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (want[0] == 2).any() and (want[0] == -1).any()  # the NaN rows and the lonely client show
+    z = make_logits((n, h1, b, v), seed=b + 1)
+    idx = registry.distill_dense(z, t[:, :-1], adj, 1, 0.7, False, "max_confidence", False, "cpp")[5]
+    assert torch.equal(idx, want[0])
+
+
 @pytest.mark.parametrize("value_dtype", [None, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tau", TAUS + (0.3,))
 @pytest.mark.parametrize("v", VOCABS + (40000,))
@@ -316,14 +339,15 @@ def test_results_are_bit_identical_run_to_run_and_across_thread_counts(backend):
 
     try:
         first = run()
-        torch.set_num_threads(1)
-        single = run()
-        torch.set_num_threads(max(2, threads))
-        again = run()
+        others = []
+        for count in (1, max(2, threads), 3, 5):  # odd counts: uneven shares, work taken from others' shares
+            torch.set_num_threads(count)
+            others.append(run())
     finally:
         torch.set_num_threads(threads)
-    for a, b_, c in zip(first, single, again):
-        assert torch.equal(a, b_) and torch.equal(a, c)
+    for other in others:
+        for a, b_ in zip(first, other):
+            assert torch.equal(a, b_)
 
 
 @settings(max_examples=25, deadline=None)
