@@ -104,6 +104,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+_REGISTRY: dict = {}
+
+
+def _registry():
+    """The module of the custom ops, imported on first use (it registers them with torch)."""
+    module = _REGISTRY.get("registry")
+    if module is None:
+        from . import registry as module
+        _REGISTRY["registry"] = module
+    return module
+
+
 # ---- checks --------------------------------------------------------------------------------
 
 def _is_compiling() -> bool:
@@ -203,7 +215,7 @@ def topk_compress(logits: Tensor, k: int, *, tau: float = 1.0, value_dtype: torc
     if be == "torch":
         values, indices, lse = reference.topk_compress(rows, k, tau)
     else:
-        from . import registry
+        registry = _registry()
         values, indices, lse = registry.topk_compress(rows, k, tau, be)
     lead = logits.shape[:-1]
     index_dtype = torch.int16 if v <= 32767 else torch.int32
@@ -217,7 +229,7 @@ def _teacher_stats(teacher, tau: float, backend: str) -> tuple[Tensor, Tensor]:
         return reference.packet_stats(teacher.values, teacher.lse)
     if backend == "torch":
         return reference.teacher_stats(teacher, tau)
-    from . import registry
+    registry = _registry()
     return registry.teacher_stats(teacher, tau, backend)
 
 
@@ -256,7 +268,7 @@ def select_teachers(teacher_logits, adj: Tensor, *, tau: float = 1.0, include_se
     _, logconf = _teacher_stats(shifted, tau, be)
     if be == "torch":
         return reference.select(logconf, adj, bool(include_self))
-    from . import registry
+    registry = _registry()
     return registry.select(logconf, adj, bool(include_self), be)
 
 
@@ -281,13 +293,13 @@ def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float
     g = student.shape[1] - head_offset
     dense = not isinstance(teacher, TopKLogits)
     if dense and be != "torch":
-        from . import registry
+        registry = _registry()
         if registry.fused_dense(be):
             need_grad = torch.is_grad_enabled() and student.requires_grad
             return registry.dense_loss(student, teacher, adj, head_offset, tau, include_self,
                                        aggregate, need_grad, be, reduction)
     if not dense and be != "torch":
-        from . import registry
+        registry = _registry()
         loss = registry.topk_loss(student, teacher.values, teacher.indices, teacher.lse, adj, head_offset, tau,
                                   include_self, aggregate, be)
         return reference.reduce_loss(loss, reduction)
@@ -302,7 +314,7 @@ def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float
             loss = reference.distill_dense(z, teacher, adj, tau=tau, include_self=include_self,
                                            aggregate=aggregate)
     else:  # a dense teacher on a backend without the one-launch dense loss
-        from . import registry
+        registry = _registry()
         teacher = teacher.detach()
         lse_t, logconf_t = registry.teacher_stats(teacher, tau, be)
         idx, _ = registry.select(logconf_t, adj, include_self, be)

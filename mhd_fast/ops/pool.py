@@ -46,20 +46,27 @@ def _cap_bytes() -> int:
     return mib << 20
 
 
-def _refs(t: Tensor) -> tuple[int, int]:
-    """(references to t's storage from C++: tensors and storage objects; Python references to
-    its storage object). torch keeps one Python object per storage, so a storage object the
-    user holds is the one asked for here, and shows only in the second number."""
-    s = t.untyped_storage()
-    return torch._C._storage_Use_Count(s._cdata), sys.getrefcount(s)
+def _entry(buf: Tensor) -> list:
+    """A pooled buffer with what its idleness test reads: [buffer, its storage object, the
+    storage's C pointer, the storage's bytes (what it holds), dtype, the buffer's bytes (what it
+    serves)]. torch keeps one Python object per storage, so the storage object a user holds is
+    this one (and shows in its reference count)."""
+    storage = buf.untyped_storage()
+    return [buf, storage, storage._cdata, storage.nbytes(), buf.dtype, buf.nbytes]
 
 
-_ALONE = _refs(torch.empty(1))  # a tensor nothing else refers to
+def _refs(entry: list) -> tuple[int, int]:
+    """(references to the storage from C++: tensors and storage objects; Python references to
+    its storage object)."""
+    return torch._C._storage_Use_Count(entry[2]), sys.getrefcount(entry[1])
 
 
-def _idle(buf: Tensor) -> bool:
-    """Whether only the pool refers to buf's memory."""
-    return _refs(buf) == _ALONE
+_ALONE = _refs(_entry(torch.empty(1)))  # a buffer nothing but its entry refers to
+
+
+def _idle(entry: list) -> bool:
+    """Whether only the pool refers to the buffer's memory."""
+    return _refs(entry) == _ALONE
 
 
 class OutputPool:
@@ -67,43 +74,46 @@ class OutputPool:
 
     def __init__(self, cap_bytes: int | None = None) -> None:
         self._cap = _cap_bytes() if cap_bytes is None else cap_bytes
-        self._bufs: list[Tensor] = []  # least recently handed out first
+        self._entries: list[list] = []  # least recently handed out first
         self._lock = threading.Lock()
 
     @property
     def held_bytes(self) -> int:
-        return sum(b.untyped_storage().nbytes() for b in self._bufs)
+        return sum(e[3] for e in self._entries)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """An uninitialized contiguous CPU tensor of shape and dtype, not shared with any live
         tensor; its memory may be an idle buffer of the pool."""
-        shape = tuple(int(s) for s in shape)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < MIN_BYTES or nbytes > self._cap:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
-            for i, buf in enumerate(self._bufs):
-                if buf.dtype == dtype and buf.nbytes == nbytes and _idle(buf):
-                    self._bufs.append(self._bufs.pop(i))
-                    return _share(buf, shape)
+            entries = self._entries
+            for i, e in enumerate(entries):
+                if e[5] == nbytes and e[4] == dtype and _idle(e):
+                    if i != len(entries) - 1:
+                        entries.append(entries.pop(i))
+                    return _share(e[0], shape)
+            shape = tuple(int(s) for s in shape)
             buf = _fresh(shape, dtype, nbytes)
+            entry = _entry(buf)
             # make room: drop idle buffers, least recently used first; if the busy ones fill
             # the cap, this one is not kept
-            held, size = self.held_bytes, buf.untyped_storage().nbytes()
-            for old in [b for b in self._bufs if _idle(b)]:
-                if held + size <= self._cap:
+            held = self.held_bytes
+            for old in [e for e in entries if _idle(e)]:
+                if held + entry[3] <= self._cap:
                     break
-                self._bufs.remove(old)
-                held -= old.untyped_storage().nbytes()
-            if held + size <= self._cap:
-                self._bufs.append(buf)
+                entries.remove(old)
+                held -= old[3]
+            if held + entry[3] <= self._cap:
+                entries.append(entry)
                 return _share(buf, shape)
             return buf
 
     def clear(self) -> None:
         """Let every buffer go (the ones still in use live on with their users)."""
         with self._lock:
-            self._bufs.clear()
+            self._entries.clear()
 
 
 HUGE_PAGE = 2 << 20

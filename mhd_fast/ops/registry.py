@@ -54,9 +54,15 @@ from .reference import acc_dtype, packet_stats, reduce_loss
 _BACKEND_MODULES = {"cpp": "mhd_fast.ops.cpp", "triton": "mhd_fast.ops.triton_backend"}
 
 
+_KERNELS: dict = {}  # backend -> its module, imported on first use
+
+
 def kernels(backend: str):
     """The backend module implementing the kernel contract above."""
-    return importlib.import_module(_BACKEND_MODULES[backend])
+    module = _KERNELS.get(backend)
+    if module is None:
+        module = _KERNELS[backend] = importlib.import_module(_BACKEND_MODULES[backend])
+    return module
 
 
 def _rows(x: Tensor) -> torch.Size:
@@ -210,6 +216,7 @@ def _keep_dense(ctx, inputs, output) -> None:
     ctx.save_for_backward(student, teacher, adj, idx, lse_z)
     ctx.unit = [unit] if need_grad else []
     ctx.options = (head_offset, tau, include_self, aggregate, backend)
+    ctx.student_dtype = student.dtype
 
 
 def _setup_dense_fused(ctx, inputs, output):
@@ -241,8 +248,18 @@ def _unit_times_grad(unit: Tensor, grad: Tensor, idx: Tensor, head_offset: int) 
 def _backward_dense_fused(ctx, grad_loss, *_):
     if grad_loss is None:
         return (None,) * 9
-    student, teacher, adj, idx, lse_z = ctx.saved_tensors
     head_offset, tau, include_self, aggregate, backend = ctx.options
+    if ctx.unit and type(grad_loss) is torch.Tensor and grad_loss.dim() == 0:
+        # the common case, loss.backward() of a reduced loss: the unit gradient scaled by one
+        # number, without unpacking the saved tensors (what the first backward of a call costs)
+        unit = ctx.unit.pop()
+        c = float(grad_loss)
+        if math.isfinite(c):
+            d_student = unit if c == 1 else unit.mul_(c)
+            return (d_student if d_student.dtype == ctx.student_dtype else d_student.to(ctx.student_dtype),) \
+                + (None,) * 8
+        ctx.unit.append(unit)
+    student, teacher, adj, idx, lse_z = ctx.saved_tensors
     unit = ctx.unit.pop() if ctx.unit else None
     if unit is None:  # a second backward through a retained graph: the same kernel again
         unit = distill_dense(student.detach(), teacher[:, :idx.shape[1]].detach(), adj, head_offset, tau,
@@ -268,7 +285,10 @@ class _DenseFused(torch.autograd.Function):
     stubbed, right after torch.compile's run) went from 484 to 370 µs."""
 
     @staticmethod
-    def forward(ctx, student, teacher, adj, head_offset, tau, include_self, aggregate, backend, reduction):
+    def forward(ctx, student, options):
+        # the teacher and the graph ride in options, not as inputs: they get no gradient, and
+        # every input costs autograd a check per call
+        teacher, adj, head_offset, tau, include_self, aggregate, backend, reduction = options
         g = student.shape[1] - head_offset
         output = kernels(backend).distill_dense(student, teacher, adj, head_offset, tau, include_self, aggregate,
                                                 True, pooled=True, groups=g, reduction=reduction)
@@ -280,7 +300,16 @@ class _DenseFused(torch.autograd.Function):
     def backward(ctx, grad):
         if grad is not None and ctx.mean_of:
             grad = grad / ctx.mean_of  # as autograd differentiates loss.sum() / numel
-        return _backward_dense_fused(ctx, grad)[:8] + (None,)
+        return _backward_dense_fused(ctx, grad)[0], None
+
+
+# _DenseFused.apply without the Python wrapper of autograd.Function.apply, whose work (default
+# arguments of a setup_context, unwrapping functorch's dead wrappers) does not arise for the
+# plain tensors dense_loss hands it: the C++ apply of torch's _FunctionBase.
+try:
+    _apply_dense = super(torch.autograd.Function, _DenseFused).apply
+except AttributeError:  # another torch: the public entry
+    _apply_dense = _DenseFused.apply
 
 
 def _plain_eager(*tensors: Tensor) -> bool:
@@ -302,8 +331,7 @@ def dense_loss(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, 
         if not need_grad:
             return kernels(backend).distill_dense(student, teacher, adj, head_offset, tau, include_self, aggregate,
                                                   False, groups=g, reduction=reduction)[0]
-        return _DenseFused.apply(student, teacher, adj, head_offset, tau, include_self, aggregate, backend,
-                                 reduction)
+        return _apply_dense(student, (teacher, adj, head_offset, tau, include_self, aggregate, backend, reduction))
     teacher = teacher[:, :g].detach()
     return reduce_loss(distill_dense(student, teacher, adj, head_offset, tau, include_self, aggregate, need_grad,
                                      backend)[0], reduction)
