@@ -410,10 +410,10 @@ def _topk_forward(backend: str, student: Tensor, values: Tensor, indices: Tensor
     has distill_topk_packets (cpp), else its select and distill_topk_fwd."""
     be = kernels(backend)
     g = student.shape[1] - head_offset
+    if hasattr(be, "distill_topk_packets"):  # reads the student's heads and the packet's through pointers
+        return be.distill_topk_packets(student, values, indices, lse, adj, tau, include_self, aggregate,
+                                       head_offset=head_offset)
     groups = student[:, head_offset:head_offset + g]
-    if hasattr(be, "distill_topk_packets"):
-        return be.distill_topk_packets(groups, values.detach(), indices.detach(), lse.detach(), adj, tau,
-                                       include_self, aggregate)
     values, indices, lse_t, logconf_t = _packet_rows(values, indices, lse, g, acc_dtype(student, values, lse))
     idx, _ = be.select(logconf_t, adj, include_self)
     loss, lse_z = be.distill_topk_fwd(groups, values, indices, lse_t, logconf_t, idx, adj, tau, include_self,
