@@ -194,7 +194,10 @@ def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: in
                          f"{tuple(teacher.shape)} and student shape {tuple(student.shape)}")
     dt = acc_dtype(student, teacher)
     rows = (student.shape[0], g, student.shape[2])
-    lse_t, logconf_t, loss, lse_z = (torch.empty(rows, dtype=dt) for _ in range(4))
+    if pooled:  # the eager twin: the four row outputs as views of one buffer (two ops, not four)
+        lse_t, logconf_t, loss, lse_z = torch.empty((4, *rows), dtype=dt).unbind(0)
+    else:  # the custom op's outputs: tensors of their own
+        lse_t, logconf_t, loss, lse_z = (torch.empty(rows, dtype=dt) for _ in range(4))
     idx = torch.empty(rows, dtype=torch.int64)
     if not need_grad:
         unit = torch.empty((0,), dtype=dt)
