@@ -8,9 +8,10 @@
 //
 // Shared conventions (the kernel contract of mhd_fast/ops/registry.py):
 //   * One call covers the flat row space r = (n·G + g)·B + b of all N clients × G groups ×
-//     B rows; OpenMP threads take contiguous chunks of rows (a static schedule, for_rows). A
-//     row is always summed by one thread in a fixed order, so results are bit-identical
-//     whatever the thread count.
+//     B rows; OpenMP threads take blocks of rows (for_rows) or tiles (for_tiles), each its own
+//     chunk first, then what is left of the others' (Claims). A row is always summed by one
+//     thread in a fixed order, so results are bit-identical whatever the thread count and
+//     whichever thread takes it.
 //   * Inputs are read in place through their element strides when the class dim is contiguous;
 //     otherwise (or on the fp64 path) each row is first gathered into a per-thread buffer.
 //   * Arithmetic in the accumulation type A: fp32, or fp64 when an input is fp64.
@@ -51,15 +52,6 @@ MHD_INLINE int thread_id() {
   return 0;
 #endif
 }
-
-MHD_INLINE int team_size() {
-#ifdef _OPENMP
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
-
 
 MHD_INLINE int64_t dtype_size(int dtype) {
   return dtype == F64 || dtype == I64 ? 8 : dtype == F16 || dtype == BF16 || dtype == I16 ? 2 : dtype == BOOL ? 1 : 4;

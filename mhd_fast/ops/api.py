@@ -128,15 +128,19 @@ def check_tau(tau) -> float:
     return float(tau)
 
 
+_LOGIT_DTYPE_SET = frozenset(LOGIT_DTYPES)  # one hash lookup a check (these run on every call)
+
+
 def _check_logits(name: str, x, ndim: int | None = 4) -> None:
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in LOGIT_DTYPES:
+    if x.dtype not in _LOGIT_DTYPE_SET:
         raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if ndim is not None and x.dim() != ndim:
-        raise ValueError(f"{name} must be 4-D [N, H1, B, V], got shape {tuple(x.shape)}")
-    if any(s == 0 for s in x.shape):
-        raise ValueError(f"{name} must have no empty dimension, got shape {tuple(x.shape)}")
+    shape = x.shape
+    if ndim is not None and len(shape) != ndim:
+        raise ValueError(f"{name} must be 4-D [N, H1, B, V], got shape {tuple(shape)}")
+    if 0 in shape:
+        raise ValueError(f"{name} must have no empty dimension, got shape {tuple(shape)}")
 
 
 def _check_adj(adj, n: int, device: torch.device) -> None:

@@ -312,12 +312,19 @@ except AttributeError:  # another torch: the public entry
     _apply_dense = _DenseFused.apply
 
 
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+
+
 def _plain_eager(*tensors: Tensor) -> bool:
+    """Plain tensors, no compile, tracing, tensor mode or functorch transform."""
     if torch.compiler.is_compiling():
         return False
-    return (all(type(t) is torch.Tensor for t in tensors) and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled()
-            and torch._C._functorch.peek_interpreter_stack() is None)
+    for t in tensors:
+        if type(t) is not torch.Tensor:
+            return False
+    return _dispatch_modes() == 0 and not _function_modes() and _functorch_level() is None
 
 
 def dense_loss(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, tau: float,
