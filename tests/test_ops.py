@@ -637,8 +637,8 @@ def test_fused_dense_backward_for_every_upstream_gradient(aggregate):
 
 def _twin_equals_custom_ops(z, teacher, adj, aggregate, grad_out, twin, monkeypatch):
     """mhd_loss's loss, gradient (upstream grad_out) and no-grad forward at τ = 2, once in plain
-    eager mode, which must call the autograd.Function ``twin`` once (the dense twin through
-    registry._apply_dense, its apply without the Python wrapper), and once through the
+    eager mode, which must call the autograd.Function ``twin`` once (through registry's
+    _apply_dense or _apply_topk, its apply without the Python wrapper), and once through the
     custom ops: the same bits. Returns the eager mode's three."""
     def run():
         zz = z.clone().requires_grad_()
@@ -649,9 +649,9 @@ def _twin_equals_custom_ops(z, teacher, adj, aggregate, grad_out, twin, monkeypa
         return loss.detach(), g, nograd
 
     calls = []
-    owner, name = (registry, "_apply_dense") if twin is registry._DenseFused else (twin, "apply")
-    apply = getattr(owner, name)
-    monkeypatch.setattr(owner, name, lambda *args: calls.append(1) or apply(*args))
+    name = {registry._DenseFused: "_apply_dense", registry._TopKFused: "_apply_topk"}[twin]
+    apply = getattr(registry, name)
+    monkeypatch.setattr(registry, name, lambda *args: calls.append(1) or apply(*args))
     eager = run()
     assert calls, "plain eager mode should take the twin"
     monkeypatch.setattr(registry, "_plain_eager", lambda *tensors: False)

@@ -225,19 +225,33 @@ def _setup_dense_fused(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody uses
 
 
+def _unit_times_scalar(unit: Tensor, grad: Tensor) -> Tensor | None:
+    """unit · grad in place (the caller owns unit) when grad is one finite number for all rows
+    (a reduced loss's, or loss.sum()'s expanded) on eager tensors; None otherwise. The number
+    1 of ``loss.backward()`` hands unit over untouched."""
+    if type(grad) is not torch.Tensor or type(unit) is not torch.Tensor:  # traced: no host reads
+        return None
+    if grad.dim() == 0:
+        c = float(grad)
+    elif all(s == 0 for s in grad.stride()):
+        c = float(grad[(0,) * grad.dim()])
+    else:
+        return None
+    return (unit if c == 1 else unit.mul_(c)) if math.isfinite(c) else None
+
+
 def _unit_times_grad(unit: Tensor, grad: Tensor, idx: Tensor, head_offset: int) -> Tensor:
     """dZ = unit · grad, grad [N, G, B] (or one scalar for all) scaling the rows of heads
     head_offset.. (the others are 0), and exact zeros for clients without a candidate whatever
     the gradient (NaN or inf included). Eager tensors with a finite gradient are scaled in
     place: the caller owns unit."""
-    if type(grad) is torch.Tensor and type(unit) is torch.Tensor:  # not traced: host reads, in place
-        if all(s == 0 for s in grad.stride()):  # one scalar: a reduced loss's, or loss.sum()'s expanded
-            c = float(grad) if grad.dim() == 0 else float(grad[(0,) * grad.dim()])
-            if math.isfinite(c):
-                return unit if c == 1 else unit.mul_(c)
-        elif bool(torch.isfinite(grad).all()):
-            unit[:, head_offset:head_offset + grad.shape[1]].mul_(grad.unsqueeze(-1))
-            return unit
+    scaled = _unit_times_scalar(unit, grad)
+    if scaled is not None:
+        return scaled
+    if (type(grad) is torch.Tensor and type(unit) is torch.Tensor and any(s != 0 for s in grad.stride())
+            and bool(torch.isfinite(grad).all())):  # a finite number a row; not traced: a host read, in place
+        unit[:, head_offset:head_offset + grad.shape[1]].mul_(grad.unsqueeze(-1))
+        return unit
     n, h, b, _ = unit.shape
     g_full = unit.new_zeros((n, h, b, 1))
     g_full[:, head_offset:head_offset + grad.shape[1], :, 0] = grad
@@ -249,16 +263,13 @@ def _backward_dense_fused(ctx, grad_loss, *_):
     if grad_loss is None:
         return (None,) * 9
     head_offset, tau, include_self, aggregate, backend = ctx.options
-    if ctx.unit and type(grad_loss) is torch.Tensor and grad_loss.dim() == 0:
-        # the common case, loss.backward() of a reduced loss: the unit gradient scaled by one
-        # number, without unpacking the saved tensors (what the first backward of a call costs)
-        unit = ctx.unit.pop()
-        c = float(grad_loss)
-        if math.isfinite(c):
-            d_student = unit if c == 1 else unit.mul_(c)
-            return (d_student if d_student.dtype == ctx.student_dtype else d_student.to(ctx.student_dtype),) \
-                + (None,) * 8
-        ctx.unit.append(unit)
+    if ctx.unit:  # the common case, one finite number: without unpacking the saved tensors
+        d_student = _unit_times_scalar(ctx.unit[0], grad_loss)
+        if d_student is not None:
+            ctx.unit.pop()
+            if d_student.dtype != ctx.student_dtype:  # (a no-op .to is still a dispatcher call)
+                d_student = d_student.to(ctx.student_dtype)
+            return (d_student,) + (None,) * 8
     student, teacher, adj, idx, lse_z = ctx.saved_tensors
     unit = ctx.unit.pop() if ctx.unit else None
     if unit is None:  # a second backward through a retained graph: the same kernel again
@@ -303,13 +314,17 @@ class _DenseFused(torch.autograd.Function):
         return _backward_dense_fused(ctx, grad)[0], None
 
 
-# _DenseFused.apply without the Python wrapper of autograd.Function.apply, whose work (default
-# arguments of a setup_context, unwrapping functorch's dead wrappers) does not arise for the
-# plain tensors dense_loss hands it: the C++ apply of torch's _FunctionBase.
-try:
-    _apply_dense = super(torch.autograd.Function, _DenseFused).apply
-except AttributeError:  # another torch: the public entry
-    _apply_dense = _DenseFused.apply
+def _c_apply(function: type):
+    """function.apply without the Python wrapper of autograd.Function.apply, whose work (default
+    arguments of a setup_context, unwrapping functorch's dead wrappers) does not arise for the
+    plain tensors of the eager twins (_plain_eager): the C++ apply of torch's _FunctionBase."""
+    try:
+        return super(torch.autograd.Function, function).apply
+    except AttributeError:  # another torch: the public entry
+        return function.apply
+
+
+_apply_dense = _c_apply(_DenseFused)
 
 
 _dispatch_modes = torch._C._len_torch_dispatch_stack
@@ -437,7 +452,9 @@ class _TopKFused(torch.autograd.Function):
     (_topk_forward). topk_loss takes it only in plain eager mode (_plain_eager)."""
 
     @staticmethod
-    def forward(ctx, student, values, indices, lse, adj, head_offset, tau, include_self, aggregate, backend):
+    def forward(ctx, student, options):
+        # the packet and the graph ride in options, as the dense twin's teacher: no gradient
+        values, indices, lse, adj, head_offset, tau, include_self, aggregate, backend = options
         loss, lse_z, *rows = _topk_forward(backend, student, values, indices, lse, adj, head_offset, tau,
                                            include_self, aggregate)
         ctx.save_for_backward(student, *rows, adj, lse_z)
@@ -449,7 +466,10 @@ class _TopKFused(torch.autograd.Function):
         student, values, indices, lse_t, logconf_t, idx, adj, lse_z = ctx.saved_tensors
         d = _topk_grad(grad.to(lse_z.dtype), student, values, indices, lse_t, logconf_t, idx, adj, lse_z,
                        *ctx.options)
-        return (d,) + (None,) * 9
+        return d, None
+
+
+_apply_topk = _c_apply(_TopKFused)
 
 
 def topk_loss(student: Tensor, values: Tensor, indices: Tensor, lse: Tensor, adj: Tensor, head_offset: int,
@@ -462,8 +482,7 @@ def topk_loss(student: Tensor, values: Tensor, indices: Tensor, lse: Tensor, adj
         if not (torch.is_grad_enabled() and student.requires_grad):
             return _topk_forward(backend, student, values, indices, lse, adj, head_offset, tau, include_self,
                                  aggregate)[0]
-        return _TopKFused.apply(student, values, indices, lse, adj, head_offset, tau, include_self, aggregate,
-                                backend)
+        return _apply_topk(student, (values, indices, lse, adj, head_offset, tau, include_self, aggregate, backend))
     g = student.shape[1] - head_offset
     values, indices, lse_t, logconf_t = _packet_rows(values, indices, lse, g, acc_dtype(student, values, lse))
     idx, _ = select(logconf_t, adj, include_self, backend)
