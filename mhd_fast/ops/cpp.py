@@ -128,7 +128,7 @@ def distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj, tau, 
 
 
 def distill_topk_packets(student: Tensor, values: Tensor, indices: Tensor, lse: Tensor, adj: Tensor, tau: float,
-                         include_self: bool, aggregate: str, head_offset: int | None = None) -> tuple:
+                         include_self: bool, aggregate: str, head_offset: int = 0) -> tuple:
     """The forward of a packet teacher in one call, from the packet as it arrives: student
     [N, G, B, V] (the learning heads), values / indices [N, ≥ G, B, K] and lse [N, ≥ G, B] of
     which the first G heads are read (indices and lse through pointers, no slice; values as a
@@ -137,20 +137,19 @@ def distill_topk_packets(student: Tensor, values: Tensor, indices: Tensor, lse: 
     loss rows and what the backward reads (the packet's first G heads in the accumulation
     dtype, indices as int32, the packet statistics and the teacher choice), the same numbers
     as reference.packet_stats, select and distill_topk_fwd. With head_offset, student is the full
-    [N, H, B, V] and its heads head_offset.. learn (read through a pointer, no slice). The four
+    [N, H, B, V] of which heads head_offset.. learn (read through a pointer, no slice). The four
     row outputs are views of one buffer (one allocation, not four)."""
     dt = acc_dtype(student, values, lse)
-    g = student.shape[1] - (head_offset or 0)
+    g = student.shape[1] - head_offset
     if g < 1 or values.dim() != 4 or values.shape[1] < g:
-        raise ValueError(f"student heads {head_offset or 0}.. must have a teacher head each, got student shape "
+        raise ValueError(f"student heads {head_offset}.. must have a teacher head each, got student shape "
                          f"{tuple(student.shape)} and teacher.values shape {tuple(values.shape)}")
     values = values[:, :g].to(dt)
     rows = (student.shape[0], g, student.shape[2])
     ind32 = torch.empty((*rows, values.shape[-1]), dtype=torch.int32)
     lse_t, logconf_t, loss, lse_z = torch.empty((4, *rows), dtype=dt).unbind(0)
     idx = torch.empty(rows, dtype=torch.int64)
-    z = _arg("student", student) if head_offset is None else _heads("student", student, head_offset, g)
-    _C.distill_topk_packets(z, _arg("teacher.values", values),
+    _C.distill_topk_packets(_heads("student", student, head_offset, g), _arg("teacher.values", values),
                             _heads("teacher.indices", indices, 0, g), _heads("teacher.lse", lse, 0, g),
                             _arg("adj", adj), float(tau), bool(include_self), _aggregate_code(aggregate), _CODES[dt],
                             ind32.data_ptr(), lse_t.data_ptr(), logconf_t.data_ptr(), idx.data_ptr(), loss.data_ptr(),
