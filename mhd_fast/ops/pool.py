@@ -46,25 +46,33 @@ def _cap_bytes() -> int:
     return mib << 20
 
 
-def _entry(buf: Tensor) -> list:
-    """A pooled buffer with what its idleness test reads: [buffer, its storage object, the
-    storage's C pointer, the storage's bytes (what it holds), dtype, the buffer's bytes (what it
-    serves)]. torch keeps one Python object per storage, so the storage object a user holds is
-    this one (and shows in its reference count)."""
-    storage = buf.untyped_storage()
-    return [buf, storage, storage._cdata, storage.nbytes(), buf.dtype, buf.nbytes]
+class _Entry:
+    """A pooled buffer with what its idleness test reads: its storage object and the storage's
+    C pointer (torch keeps one Python object per storage, so the storage object a user holds is
+    this one, and shows in its reference count), the bytes the storage holds, and the dtype and
+    bytes the buffer serves."""
+
+    __slots__ = ("buf", "storage", "cdata", "held", "dtype", "nbytes")
+
+    def __init__(self, buf: Tensor) -> None:
+        self.buf = buf
+        self.storage = buf.untyped_storage()
+        self.cdata = self.storage._cdata
+        self.held = self.storage.nbytes()
+        self.dtype = buf.dtype
+        self.nbytes = buf.nbytes
 
 
-def _refs(entry: list) -> tuple[int, int]:
+def _refs(entry: _Entry) -> tuple[int, int]:
     """(references to the storage from C++: tensors and storage objects; Python references to
     its storage object)."""
-    return torch._C._storage_Use_Count(entry[2]), sys.getrefcount(entry[1])
+    return torch._C._storage_Use_Count(entry.cdata), sys.getrefcount(entry.storage)
 
 
-_ALONE = _refs(_entry(torch.empty(1)))  # a buffer nothing but its entry refers to
+_ALONE = _refs(_Entry(torch.empty(1)))  # a buffer nothing but its entry refers to
 
 
-def _idle(entry: list) -> bool:
+def _idle(entry: _Entry) -> bool:
     """Whether only the pool refers to the buffer's memory."""
     return _refs(entry) == _ALONE
 
@@ -74,12 +82,12 @@ class OutputPool:
 
     def __init__(self, cap_bytes: int | None = None) -> None:
         self._cap = _cap_bytes() if cap_bytes is None else cap_bytes
-        self._entries: list[list] = []  # least recently handed out first
+        self._entries: list[_Entry] = []  # least recently handed out first
         self._lock = threading.Lock()
 
     @property
     def held_bytes(self) -> int:
-        return sum(e[3] for e in self._entries)
+        return sum(e.held for e in self._entries)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """An uninitialized contiguous CPU tensor of shape and dtype, not shared with any live
@@ -90,25 +98,24 @@ class OutputPool:
         with self._lock:
             entries = self._entries
             for i, e in enumerate(entries):
-                if e[5] == nbytes and e[4] == dtype and _idle(e):
+                if e.nbytes == nbytes and e.dtype == dtype and _idle(e):
                     if i != len(entries) - 1:
                         entries.append(entries.pop(i))
-                    return _share(e[0], shape)
+                    return _share(e.buf, shape)
             shape = tuple(int(s) for s in shape)
-            buf = _fresh(shape, dtype, nbytes)
-            entry = _entry(buf)
+            entry = _Entry(_fresh(shape, dtype, nbytes))
             # make room: drop idle buffers, least recently used first; if the busy ones fill
             # the cap, this one is not kept
             held = self.held_bytes
             for old in [e for e in entries if _idle(e)]:
-                if held + entry[3] <= self._cap:
+                if held + entry.held <= self._cap:
                     break
                 entries.remove(old)
-                held -= old[3]
-            if held + entry[3] <= self._cap:
+                held -= old.held
+            if held + entry.held <= self._cap:
                 entries.append(entry)
-                return _share(buf, shape)
-            return buf
+                return _share(entry.buf, shape)
+            return entry.buf
 
     def clear(self) -> None:
         """Let every buffer go (the ones still in use live on with their users)."""
