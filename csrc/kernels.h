@@ -726,7 +726,7 @@ MHD_INLINE void packet_sums(const DistillArgs& a, int64_t j, int64_t g, int64_t 
     lp[k] = val[k * vs] - lse_t;
     lq[k] = sc(to_acc<A>(z[ind[k * is]])) - lse_z;
   }
-  for_vectors<L::W>(0, K, [&](int64_t k, auto n) { L::store(p + k, L::exp(L::load(lp + k, n, -kInf)), L::W); });
+  for_vectors<L::W>(0, K, [&](int64_t k, auto n) MHD_INLINE_BODY { L::store(p + k, L::exp(L::load(lp + k, n, -kInf)), L::W); });
   P = S = 0;
   for (int64_t k = 0; k < K; ++k) {
     P += p[k];
@@ -855,7 +855,7 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
         for (int64_t blk = 0; blk < V; blk += kBlock) {
           const int64_t end = min64(V, blk + kBlock);
           const auto sweep = [&](auto weighted) {
-            for_vectors<L::W>(blk, end, [&](int64_t v, auto w) {
+            for_vectors<L::W>(blk, end, [&](int64_t v, auto w) MHD_INLINE_BODY {
               const auto q = L::exp2_nonpos((sc(L::load(z + v, w, -kInf)) - lse_z) * log2e);
               L::store(pbuf + v, q, L::W);
               if constexpr (decltype(weighted)::value) acc = L::add_unsent(acc, q, sent_bits<L::W>(bits, v));
@@ -878,7 +878,7 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
       } else {
         const A gs = at<A>(a.grad, n, g, b) * tau;
         const A unsent = gs * (rest && p_rest != 0 ? A(1 - p_rest / q_rest) : A(1));
-        for_vectors<L::W>(0, V, [&](int64_t v, auto w) {
+        for_vectors<L::W>(0, V, [&](int64_t v, auto w) MHD_INLINE_BODY {
           store_grad<A>(dz_row, a.z.dtype, v, unsent * L::load(pbuf + v, w, 0), w, stream);
         });
         if (stream) fence();  // the sent classes below overwrite streamed lines: after them
@@ -1120,7 +1120,7 @@ void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
           if (h < out.head_offset || h >= out.head_offset + G)
             for (int64_t b = b0; b < b1; ++b) {
               A* d = static_cast<A*>(grad_row_ptr(n, h, b));
-              if (stream) for_vectors<L::W>(0, V, [&](int64_t v, auto w) {
+              if (stream) for_vectors<L::W>(0, V, [&](int64_t v, auto w) MHD_INLINE_BODY {
                 if (w == L::W) L::stream(d + v, L::splat(0));
                 else L::stream(d + v, L::splat(0), w);
               });
@@ -1457,7 +1457,7 @@ inline void zero_rows_entry(const View& x, int threads) {
     char* row = base + (n * x.stride[0] + h * x.stride[1] + b * x.stride[2]) * es;
     if (!stream) return (void)std::memset(row, 0, V * es);
     float* d = reinterpret_cast<float*>(row);
-    for_vectors<L::W>(0, V, [&](int64_t v, auto w) {
+    for_vectors<L::W>(0, V, [&](int64_t v, auto w) MHD_INLINE_BODY {
       if (w == L::W) L::stream(d + v, L::splat(0));
       else L::stream(d + v, L::splat(0), w);
     });

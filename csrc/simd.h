@@ -15,7 +15,8 @@
 // for partial loads and stores.
 
 #define MHD_INLINE inline __attribute__((always_inline))
-// A lambda whose body is inlined into its caller (the partial-vector tail of a hot loop too).
+// On every lambda handed to for_vectors: its body is inlined into the loop, the partial-vector
+// tail's too (else GCC may leave the tail an out-of-line call per row).
 #define MHD_INLINE_BODY __attribute__((always_inline))
 
 constexpr int kLanes = MHD_LANES;
