@@ -276,7 +276,31 @@ def select_teachers(teacher_logits, adj: Tensor, *, tau: float = 1.0, include_se
     return registry.select(logconf, adj, bool(include_self), be)
 
 
+def _well_formed_dense(student_logits, teacher, adj, tau, aggregate, reduction) -> bool:
+    """The common call, accepted by one expression of cheap tests: plain CPU tensors, a dense
+    teacher of the student's shape, a bool [N, N] graph, known options and a finite τ > 0 (a
+    float or int, not a bool). Whatever it does not accept goes through the checks below, which
+    name what is wrong; it accepts nothing that they reject. (Run cold, as a training step runs
+    it right after other work, every Python call and line costs about a microsecond: the
+    checks' dozen helper calls were a measurable part of an S1 call's 1 ms.)"""
+    if type(student_logits) is not Tensor or type(teacher) is not Tensor or type(adj) is not Tensor:
+        return False
+    shape = student_logits.shape
+    return (len(shape) == 4 and 0 not in shape and teacher.shape == shape and adj.shape == (shape[0], shape[0])
+            and student_logits.is_cpu and teacher.is_cpu and adj.is_cpu
+            and student_logits.dtype in _LOGIT_DTYPE_SET and teacher.dtype in _LOGIT_DTYPE_SET
+            and adj.dtype == torch.bool and (type(tau) is float or type(tau) is int) and 0 < tau < math.inf
+            and type(aggregate) is str and aggregate in _AGGREGATE_SET
+            and type(reduction) is str and reduction in _REDUCTION_SET)
+
+
+_AGGREGATE_SET = frozenset(AGGREGATES)
+_REDUCTION_SET = frozenset(REDUCTIONS)
+
+
 def _check_loss_args(student_logits, teacher, adj, tau, aggregate, reduction) -> float:
+    if _well_formed_dense(student_logits, teacher, adj, tau, aggregate, reduction):
+        return float(tau)
     _check_logits("student_logits", student_logits)
     device = student_logits.device
     _check_teacher(teacher, tuple(student_logits.shape), device)

@@ -33,11 +33,12 @@ _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 
 
 def _arg(name: str, t: Tensor) -> tuple:
     """(data pointer, dtype code, sizes, element strides) of a CPU tensor for ``_C``."""
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise ValueError(f"{name} must be a CPU tensor for backend='cpp', got a tensor on {t.device}")
-    if t.dtype not in _CODES:
+    code = _CODES.get(t.dtype)
+    if code is None:
         raise ValueError(f"{name} has dtype {t.dtype}, which backend='cpp' does not read")
-    return t.data_ptr(), _CODES[t.dtype], list(t.shape), list(t.stride())
+    return t.data_ptr(), code, t.shape, t.stride()  # (sizes and strides as tuples: _C reads any sequence)
 
 
 def _aggregate_code(aggregate: str) -> int:
@@ -169,46 +170,69 @@ def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj,
 def _heads(name: str, x: Tensor, first: int, count: int) -> tuple:
     """_arg of the view x[:, first : first + count] without making it (one op less a call)."""
     ptr, code, shape, stride = _arg(name, x)
-    shape[1] = count
-    return ptr + first * stride[1] * x.element_size(), code, shape, stride
+    return ptr + first * stride[1] * x.element_size(), code, (shape[0], count, *shape[2:]), stride
 
 
-def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, tau: float,
-                  include_self: bool, aggregate: str, need_grad: bool, pooled: bool = False,
-                  groups: int | None = None, reduction: str = "none"):
-    """Dense teacher, one launch: statistics, teacher choice, loss and (need_grad) the unit
-    gradient τ(q − p̄) of the full student, zeros outside heads head_offset .. head_offset + G.
-    pooled: the unit gradient may reuse an idle buffer of ``pool.POOL`` (the eager path; the
-    kernel writes all of it). groups: the teacher is read as teacher[:, :groups] (G = groups),
-    else whole (G = teacher.shape[1]). reduction "sum" / "mean": the first output is the loss
-    rows' sum (/ their number) instead of the rows, summed by _C in a fixed order in fp64.
-
-    student [N, H, B, V], teacher [N, G, B, V] -> (loss, lse_z, unit [N, H, B, V] or empty,
-    lse_t, logconf_t, idx int64), all [N, G, B] in the accumulation dtype but unit and idx."""
-    g = teacher.shape[1] if groups is None else groups
+def _dense_heads(student: Tensor, teacher: Tensor, head_offset: int, g: int) -> None:
+    """distill_dense reads teacher heads 0..g−1 and student heads head_offset..head_offset+g−1
+    through pointers: they must exist."""
     if student.dim() != 4 or teacher.dim() != 4 or not (0 <= g <= teacher.shape[1]
                                                         and 0 <= head_offset <= student.shape[1] - g):
         raise ValueError(f"teacher groups 0..{g - 1} must lie within the teacher's heads and student heads "
                          f"{head_offset}..{head_offset + g - 1} within the student's, got teacher shape "
                          f"{tuple(teacher.shape)} and student shape {tuple(student.shape)}")
+
+
+def distill_dense_unit(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, tau: float,
+                       include_self: bool, aggregate: str, reduction: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """distill_dense for the eager twin (registry._DenseFused), with the unit gradient, in as few
+    Python and torch steps as it can (each costs microseconds when a training step or benchmark
+    runs it cold): student [N, H, B, V] of which heads head_offset.. learn from the teacher's
+    first G = H − head_offset heads. -> (loss, rows, unit, idx): the loss rows' sum or mean
+    (reduction "sum" / "mean", summed by _C in a fixed order in fp64) or the loss rows
+    ("none"); rows [4, N, G, B], one buffer holding lse_t, logconf_t, the loss rows and lse_z;
+    the unit gradient τ(q − p̄) [N, H, B, V] from ``pool.POOL``; idx [N, G, B] int64."""
+    shape = student.shape
+    g = shape[1] - head_offset
+    _dense_heads(student, teacher, head_offset, g)
+    dt = torch.float64 if student.dtype == torch.float64 or teacher.dtype == torch.float64 else torch.float32
+    rows = torch.empty((4, shape[0], g, shape[2]), dtype=dt)
+    idx = torch.empty(rows.shape[1:], dtype=torch.int64)
+    unit = POOL.empty(shape, dt)
+    total = torch.empty((), dtype=dt) if reduction != "none" else None
+    p, step = rows.data_ptr(), rows.stride(0) * rows.element_size()
+    _C.distill_dense(_heads("student", student, head_offset, g), _heads("teacher", teacher, 0, g), _arg("adj", adj),
+                     float(tau), bool(include_self), _aggregate_code(aggregate), _CODES[dt], p, p + step,
+                     idx.data_ptr(), p + 2 * step, p + 3 * step, unit.data_ptr(), unit.stride()[:3], shape[1],
+                     head_offset, _threads(), 0 if total is None else total.data_ptr(),
+                     idx.numel() if reduction == "mean" else 1)
+    return rows[2] if total is None else total, rows, unit, idx
+
+
+def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, tau: float,
+                  include_self: bool, aggregate: str, need_grad: bool, groups: int | None = None,
+                  reduction: str = "none"):
+    """Dense teacher, one launch: statistics, teacher choice, loss and (need_grad) the unit
+    gradient τ(q − p̄) of the full student, zeros outside heads head_offset .. head_offset + G.
+    groups: the teacher is read as teacher[:, :groups] (G = groups), else whole
+    (G = teacher.shape[1]). reduction "sum" / "mean": the first output is the loss rows' sum
+    (/ their number) instead of the rows, summed by _C in a fixed order in fp64.
+
+    student [N, H, B, V], teacher [N, G, B, V] -> (loss, lse_z, unit [N, H, B, V] or empty,
+    lse_t, logconf_t, idx int64), all [N, G, B] in the accumulation dtype but unit and idx,
+    each a tensor of its own (the custom op's outputs)."""
+    g = teacher.shape[1] if groups is None else groups
+    _dense_heads(student, teacher, head_offset, g)
     dt = acc_dtype(student, teacher)
     rows = (student.shape[0], g, student.shape[2])
-    if pooled:  # the eager twin: the four row outputs as views of one buffer (two ops, not four)
-        lse_t, logconf_t, loss, lse_z = torch.empty((4, *rows), dtype=dt).unbind(0)
-    else:  # the custom op's outputs: tensors of their own
-        lse_t, logconf_t, loss, lse_z = (torch.empty(rows, dtype=dt) for _ in range(4))
+    lse_t, logconf_t, loss, lse_z = (torch.empty(rows, dtype=dt) for _ in range(4))
     idx = torch.empty(rows, dtype=torch.int64)
-    if not need_grad:
-        unit = torch.empty((0,), dtype=dt)
-    elif pooled:
-        unit = POOL.empty(student.shape, dt)
-    else:
-        unit = torch.empty(student.shape, dtype=dt)
+    unit = torch.empty(student.shape if need_grad else (0,), dtype=dt)
     total = torch.empty((), dtype=dt) if reduction != "none" else None
     _C.distill_dense(_heads("student", student, head_offset, g), _heads("teacher", teacher, 0, g), _arg("adj", adj),
                      float(tau), bool(include_self), _aggregate_code(aggregate), _CODES[dt], lse_t.data_ptr(),
                      logconf_t.data_ptr(), idx.data_ptr(), loss.data_ptr(), lse_z.data_ptr(),
-                     unit.data_ptr() if need_grad else 0, list(unit.stride()[:3]) if need_grad else [],
+                     unit.data_ptr() if need_grad else 0, unit.stride()[:3] if need_grad else (),
                      student.shape[1], int(head_offset), _threads(), 0 if total is None else total.data_ptr(),
                      loss.numel() if reduction == "mean" else 1)
     return loss if total is None else total, lse_z, unit, lse_t, logconf_t, idx

@@ -23,8 +23,11 @@ and, for the backends in FUSED_DENSE (cpp), the dense loss in one launch:
   distill_dense(Z[N,H,B,V], T[N,G,B,V], adj, head_offset, tau, include_self, aggregate, need_grad)
       -> (loss, lse_z, unit[N,H,B,V] or empty, lse_t, logconf_t, idx)
 
-  (the eager twin adds pooled=True, groups=G with T of G or more heads, read as T[:, :G], and
-  reduction="none" | "sum" | "mean", which makes loss the reduced scalar)
+  (eager calls add groups=G with T of G or more heads, read as T[:, :G], and
+  reduction="none" | "sum" | "mean", which makes loss the reduced scalar), and for the eager twin
+
+  distill_dense_unit(Z[N,H,B,V], T[N,≥G,B,V], adj, head_offset, tau, include_self, aggregate, reduction)
+      -> (loss, rows[4,N,G,B] = lse_t, logconf_t, loss rows, lse_z; unit[N,H,B,V]; idx)
 
 and, optionally (cpp), a packet teacher's forward in one call for the eager twin:
 
@@ -208,19 +211,21 @@ def _(student, teacher, adj, head_offset, tau, include_self, aggregate, need_gra
     return loss, lse_z, unit, lse_t, logconf_t, student.new_empty(rows, dtype=torch.int64)
 
 
-def _keep_dense(ctx, inputs, output) -> None:
-    """What the backward of distill_dense (and of its eager twin) reads: the inputs and the
-    choice saved, the unit gradient on ctx (handed over once; see above)."""
-    student, teacher, adj, head_offset, tau, include_self, aggregate, need_grad, backend = inputs
-    _, lse_z, unit, _, _, idx = output
+def _keep_dense(ctx, student: Tensor, teacher: Tensor, adj: Tensor, idx: Tensor, lse_z: Tensor,
+                unit: Tensor | None, options: tuple) -> None:
+    """What the backward of distill_dense and of its eager twin reads: the inputs, the choice
+    and lse_z (for its dtype) saved, the unit gradient on ctx (handed over once; see above)."""
     ctx.save_for_backward(student, teacher, adj, idx, lse_z)
-    ctx.unit = [unit] if need_grad else []
-    ctx.options = (head_offset, tau, include_self, aggregate, backend)
+    ctx.unit = [unit] if unit is not None else []
+    ctx.options = options
     ctx.student_dtype = student.dtype
 
 
 def _setup_dense_fused(ctx, inputs, output):
-    _keep_dense(ctx, inputs, output)
+    student, teacher, adj, head_offset, tau, include_self, aggregate, need_grad, backend = inputs
+    _, lse_z, unit, _, _, idx = output
+    _keep_dense(ctx, student, teacher, adj, idx, lse_z, unit if need_grad else None,
+                (head_offset, tau, include_self, aggregate, backend))
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody uses
 
@@ -262,7 +267,6 @@ def _unit_times_grad(unit: Tensor, grad: Tensor, idx: Tensor, head_offset: int) 
 def _backward_dense_fused(ctx, grad_loss, *_):
     if grad_loss is None:
         return (None,) * 9
-    head_offset, tau, include_self, aggregate, backend = ctx.options
     if ctx.unit:  # the common case, one finite number: without unpacking the saved tensors
         d_student = _unit_times_scalar(ctx.unit[0], grad_loss)
         if d_student is not None:
@@ -270,6 +274,7 @@ def _backward_dense_fused(ctx, grad_loss, *_):
             if d_student.dtype != ctx.student_dtype:  # (a no-op .to is still a dispatcher call)
                 d_student = d_student.to(ctx.student_dtype)
             return (d_student,) + (None,) * 8
+    head_offset, tau, include_self, aggregate, backend = ctx.options
     student, teacher, adj, idx, lse_z = ctx.saved_tensors
     unit = ctx.unit.pop() if ctx.unit else None
     if unit is None:  # a second backward through a retained graph: the same kernel again
@@ -300,12 +305,12 @@ class _DenseFused(torch.autograd.Function):
         # the teacher and the graph ride in options, not as inputs: they get no gradient, and
         # every input costs autograd a check per call
         teacher, adj, head_offset, tau, include_self, aggregate, backend, reduction = options
-        g = student.shape[1] - head_offset
-        output = kernels(backend).distill_dense(student, teacher, adj, head_offset, tau, include_self, aggregate,
-                                                True, pooled=True, groups=g, reduction=reduction)
-        _keep_dense(ctx, (student, teacher, adj, head_offset, tau, include_self, aggregate, True, backend), output)
-        ctx.mean_of = output[1].numel() if reduction == "mean" else 0
-        return output[0]
+        loss, rows, unit, idx = kernels(backend).distill_dense_unit(student, teacher, adj, head_offset, tau,
+                                                                    include_self, aggregate, reduction)
+        # rows, the buffer that holds lse_z, stands for it
+        _keep_dense(ctx, student, teacher, adj, idx, rows, unit, (head_offset, tau, include_self, aggregate, backend))
+        ctx.mean_of = idx.numel() if reduction == "mean" else 0
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
