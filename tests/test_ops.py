@@ -781,6 +781,30 @@ def test_fused_dense_twin_reduces_in_the_extension(reduction, dtype, monkeypatch
         assert torch.equal(op[1], twin[1])
 
 
+@pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
+def test_loss_rows_can_be_edited_in_place(backend, teacher_kind):
+    """The loss rows of reduction="none" are a tensor of their own on every backend, as torch's
+    are: masking or weighting them in place works (no view-of-a-custom-Function error) and the
+    gradient follows the edit."""
+    z, t, adj = _case(torch.float32, 10, "lonely", n=4, h1=3, b=5, seed=3)
+    teacher = t if teacher_kind == "dense" else mhd_fast.topk_compress(t, 3, backend="torch")
+    weight = torch.rand(4, 2, 5, generator=torch.Generator().manual_seed(1))
+
+    def run(be):
+        zz = z.clone().requires_grad_()
+        loss = mhd_fast.mhd_loss(zz, teacher, adj, backend=be)
+        assert not loss._is_view()
+        loss.mul_(weight)
+        loss[1] = 0
+        loss.sum().backward()
+        return loss.detach(), zz.grad
+
+    got, want = run(backend), run("torch")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    assert not got[1][1].any()
+
+
 @needs_cpp
 def test_fused_dense_twin_gives_the_teacher_no_gradient():
     """The twin reads the teacher's heads through a pointer, without detach: a teacher that

@@ -138,8 +138,9 @@ def distill_topk_packets(student: Tensor, values: Tensor, indices: Tensor, lse: 
     loss rows and what the backward reads (the packet's first G heads in the accumulation
     dtype, indices as int32, the packet statistics and the teacher choice), the same numbers
     as reference.packet_stats, select and distill_topk_fwd. With head_offset, student is the full
-    [N, H, B, V] of which heads head_offset.. learn (read through a pointer, no slice). The four
-    row outputs are views of one buffer (one allocation, not four)."""
+    [N, H, B, V] of which heads head_offset.. learn (read through a pointer, no slice). lse_t,
+    logconf_t and lse_z are views of one buffer (one allocation, not three); the loss rows are a
+    tensor of their own."""
     dt = acc_dtype(student, values, lse)
     g = student.shape[1] - head_offset
     if g < 1 or values.dim() != 4 or values.shape[1] < g:
@@ -148,7 +149,8 @@ def distill_topk_packets(student: Tensor, values: Tensor, indices: Tensor, lse: 
     values = values[:, :g].to(dt)
     rows = (student.shape[0], g, student.shape[2])
     ind32 = torch.empty((*rows, values.shape[-1]), dtype=torch.int32)
-    lse_t, logconf_t, loss, lse_z = torch.empty((4, *rows), dtype=dt).unbind(0)
+    lse_t, logconf_t, lse_z = torch.empty((3, *rows), dtype=dt).unbind(0)
+    loss = torch.empty(rows, dtype=dt)  # a tensor of its own: the caller may edit it in place
     idx = torch.empty(rows, dtype=torch.int64)
     _C.distill_topk_packets(_heads("student", student, head_offset, g), _arg("teacher.values", values),
                             _heads("teacher.indices", indices, 0, g), _heads("teacher.lse", lse, 0, g),
@@ -190,8 +192,9 @@ def distill_dense_unit(student: Tensor, teacher: Tensor, adj: Tensor, head_offse
     runs it cold): student [N, H, B, V] of which heads head_offset.. learn from the teacher's
     first G = H − head_offset heads. -> (loss, rows, unit, idx): the loss rows' sum or mean
     (reduction "sum" / "mean", summed by _C in a fixed order in fp64) or the loss rows
-    ("none"); rows [4, N, G, B], one buffer holding lse_t, logconf_t, the loss rows and lse_z;
-    the unit gradient τ(q − p̄) [N, H, B, V] from ``pool.POOL``; idx [N, G, B] int64."""
+    ("none": a tensor of their own, not a view, so that a caller may edit them in place);
+    rows [4, N, G, B], one buffer holding lse_t, logconf_t, the loss rows (when reduced) and
+    lse_z; the unit gradient τ(q − p̄) [N, H, B, V] from ``pool.POOL``; idx [N, G, B] int64."""
     shape = student.shape
     g = shape[1] - head_offset
     _dense_heads(student, teacher, head_offset, g)
@@ -199,14 +202,18 @@ def distill_dense_unit(student: Tensor, teacher: Tensor, adj: Tensor, head_offse
     rows = torch.empty((4, shape[0], g, shape[2]), dtype=dt)
     idx = torch.empty(rows.shape[1:], dtype=torch.int64)
     unit = POOL.empty(shape, dt)
-    total = torch.empty((), dtype=dt) if reduction != "none" else None
     p, step = rows.data_ptr(), rows.stride(0) * rows.element_size()
+    if reduction == "none":
+        loss = torch.empty(idx.shape, dtype=dt)
+        loss_rows, total = loss.data_ptr(), 0
+    else:
+        loss = torch.empty((), dtype=dt)
+        loss_rows, total = p + 2 * step, loss.data_ptr()
     _C.distill_dense(_heads("student", student, head_offset, g), _heads("teacher", teacher, 0, g), _arg("adj", adj),
                      float(tau), bool(include_self), _aggregate_code(aggregate), _CODES[dt], p, p + step,
-                     idx.data_ptr(), p + 2 * step, p + 3 * step, unit.data_ptr(), unit.stride()[:3], shape[1],
-                     head_offset, _threads(), 0 if total is None else total.data_ptr(),
-                     idx.numel() if reduction == "mean" else 1)
-    return rows[2] if total is None else total, rows, unit, idx
+                     idx.data_ptr(), loss_rows, p + 3 * step, unit.data_ptr(), unit.stride()[:3], shape[1],
+                     head_offset, _threads(), total, idx.numel() if reduction == "mean" else 1)
+    return loss, rows, unit, idx
 
 
 def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, tau: float,
