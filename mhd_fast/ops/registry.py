@@ -27,7 +27,8 @@ and, for the backends in FUSED_DENSE (cpp), the dense loss in one launch:
   reduction="none" | "sum" | "mean", which makes loss the reduced scalar), and for the eager twin
 
   distill_dense_unit(Z[N,H,B,V], T[N,≥G,B,V], adj, head_offset, tau, include_self, aggregate, reduction)
-      -> (loss, rows[4,N,G,B] = lse_t, logconf_t, loss rows, lse_z; unit[N,H,B,V]; idx)
+      -> (loss (rows of their own, or reduced), rows[4,N,G,B] = lse_t, logconf_t, -, lse_z;
+          unit[N,H,B,V]; idx)
 
 and, optionally (cpp), a packet teacher's forward in one call for the eager twin:
 
