@@ -781,6 +781,43 @@ def test_fused_dense_twin_reduces_in_the_extension(reduction, dtype, monkeypatch
         assert torch.equal(op[1], twin[1])
 
 
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
+def test_second_order_gradients_match_the_reference(backend, teacher_kind, reduction, path, monkeypatch):
+    """A backward with create_graph=True (double backward, gradient penalties) gives a gradient
+    that autograd can differentiate again, on every backend and path: the kernels' gradient is
+    numbers, so that backward goes through the reference. Checked by a Hessian-vector product
+    against the torch backend's, fp64."""
+    if path == "custom_op":  # the custom ops' own autograd, as under compile or a tensor mode
+        monkeypatch.setattr(registry, "_plain_eager", lambda *tensors: False)
+    z, t, adj = _case(torch.float64, 9, "lonely", n=4, h1=3, b=5, seed=7)
+    if teacher_kind == "dense":
+        teacher = t
+    else:  # an fp64 packet, so that every path computes in fp64
+        values, indices, lse = mhd_fast.topk_compress(t, 4, backend="torch")
+        teacher = mhd_fast.TopKLogits(reference.topk_compress(t.reshape(-1, 9), 4, 1.0)[0].reshape(values.shape),
+                                      indices, lse.double())
+    gen = torch.Generator().manual_seed(3)
+    weight, direction = torch.rand(4, 2, 5, generator=gen, dtype=torch.float64), torch.randn(z.shape, generator=gen,
+                                                                                            dtype=torch.float64)
+
+    def hvp(be):
+        zz = z.clone().requires_grad_()
+        loss = mhd_fast.mhd_loss(zz, teacher, adj, reduction=reduction, backend=be)
+        if reduction == "none":
+            loss = (loss * weight).sum()
+        (g,) = torch.autograd.grad(loss, zz, create_graph=True)
+        assert g.requires_grad
+        (h,) = torch.autograd.grad((g * direction).sum(), zz)
+        return g.detach(), h
+
+    (g, h), (g_ref, h_ref) = hvp(backend), hvp("torch")
+    torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(h, h_ref, rtol=1e-6, atol=1e-9)
+    assert h.abs().sum() > 0
+
+
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
 def test_loss_rows_can_be_edited_in_place(backend, teacher_kind):
     """The loss rows of reduction="none" are a tensor of their own on every backend, as torch's

@@ -52,6 +52,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import reference
 from .pool import POOL
 from .reference import acc_dtype, packet_stats, reduce_loss
 
@@ -123,6 +124,18 @@ def _grad_buffer(student: Tensor, head_offset: int, g: int, backend: str) -> Ten
     return d
 
 
+def _differentiable_grad(grad_loss: Tensor, student: Tensor, head_offset: int, g: int, loss_rows) -> Tensor:
+    """dL/dZ of the full student for a backward taken with create_graph=True (a double backward,
+    a gradient penalty): the kernels' gradient is numbers, not a function of Z that autograd
+    could differentiate again, so this one comes from the torch reference, built on the saved
+    student itself. loss_rows(student heads head_offset .. head_offset + g) -> the reference's
+    loss rows; grad_loss: their upstream gradient, or one number for all of them."""
+    with torch.enable_grad():
+        rows = loss_rows(student[:, head_offset:head_offset + g])
+        (d,) = torch.autograd.grad(rows, student, grad_loss.to(rows.dtype).expand(rows.shape), create_graph=True)
+    return d
+
+
 def _fake_fwd(student, teacher_rows, dt):
     rows = (student.shape[0], teacher_rows.shape[1], student.shape[2])
     return student.new_empty(rows, dtype=dt), student.new_empty(rows, dtype=dt)
@@ -168,6 +181,10 @@ def _setup_dense(ctx, inputs, output):
 def _backward_dense(ctx, grad_loss, grad_lse_z):
     student, teacher, lse_t, logconf_t, idx, adj, lse_z = ctx.saved_tensors
     head_offset, tau, include_self, aggregate, backend = ctx.options
+    if torch.is_grad_enabled():  # create_graph=True
+        d = _differentiable_grad(grad_loss, student, head_offset, teacher.shape[1], lambda z: reference.distill_dense(
+            z, teacher, adj, tau=tau, include_self=include_self, aggregate=aggregate))
+        return (d,) + (None,) * 10
     d_student = distill_bwd(grad_loss.to(lse_z.dtype), student, teacher, lse_t, logconf_t, idx, adj,
                             lse_z, head_offset, tau, include_self, aggregate, backend)
     return (d_student,) + (None,) * 10
@@ -268,6 +285,13 @@ def _unit_times_grad(unit: Tensor, grad: Tensor, idx: Tensor, head_offset: int) 
 def _backward_dense_fused(ctx, grad_loss, *_):
     if grad_loss is None:
         return (None,) * 9
+    if torch.is_grad_enabled():  # create_graph=True
+        head_offset, tau, include_self, aggregate, backend = ctx.options
+        student, teacher, adj, idx, _ = ctx.saved_tensors
+        g = idx.shape[1]
+        d = _differentiable_grad(grad_loss, student, head_offset, g, lambda z: reference.distill_dense(
+            z, teacher[:, :g], adj, tau=tau, include_self=include_self, aggregate=aggregate))
+        return (d,) + (None,) * 8
     if ctx.unit:  # the common case, one finite number: without unpacking the saved tensors
         d_student = _unit_times_scalar(ctx.unit[0], grad_loss)
         if d_student is not None:
@@ -411,9 +435,20 @@ def _setup_topk(ctx, inputs, output):
     ctx.options = (head_offset, tau, include_self, aggregate, backend)
 
 
+def _packet_grad(grad_loss: Tensor, student: Tensor, values: Tensor, indices: Tensor, lse_t: Tensor, adj: Tensor,
+                 head_offset: int, tau: float, include_self: bool, aggregate: str) -> Tensor:
+    """_differentiable_grad against the packet the forward read (values, indices and lse_t of
+    its first G heads)."""
+    return _differentiable_grad(grad_loss, student, head_offset, values.shape[1], lambda z: reference.distill_topk(
+        z, values, indices, lse_t, adj, tau=tau, include_self=include_self, aggregate=aggregate))
+
+
 def _backward_topk(ctx, grad_loss, grad_lse_z):
     student, values, indices, lse_t, logconf_t, idx, adj, lse_z = ctx.saved_tensors
     head_offset, tau, include_self, aggregate, backend = ctx.options
+    if torch.is_grad_enabled():  # create_graph=True
+        d = _packet_grad(grad_loss, student, values, indices, lse_t, adj, head_offset, tau, include_self, aggregate)
+        return (d,) + (None,) * 11
     d_student = distill_topk_bwd(grad_loss.to(lse_z.dtype), student, values, indices, lse_t,
                                  logconf_t, idx, adj, lse_z, head_offset, tau, include_self,
                                  aggregate, backend)
@@ -470,6 +505,8 @@ class _TopKFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         student, values, indices, lse_t, logconf_t, idx, adj, lse_z = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _packet_grad(grad, student, values, indices, lse_t, adj, *ctx.options[:4]), None
         d = _topk_grad(grad.to(lse_z.dtype), student, values, indices, lse_t, logconf_t, idx, adj, lse_z,
                        *ctx.options)
         return d, None
