@@ -781,6 +781,24 @@ def test_fused_dense_twin_reduces_in_the_extension(reduction, dtype, monkeypatch
         assert torch.equal(op[1], twin[1])
 
 
+@pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
+def test_torch_func_transforms_work_on_every_backend(backend, teacher_kind):
+    """torch.func.grad, and per-sample gradients by vmap(grad), on every backend: inside a
+    transform the compiled backends hand over to the reference (torch.library's autograd does
+    not compose with the transforms), so the results are the torch backend's."""
+    z, t, adj = _case(torch.float32, 9, "lonely", n=4, h1=3, b=5, seed=8)
+    teacher = t if teacher_kind == "dense" else mhd_fast.topk_compress(t, 4, backend="torch")
+    batch = make_logits((3, 4, 3, 5, 9), torch.float32, seed=9)
+
+    def loss_of(be):
+        return lambda zz: mhd_fast.mhd_loss(zz, teacher, adj, reduction="sum", backend=be)
+
+    assert torch.equal(torch.func.grad(loss_of(backend))(z), torch.func.grad(loss_of("torch"))(z))
+    per_sample = torch.vmap(torch.func.grad(loss_of(backend)))(batch)
+    assert per_sample.shape == batch.shape
+    assert torch.equal(per_sample, torch.vmap(torch.func.grad(loss_of("torch")))(batch))
+
+
 @pytest.mark.parametrize("path", ["eager", "custom_op"])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])

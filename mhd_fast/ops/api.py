@@ -122,6 +122,15 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+
+
+def _in_func_transform() -> bool:
+    """Inside a torch.func transform (grad, vmap, jvp, jacrev, ...): the custom ops' autograd
+    (torch.library's) does not compose with them in this torch, the reference's ops do."""
+    return not _is_compiling() and _functorch_level() is not None
+
+
 def check_tau(tau) -> float:
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
@@ -318,6 +327,8 @@ def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float
     [N, H, B, V] tensor: compiled backends take it whole, so that their backward writes the
     full gradient in one pass."""
     be = resolve_backend(backend, student.device)
+    if be != "torch" and _in_func_transform():
+        be = "torch"  # correct under every transform, at the reference's speed
     g = student.shape[1] - head_offset
     dense = not isinstance(teacher, TopKLogits)
     if dense and be != "torch":
