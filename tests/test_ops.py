@@ -959,6 +959,22 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
         mhd_fast.mhd_loss(z, t, adj, backend="cpp")
 
 
+@needs_cpp
+def test_first_use_inside_a_torch_func_transform():
+    """The compiled ops' module imported for the first time inside torch.func.grad (its import
+    makes a tensor: it must be a plain one, not the transform's wrapper)."""
+    code = (
+        "import torch, mhd_fast\n"
+        "t = torch.randn(4, 3, 8, 10); z = torch.randn(4, 3, 8, 10); adj = ~torch.eye(4, dtype=torch.bool)\n"
+        "f = lambda zz: (zz * mhd_fast.topk_compress(t, 3, backend='cpp').lse.sum()).sum()\n"
+        "g = torch.func.grad(f)(z)\n"
+        "assert torch.equal(g, torch.full_like(z, float(mhd_fast.topk_compress(t, 3).lse.sum())))\n"
+        "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_import_works_without_the_extension():
     """With mhd_fast._C unimportable, the package imports and 'auto' runs the torch reference."""
     code = (

@@ -69,7 +69,8 @@ def _refs(entry: _Entry) -> tuple[int, int]:
     return torch._C._storage_Use_Count(entry.cdata), sys.getrefcount(entry.storage)
 
 
-_ALONE = _refs(_Entry(torch.empty(1)))  # a buffer nothing but its entry refers to
+with torch._C._DisableFuncTorch():  # a plain tensor even when first imported inside a torch.func transform
+    _ALONE = _refs(_Entry(torch.empty(1)))  # a buffer nothing but its entry refers to
 
 
 def _idle(entry: _Entry) -> bool:
