@@ -812,10 +812,9 @@ def test_second_order_gradients_match_the_reference(backend, teacher_kind, reduc
     z, t, adj = _case(torch.float64, 9, "lonely", n=4, h1=3, b=5, seed=7)
     if teacher_kind == "dense":
         teacher = t
-    else:  # an fp64 packet, so that every path computes in fp64
-        values, indices, lse = mhd_fast.topk_compress(t, 4, backend="torch")
-        teacher = mhd_fast.TopKLogits(reference.topk_compress(t.reshape(-1, 9), 4, 1.0)[0].reshape(values.shape),
-                                      indices, lse.double())
+    else:  # an fp64 packet (the reference's own compression), so that every path computes in fp64
+        values, indices, lse = reference.topk_compress(t.reshape(-1, 9), 4, 1.0)
+        teacher = mhd_fast.TopKLogits(values.reshape(4, 3, 5, 4), indices.reshape(4, 3, 5, 4), lse.reshape(4, 3, 5))
     gen = torch.Generator().manual_seed(3)
     weight, direction = torch.rand(4, 2, 5, generator=gen, dtype=torch.float64), torch.randn(z.shape, generator=gen,
                                                                                             dtype=torch.float64)
@@ -959,6 +958,13 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
         mhd_fast.mhd_loss(z, t, adj, backend="cpp")
 
 
+def _prints_ok_in_a_fresh_process(code: str) -> None:
+    """Runs code in a new interpreter (a first import, a blocked module) and expects "ok"."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 @needs_cpp
 def test_first_use_inside_a_torch_func_transform():
     """The compiled ops' module imported for the first time inside torch.func.grad (its import
@@ -970,9 +976,7 @@ def test_first_use_inside_a_torch_func_transform():
         "g = torch.func.grad(f)(z)\n"
         "assert torch.equal(g, torch.full_like(z, float(mhd_fast.topk_compress(t, 3).lse.sum())))\n"
         "print('ok')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    _prints_ok_in_a_fresh_process(code)
 
 
 def test_import_works_without_the_extension():
@@ -995,9 +999,7 @@ def test_import_works_without_the_extension():
         "assert mhd_fast.backend_available('cpp') is not None\n"
         "assert loss.shape == (3, 1, 4)\n"
         "print('ok')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    _prints_ok_in_a_fresh_process(code)
 
 
 # ---- bad input -------------------------------------------------------------------------------------

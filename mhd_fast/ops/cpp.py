@@ -198,7 +198,7 @@ def distill_dense_unit(student: Tensor, teacher: Tensor, adj: Tensor, head_offse
     shape = student.shape
     g = shape[1] - head_offset
     _dense_heads(student, teacher, head_offset, g)
-    dt = torch.float64 if student.dtype == torch.float64 or teacher.dtype == torch.float64 else torch.float32
+    dt = acc_dtype(student, teacher)
     rows = torch.empty((4, shape[0], g, shape[2]), dtype=dt)
     idx = torch.empty(rows.shape[1:], dtype=torch.int64)
     unit = POOL.empty(shape, dt)

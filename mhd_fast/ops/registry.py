@@ -136,6 +136,13 @@ def _differentiable_grad(grad_loss: Tensor, student: Tensor, head_offset: int, g
     return d
 
 
+def _dense_grad(grad_loss: Tensor, student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, tau: float,
+                include_self: bool, aggregate: str) -> Tensor:
+    """_differentiable_grad against a dense teacher (its G heads, the ones the forward read)."""
+    return _differentiable_grad(grad_loss, student, head_offset, teacher.shape[1], lambda z: reference.distill_dense(
+        z, teacher, adj, tau=tau, include_self=include_self, aggregate=aggregate))
+
+
 def _fake_fwd(student, teacher_rows, dt):
     rows = (student.shape[0], teacher_rows.shape[1], student.shape[2])
     return student.new_empty(rows, dtype=dt), student.new_empty(rows, dtype=dt)
@@ -182,8 +189,7 @@ def _backward_dense(ctx, grad_loss, grad_lse_z):
     student, teacher, lse_t, logconf_t, idx, adj, lse_z = ctx.saved_tensors
     head_offset, tau, include_self, aggregate, backend = ctx.options
     if torch.is_grad_enabled():  # create_graph=True
-        d = _differentiable_grad(grad_loss, student, head_offset, teacher.shape[1], lambda z: reference.distill_dense(
-            z, teacher, adj, tau=tau, include_self=include_self, aggregate=aggregate))
+        d = _dense_grad(grad_loss, student, teacher, adj, head_offset, tau, include_self, aggregate)
         return (d,) + (None,) * 10
     d_student = distill_bwd(grad_loss.to(lse_z.dtype), student, teacher, lse_t, logconf_t, idx, adj,
                             lse_z, head_offset, tau, include_self, aggregate, backend)
@@ -288,9 +294,7 @@ def _backward_dense_fused(ctx, grad_loss, *_):
     if torch.is_grad_enabled():  # create_graph=True
         head_offset, tau, include_self, aggregate, backend = ctx.options
         student, teacher, adj, idx, _ = ctx.saved_tensors
-        g = idx.shape[1]
-        d = _differentiable_grad(grad_loss, student, head_offset, g, lambda z: reference.distill_dense(
-            z, teacher[:, :g], adj, tau=tau, include_self=include_self, aggregate=aggregate))
+        d = _dense_grad(grad_loss, student, teacher[:, :idx.shape[1]], adj, head_offset, tau, include_self, aggregate)
         return (d,) + (None,) * 8
     if ctx.unit:  # the common case, one finite number: without unpacking the saved tensors
         d_student = _unit_times_scalar(ctx.unit[0], grad_loss)
