@@ -517,14 +517,17 @@ MHD_INLINE void rows_lse_kept(const In* const (&x)[R], int64_t V, const Scale<A>
       L::store(keep[r] + v, e, W);
     }
   });
+  A logs[R];
   MHD_UNROLL
   for (int r = 0; r < R; ++r) {
     A s = 0;
     s += L::sum(acc[r]);
     m_out[r] = sc(m[r]);
-    lse_out[r] = m_out[r] + slog(s);
     sum[r] = s;
   }
+  slogs<R>(sum, logs);  // the R logs in one vector: row_lse's slog(s), bit for bit
+  MHD_UNROLL
+  for (int r = 0; r < R; ++r) lse_out[r] = m_out[r] + logs[r];
 }
 
 // kl_sweep of R student rows of one block against their teachers; qbuf holds R rows of vpad.

@@ -407,7 +407,27 @@ MHD_INLINE float sexp(float x) { return __builtin_expf(x); }
 MHD_INLINE double sexp(double x) { return __builtin_exp(x); }
 MHD_INLINE float sexp2(float x) { return __builtin_exp2f(x); }
 MHD_INLINE double sexp2(double x) { return __builtin_exp2(x); }
-MHD_INLINE float slog(float x) { return __builtin_logf(x); }
+// fp32 log through the vector log (within 1 ulp of glibc's logf, the same bits in every lane),
+// so that the logs of a group of rows taken in one vector (slogs) are bit for bit the ones a row
+// gets alone: a row's lse does not depend on the rows it was computed with.
+MHD_INLINE float slog(float x) { return vlog(splat(x))[0]; }
 MHD_INLINE double slog(double x) { return __builtin_log(x); }
+
+// out[r] = slog(x[r]) for R numbers: fp32 in vectors of kLanes (a row of one block is a short
+// chain, and a libm call per row had been a fifth of S2's kernel, whose rows are 10 classes);
+// fp64 by libm.
+template <int R>
+MHD_INLINE void slogs(const float (&x)[R], float (&out)[R]) {
+  for (int r0 = 0; r0 < R; r0 += kLanes) {
+    vf v = splat(1.0f);
+    for (int l = 0; l < kLanes && r0 + l < R; ++l) v[l] = x[r0 + l];
+    const vf y = vlog(v);
+    for (int l = 0; l < kLanes && r0 + l < R; ++l) out[r0 + l] = y[l];
+  }
+}
+template <int R>
+MHD_INLINE void slogs(const double (&x)[R], double (&out)[R]) {
+  for (int r = 0; r < R; ++r) out[r] = slog(x[r]);
+}
 MHD_INLINE bool is_nan(float x) { return x != x; }
 MHD_INLINE bool is_nan(double x) { return x != x; }
