@@ -166,7 +166,10 @@ def time_median(fn, device: str, reps: int, warmup: int = 3) -> float:
 def time_interleaved(fns: dict, device: str, reps: int, warmup: int = 3) -> dict:
     """Median seconds of ``reps`` runs of each callable, the runs interleaved (one run of each in
     turn, the order rotating each round) so that a noisy neighbour slows every column alike
-    instead of whichever implementation happened to be running."""
+    instead of whichever implementation happened to be running. Rotation keeps the cycle, so
+    each callable always runs right after the same one (in bench(): the fused column after
+    torch.compile's run, which has just read the same logits, as a loss call follows the
+    forward that made them; the naive loop after the copy)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
