@@ -34,7 +34,6 @@ constexpr int64_t kBlock = 512;  // logits per block of the online softmax: both
 // S3's forward (65.5 MB of student logits) 2.19 -> 1.96 ms in the benchmark's rotation, the
 // statistics sweep alone 1.36-1.57 -> 1.14-1.27 ms warm.
 constexpr int64_t kPrefetch = 4 * kBlock;
-constexpr int kRows = 4;  // rows of one block that distill_dense runs at a time
 // Loops over the rows of a group fully unrolled, so that each row's accumulators stay in registers.
 #define MHD_UNROLL _Pragma("GCC unroll 16")
 
@@ -930,9 +929,10 @@ MHD_INLINE int64_t tile_rows(int64_t N, int64_t G, int64_t B, int64_t row_bytes,
 // once instead of twice, and the gradient comes from the loss's own sweep instead of a second
 // pass over Z and T. Every row goes through the same row functions as teacher_stats, select and
 // distill, so all outputs are bit-identical to theirs (the gradient to distill's backward at
-// grad = 1). Heads of out.grad outside [head_offset, head_offset + G) are zero-filled.
-template <class A, class ZIn, class TIn>
-void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
+// grad = 1). Heads of out.grad outside [head_offset, head_offset + G) are zero-filled. Rows of
+// one block run kRows at a time (rows_lse_kept, kl_sweep_rows).
+template <int kRows, class A, class ZIn, class TIn>
+void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
   using L = Lanes<A>;
   const int64_t N = a.z.size[0], G = a.z.size[1], B = a.z.size[2], V = a.z.size[3];
   const Scale<A> sc(a.tau);
@@ -1132,6 +1132,29 @@ void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
       if (stream) fence();
     }
   });
+}
+
+
+template <class T>
+struct IsF32 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsF32<float> {
+  static constexpr bool value = true;
+};
+
+// distill_dense_rows with fp32 rows of one vector (V <= W) eight at a time, others four: a row of
+// one vector is a few operations between its reductions, and with four in flight the core
+// waited on their tails (S2, V = 10: the kernel 10-12 % faster with eight, bit for bit the same
+// results); a row of several vectors keeps the accumulators of eight rows in too few registers
+// (S1, V = 100: eight slower). fp16 / bf16 inputs keep four: a second instantiation for every
+// pair of stored types would double the build's time.
+template <class A, class ZIn, class TIn>
+void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
+  if constexpr (IsF32<A>::value && IsF32<ZIn>::value && IsF32<TIn>::value && Lanes<A>::W > 1)
+    if (a.z.size[3] <= Lanes<A>::W) return distill_dense_rows<8, A, ZIn, TIn>(a, out, gather);
+  distill_dense_rows<4, A, ZIn, TIn>(a, out, gather);
 }
 
 // ---- teacher statistics and selection ----------------------------------------------------------
