@@ -1134,7 +1134,7 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
   });
 }
 
-
+// Whether T is float (this file takes no std templates).
 template <class T>
 struct IsF32 {
   static constexpr bool value = false;
@@ -1146,7 +1146,7 @@ struct IsF32<float> {
 
 // distill_dense_rows with fp32 rows of one vector (V <= W) eight at a time, others four: a row of
 // one vector is a few operations between its reductions, and with four in flight the core
-// waited on their tails (S2, V = 10: the kernel 10-12 % faster with eight, bit for bit the same
+// waited on their tails (S2, V = 10: the kernel 8-12 % faster with eight, bit for bit the same
 // results); a row of several vectors keeps the accumulators of eight rows in too few registers
 // (S1, V = 100: eight slower). fp16 / bf16 inputs keep four: a second instantiation for every
 // pair of stored types would double the build's time.
