@@ -1152,7 +1152,7 @@ struct IsF32<float> {
 // pair of stored types would double the build's time.
 template <class A, class ZIn, class TIn>
 void distill_dense(DistillArgs a, const FusedOut& out, bool gather) {
-  if constexpr (IsF32<A>::value && IsF32<ZIn>::value && IsF32<TIn>::value && Lanes<A>::W > 1)
+  if constexpr (IsF32<A>::value && IsF32<ZIn>::value && IsF32<TIn>::value)
     if (a.z.size[3] <= Lanes<A>::W) return distill_dense_rows<8, A, ZIn, TIn>(a, out, gather);
   distill_dense_rows<4, A, ZIn, TIn>(a, out, gather);
 }

@@ -558,9 +558,9 @@ def test_fused_dense_matches_the_separate_kernels(aggregate, v):
 def test_fused_dense_rows_in_groups_equal_one_row_at_a_time(isa, aggregate, v):
     """Rows of one block with contiguous classes run several at a time (rows_lse_kept,
     kl_sweep_rows: eight rows of one vector, V <= lanes, else four); a strided class dim takes
-    the one-row path. Both give the same bits, with
-    row counts that leave partial groups, a client without candidates between the groups, an
-    inexact τ (division) and rows of NaN, +inf and all −inf."""
+    the one-row path. Both give the same bits, with row counts that leave partial groups, a
+    client without candidates between the groups, an inexact τ (division) and rows of NaN, +inf
+    and all −inf."""
     n, h1, b, tau = 5, 3, 7, 0.7
     z, t, adj = _case(torch.float32, v, "lonely", n=n, h1=h1, b=b, seed=v)
     z[2, 1, 3] = float("nan")
