@@ -570,28 +570,39 @@ MHD_INLINE void kl_sweep_rows(const ZIn* const (&z)[R], int64_t V, const Scale<A
 class Candidates {
  public:
   void build(const View& adj, bool include_self) {
-    const int64_t N = adj.size[0];
+    // Rows of adj counted, then listed, without a branch per entry: the count loop vectorizes
+    // where adj's rows are contiguous (S2, N = 256: three builds instead of one added 0.21 ms
+    // to the kernel with a branch per entry, 0.02-0.06 ms this way).
+    const int64_t N = adj.size[0], s0 = adj.stride[0], s1 = adj.stride[1];
+    const uint8_t* a = static_cast<const uint8_t*>(adj.data);
     start_.reset(N + 1);
     int64_t nnz = 0;
     for (int64_t i = 0; i < N; ++i) {
       start_[i] = nnz;
-      for (int64_t j = 0; j < N; ++j) nnz += is_candidate(adj, include_self, i, j);
+      const uint8_t* row = a + i * s0;
+      int64_t c = 0;
+      if (s1 == 1) {
+        for (int64_t j = 0; j < N; ++j) c += row[j] != 0;
+      } else {
+        for (int64_t j = 0; j < N; ++j) c += row[j * s1] != 0;
+      }
+      nnz += c - (row[i * s1] != 0) + include_self;  // self-loops count only with include_self
     }
     start_[N] = nnz;
-    list_.reset(nnz);
-    for (int64_t i = 0, k = 0; i < N; ++i)
-      for (int64_t j = 0; j < N; ++j)
-        if (is_candidate(adj, include_self, i, j)) list_[k++] = j;
+    list_.reset(nnz + 1);  // + 1: the listing writes one past the last candidate
+    for (int64_t i = 0, k = 0; i < N; ++i) {
+      const uint8_t* row = a + i * s0;
+      for (int64_t j = 0; j < N; ++j) {
+        list_[k] = j;
+        k += j == i ? include_self : row[j * s1] != 0;
+      }
+    }
   }
   const int64_t* begin(int64_t i) const { return list_.data() + start_[i]; }
   const int64_t* end(int64_t i) const { return list_.data() + start_[i + 1]; }
   int64_t count(int64_t i) const { return start_[i + 1] - start_[i]; }
 
  private:
-  static bool is_candidate(const View& adj, bool include_self, int64_t i, int64_t j) {
-    if (i == j) return include_self;  // self-loops count only with include_self
-    return static_cast<const uint8_t*>(adj.data)[i * adj.stride[0] + j * adj.stride[1]] != 0;
-  }
   Scratch<int64_t> start_, list_;
 };
 
