@@ -194,6 +194,19 @@ MHD_INLINE vf vlog(vf x) {
   return (x < splat(0.0f)) | (x != x) ? splat(__builtin_nanf("")) : res;
 }
 
+// x[l] = p[idx[l]] in every lane (idx in elements).
+MHD_INLINE vf gather_lanes(const float* p, vi idx) {
+#if defined(MHD_AVX512)
+  return (vf)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, (__m512i)idx, p, 4);  // not the unmasked
+#elif defined(MHD_AVX2)                                                                     // form: see max_keep_nan
+  return (vf)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, (__m256i)idx, _mm256_castsi256_ps(_mm256_set1_epi32(-1)), 4);
+#else
+  vf r;
+  for (int l = 0; l < kLanes; ++l) r[l] = p[idx[l]];
+  return r;
+#endif
+}
+
 template <class A> struct Lanes;
 
 template <> struct Lanes<float> {

@@ -554,19 +554,23 @@ def test_fused_dense_matches_the_separate_kernels(aggregate, v):
 
 @needs_cpp
 @pytest.mark.parametrize("aggregate", AGGREGATES)
-@pytest.mark.parametrize("v", [1, 7, 16, 100, 512])
-def test_fused_dense_rows_in_groups_equal_one_row_at_a_time(isa, aggregate, v):
+@pytest.mark.parametrize("v,b", [(1, 7), (7, 7), (16, 7), (100, 7), (512, 7), (1, 37), (2, 37), (10, 37),
+                                 (16, 37), (20, 37), (32, 48), (33, 40), (5, 64)])
+def test_fused_dense_rows_in_groups_equal_one_row_at_a_time(isa, aggregate, v, b):
     """Rows of one block with contiguous classes run several at a time (rows_lse_kept,
-    kl_sweep_rows: eight rows of one vector, V <= lanes, else four); a strided class dim takes
-    the one-row path. Both give the same bits, with row counts that leave partial groups, a
-    client without candidates between the groups, an inexact τ (division) and rows of NaN, +inf
-    and all −inf."""
-    n, h1, b, tau = 5, 3, 7, 0.7
+    kl_sweep_rows: eight rows of one vector, V <= lanes, else four), and with max_confidence
+    and V <= lanes + 4 a tile's rows go a vector of rows at a time, one row a lane (lanes_lse);
+    a strided class dim takes the one-row path. All give the same bits, on every ISA build, with
+    row counts that leave partial groups and tiles, a client without candidates between the
+    groups, an inexact τ (division) and rows of NaN, +inf and all −inf."""
+    n, h1, tau = 5, 3, 0.7
     z, t, adj = _case(torch.float32, v, "lonely", n=n, h1=h1, b=b, seed=v)
     z[2, 1, 3] = float("nan")
     z[3, 2, 0, 0] = float("inf")
     t[1, 0, 5] = float("-inf")
     t[4, 1, 2, -1] = float("nan")
+    z[1, 1, b - 2] = float("-inf")
+    t[3, 0, b - 1, 0] = float("inf")
     t = t[:, :-1]
     wide_z = torch.full((n, h1, b, 2 * v), 123.0)
     wide_t = torch.full((n, h1 - 1, b, 2 * v), -55.0)
