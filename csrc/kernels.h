@@ -1599,6 +1599,46 @@ MHD_INLINE void topk_by_rank(const In* x, int64_t V, int64_t K, const Scale<floa
   row_lse(x, V, sc, m, lse);
 }
 
+// topk_by_rank of W adjacent rows (fp32, V <= W + kLaneExtra classes) by lanes: lane l holds
+// row l, vector v class v (gathered from the rows at x, indexed by rows_in). Each of the k
+// rounds takes the largest sort key of every lane (the first on ties, so the lower class:
+// the rank order), writes its value and class, and sets that key to 0, below every key; lse
+// from lanes_lse. The same bits as topk_by_rank row by row.
+MHD_INLINE void topk_lanes(const float* x, int64_t V, int64_t K, const Scale<float>& sc, const vi* rows_in,
+                           float* values, int32_t* indices, float* lse) {
+  using L = Lanes<float>;
+  using Vec = L::V;
+  constexpr int W = L::W;
+  Vec t[W + kLaneExtra], e[W + kLaneExtra], m_out, l, s;
+  vu key[W + kLaneExtra];
+  vi row_start;
+  for (int i = 0; i < W; ++i) row_start[i] = (int32_t)(i * V);
+  for (int64_t v = 0; v < V; ++v) {
+    t[v] = gather_lanes(x, rows_in[v]);
+    const vf c = sc(t[v]);
+    vu u = as_bits(c + 0.0f);
+    u = pick(c != c, vu{} + 0x7FC00000u, u);
+    key[v] = u ^ ((vu)((vi)u >> 31) | 0x80000000u);
+  }
+  for (int64_t j = 0; j < K; ++j) {
+    vu best = key[0];
+    vi who = splat_i(0);
+    for (int64_t v = 1; v < V; ++v) {
+      const vi take = (vi)(key[v] > best);
+      best = take ? key[v] : best;
+      who = take ? splat_i((int32_t)v) : who;
+    }
+    for (int64_t v = 0; v < V; ++v) key[v] = who == (int32_t)v ? vu{} : key[v];
+    const vf val = sc(gather_lanes(x, row_start + who));  // the exact value, −0 and NaN payloads included
+    for (int i = 0; i < W; ++i) {
+      values[i * K + j] = val[i];
+      indices[i * K + j] = who[i];
+    }
+  }
+  lanes_lse<float>(t, V, sc, e, m_out, l, s);
+  L::store(lse, l);
+}
+
 // X is passed as [1, 1, R, V].
 template <class A, class In>
 void topk_compress(const View& x, int64_t K, double tau, A* values, int32_t* indices, A* lse, int threads,
@@ -1612,6 +1652,25 @@ void topk_compress(const View& x, int64_t K, double tau, A* values, int32_t* ind
   const bool small = K <= SortedKeys<Key>::kMaxK;
   const int64_t slots = per_thread<Key>(small ? K : Heap<Key>::slots(K) + K);  // the heap, then the sorted keys
   Scratch<Key> heaps(nt * slots);
+  if constexpr (IsF32<A>::value && IsF32<In>::value) {
+    // rows of up to W + kLaneExtra contiguous classes W at a time by lanes (topk_lanes), in
+    // tiles of four blocks of W rows; the rows past the last whole block by rank
+    constexpr int W = Lanes<float>::W;
+    if (W > 1 && !gather && V <= W + kLaneExtra && R >= W && x.stride[3] == 1 && x.stride[2] == V) {
+      vi rows_in[W + kLaneExtra];
+      for (int64_t v = 0; v < V; ++v)
+        for (int i = 0; i < W; ++i) rows_in[v][i] = (int32_t)(i * V + v);
+      const int64_t nblk = R / W, per = 4;
+      const float* base = static_cast<const float*>(x.data);
+      for_tiles((nblk + per - 1) / per, nt, [&](int64_t tile, int) {
+        for (int64_t k = tile * per; k < min64(nblk, tile * per + per); ++k)
+          topk_lanes(base + k * W * V, V, K, sc, rows_in, values + k * W * K, indices + k * W * K, lse + k * W);
+      });
+      for (int64_t r = nblk * W; r < R; ++r)
+        topk_by_rank(base + r * V, V, K, sc, values + r * K, indices + r * K, lse[r]);
+      return;
+    }
+  }
   for_rows(1, 1, R, nt, [&](int64_t r, int64_t, int64_t, int64_t, int tid) {
     const In* xr = row<In>(x, 0, 0, r, V, gather, rows.data() + (gather ? tid * row_share : 0));
     if constexpr (sizeof(A) == 4) {

@@ -450,12 +450,14 @@ def test_nan_and_inf_in_topk_compress(backend):
 
 
 @needs_cpp
-@pytest.mark.parametrize("v", range(1, 18))
+@pytest.mark.parametrize("v", range(1, 22))
 def test_topk_compress_small_rows_every_k(isa, v):
-    """Rows of up to 16 classes always take the cpp kernel's rank path, on every ISA
-    build the CPU runs: every k against
+    """Rows of up to 16 classes always take the cpp kernel's rank path, on every ISA build the
+    CPU runs, and rows of up to lanes + 4 contiguous classes go a vector of rows at a time, one
+    row a lane (topk_lanes; here rows 0-31 of 40 on AVX-512, the rest by rank): every k against
     the reference, exact, with ties, NaN (above every number, by index), ±inf and −0 = +0; lse
-    NaN for a row with NaN or +inf, as documented for the compiled backends."""
+    NaN for a row with NaN or +inf, as documented for the compiled backends; a strided class
+    dim (row by row) gives the same bits."""
     x = with_topk_ties(make_logits((40, v), seed=100 + v))
     specials = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0]
     g = torch.Generator().manual_seed(v)
@@ -464,9 +466,14 @@ def test_topk_compress_small_rows_every_k(isa, v):
         for c, val in zip(cols.tolist(), specials[r % 5:] + specials[:r % 5]):
             x[r, c] = val
     x[39] = float("-inf")
+    wide = torch.full((40, 2 * v), 7.0)
+    wide[:, ::2] = x
     for k in range(1, v + 1):
         want = mhd_fast.topk_compress(x, k, tau=0.5, backend="torch")
         got = mhd_fast.topk_compress(x, k, tau=0.5, backend="cpp")
+        by_row = mhd_fast.topk_compress(wide[:, ::2], k, tau=0.5, backend="cpp")
+        for a, b in zip(got, by_row):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(got.indices, want.indices)
         assert torch.equal(torch.isnan(got.values), torch.isnan(want.values))
         assert torch.equal(torch.nan_to_num(got.values), torch.nan_to_num(want.values))
