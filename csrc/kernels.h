@@ -601,6 +601,17 @@ MHD_INLINE typename L::V lane_tree(const typename L::V* x, int64_t V, typename L
   return a[0];
 }
 
+// A tile's blocks of W rows lie a client apart (G·B·V floats): no stream for the hardware's
+// prefetchers, and the gathers then wait on every line of a block. So the block kAhead clients
+// ahead is asked for first (S2, A/B in one process, warm / right after the naive loop:
+// 0.836 / 1.411 -> 0.709 / 0.840 ms; two, four and eight ahead alike).
+constexpr int64_t kAhead = 4;
+// Every line of the n floats from p toward the caches.
+MHD_INLINE void prefetch_block(const float* p, int64_t n) {
+  for (int64_t o = 0; o < n; o += 16) __builtin_prefetch(p + o);
+  __builtin_prefetch(p + n - 1);
+}
+
 // rows_lse_kept of W rows held as class vectors x[0, V): m_out = sc(max), lse, the terms
 // e[v] = 2^((x_v − m)·log2e/τ) and their sum s, lane by lane.
 template <class A>
@@ -1113,7 +1124,9 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
         for (int64_t n = 0; n < N; ++n)
           for (int64_t k = 0; k < nblk; ++k) {
             const int64_t b = b0 + k * W, r = (n * G + g) * B + b;
-            const float* rows = static_cast<const float*>(a.t.data) + offset(a.t, n, g, b);
+            const float* data = static_cast<const float*>(a.t.data);
+            const float* rows = data + offset(a.t, n, g, b);
+            if (n + kAhead < N) prefetch_block(data + offset(a.t, n + kAhead, g, b), W * V);
             for (int64_t v = 0; v < V; ++v) x[v] = gather_lanes(rows, rows_in[v]);
             lanes_lse<A>(x, V, sc, e, m_out, lse, s);
             L::store(lse_t + r, lse);
@@ -1197,7 +1210,9 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
         for (int64_t n = 0; n < N; ++n)
           for (int64_t k = 0; k < nblk; ++k) {
             const int64_t b = b0 + k * W, r = (n * G + g) * B + b;
-            const float* rows = static_cast<const float*>(a.z.data) + offset(a.z, n, g, b);
+            const float* data = static_cast<const float*>(a.z.data);
+            const float* rows = data + offset(a.z, n, g, b);
+            if (n + kAhead < N) prefetch_block(data + offset(a.z, n + kAhead, g, b), W * V);
             for (int64_t v = 0; v < V; ++v) x[v] = gather_lanes(rows, rows_in[v]);
             lanes_lse<A>(x, V, sc, e, m_out, lse, s);
             vi j;
@@ -1212,7 +1227,8 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
               acc[v] = p != zero ? p * (gather_lanes(lane_lp, at_v) - lq) : zero;
               if (grad != nullptr) L::store(lane_g + v * W, none ? zero : gs * (e[v] * inv_s - p));
             }
-            L::store(loss + r, tau2 * lane_tree<L>(acc, V, zero, zero, [](auto u, auto w) MHD_INLINE_BODY { return u + w; }));
+            const Vec kl = lane_tree<L>(acc, V, zero, zero, [](auto u, auto w) MHD_INLINE_BODY { return u + w; });
+            L::store(loss + r, tau2 * kl);
             L::store(lse_z + r, lse);
             if (grad != nullptr) {  // the W rows are V whole vectors of the gradient
               float* d = static_cast<float*>(dz_of(n, b));

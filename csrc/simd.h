@@ -197,9 +197,11 @@ MHD_INLINE vf vlog(vf x) {
 // x[l] = p[idx[l]] in every lane (idx in elements).
 MHD_INLINE vf gather_lanes(const float* p, vi idx) {
 #if defined(MHD_AVX512)
-  return (vf)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, (__m512i)idx, p, 4);  // not the unmasked
-#elif defined(MHD_AVX2)                                                                     // form: see max_keep_nan
-  return (vf)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, (__m256i)idx, _mm256_castsi256_ps(_mm256_set1_epi32(-1)), 4);
+  // the masked forms, not the plain ones (whose undefined source GCC 12 warns on: see max_keep_nan)
+  return (vf)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, (__m512i)idx, p, 4);
+#elif defined(MHD_AVX2)
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  return (vf)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, (__m256i)idx, all, 4);
 #else
   vf r;
   for (int l = 0; l < kLanes; ++l) r[l] = p[idx[l]];
