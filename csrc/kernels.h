@@ -1117,6 +1117,15 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
     A* lane_p = terms;
     A* lane_lp = terms + kept * vpad;
     A* lane_g = lane_lp + kept * vpad;  // [V, W]: the gradient of a block's W rows by class
+    // Block (n, b) of W rows of x by class into xv, and its statistics (lanes_lse); the block
+    // kAhead clients ahead asked for first.
+    const auto lanes_block = [&](const View& x, int64_t n, int64_t b, auto* xv, auto* e, auto& m_out, auto& lse,
+                                 auto& s) {
+      const float* data = static_cast<const float*>(x.data);
+      if (n + kAhead < N) prefetch_block(data + offset(x, n + kAhead, g, b), W * V);
+      for (int64_t v = 0; v < V; ++v) xv[v] = gather_lanes(data + offset(x, n, g, b), rows_in[v]);
+      lanes_lse<A>(xv, V, sc, e, m_out, lse, s);
+    };
     if constexpr (kByLanes) {
       if (lanes) {
         using Vec = typename L::V;
@@ -1124,11 +1133,7 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
         for (int64_t n = 0; n < N; ++n)
           for (int64_t k = 0; k < nblk; ++k) {
             const int64_t b = b0 + k * W, r = (n * G + g) * B + b;
-            const float* data = static_cast<const float*>(a.t.data);
-            const float* rows = data + offset(a.t, n, g, b);
-            if (n + kAhead < N) prefetch_block(data + offset(a.t, n + kAhead, g, b), W * V);
-            for (int64_t v = 0; v < V; ++v) x[v] = gather_lanes(rows, rows_in[v]);
-            lanes_lse<A>(x, V, sc, e, m_out, lse, s);
+            lanes_block(a.t, n, b, x, e, m_out, lse, s);
             L::store(lse_t + r, lse);
             L::store(logconf + r, m_out - lse);
             const Vec inv_s = L::splat(A(1)) / s;
@@ -1210,11 +1215,7 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
         for (int64_t n = 0; n < N; ++n)
           for (int64_t k = 0; k < nblk; ++k) {
             const int64_t b = b0 + k * W, r = (n * G + g) * B + b;
-            const float* data = static_cast<const float*>(a.z.data);
-            const float* rows = data + offset(a.z, n, g, b);
-            if (n + kAhead < N) prefetch_block(data + offset(a.z, n + kAhead, g, b), W * V);
-            for (int64_t v = 0; v < V; ++v) x[v] = gather_lanes(rows, rows_in[v]);
-            lanes_lse<A>(x, V, sc, e, m_out, lse, s);
+            lanes_block(a.z, n, b, x, e, m_out, lse, s);
             vi j;
             for (int l = 0; l < W; ++l) j[l] = (int32_t)idx[r + l];
             const vi none = j < 0;  // no candidate: loss 0, gradient 0
