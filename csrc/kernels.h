@@ -1045,9 +1045,9 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
   char* grad = static_cast<char*>(out.grad);
   const int64_t vpad = round_up(V, L::W);
   // W rows at a time in the lanes of a vector (lanes_lse): fp32 rows of up to W + kLaneExtra
-  // classes in place, W consecutive rows b of a client adjacent in Z, T and the gradient, one
-  // teacher per row; tiles of whole blocks of W rows.
-  bool by_lanes = kByLanes && L::W > 1 && !aggregated && !gather && V <= L::W + kLaneExtra && B >= L::W &&
+  // classes in place, W consecutive rows b of a client adjacent in Z, T and the gradient; tiles
+  // of whole blocks of W rows.
+  bool by_lanes = kByLanes && L::W > 1 && !gather && V <= L::W + kLaneExtra && B >= L::W &&
                   a.z.stride[3] == 1 && a.z.stride[2] == V && a.t.stride[3] == 1 && a.t.stride[2] == V &&
                   (grad == nullptr || (out.grad_dtype == F32 && out.grad_stride[2] == V));
   int64_t bb = tile_rows(N, G, B, V * dtype_size(a.t.dtype), nt);
@@ -1110,7 +1110,8 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
     };
     // By lanes (a tile of whole blocks of W rows): the statistics of W teacher rows at a time,
     // and for each teacher row its p = e·(1/s) and log p = t/τ − lse by class, [N, nblk, V, W],
-    // for the students' gathers.
+    // for the students' gathers; aggregated, its terms e by class and 1/s [N, nblk, W] instead,
+    // for the mixtures (kept_mixture).
     constexpr int W = L::W;
     const bool lanes = by_lanes && nbb % W == 0;
     const int64_t nblk = nbb / W;
@@ -1138,6 +1139,11 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
             L::store(logconf + r, m_out - lse);
             const Vec inv_s = L::splat(A(1)) / s;
             A* p = lane_p + (n * nblk + k) * V * W;
+            if (aggregated) {
+              for (int64_t v = 0; v < V; ++v) L::store(p + v * W, e[v]);
+              L::store(lane_lp + (n * nblk + k) * W, inv_s);
+              continue;
+            }
             A* lp = lane_lp + (n * nblk + k) * V * W;
             for (int64_t v = 0; v < V; ++v) {
               L::store(p + v * W, e[v] * inv_s);
@@ -1205,7 +1211,8 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
                                  inv_s[slot(j, b)]};
     };
     if (lanes) {
-      // W students at a time against their teachers' p and log p, gathered by lane
+      // W students at a time against their teachers' p and log p, gathered by lane; aggregated,
+      // against p̄ = Σ_j w_j·(1/s_j)·e_j over the client's candidates, as kept_mixture sums it
       if constexpr (kByLanes) {
         using Vec = typename L::V;
         Vec x[W + kLaneExtra], e[W + kLaneExtra], acc[W + kLaneExtra], m_out, lse, s;
@@ -1217,16 +1224,38 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
             const int64_t b = b0 + k * W, r = (n * G + g) * B + b;
             lanes_block(a.z, n, b, x, e, m_out, lse, s);
             vi j;
-            for (int l = 0; l < W; ++l) j[l] = (int32_t)idx[r + l];
+            for (int l = 0; l < W; ++l) j[l] = aggregated ? (cand.count(n) == 0 ? -1 : 0) : (int32_t)idx[r + l];
             const vi none = j < 0;  // no candidate: loss 0, gradient 0
             const vi at = ((none ? splat_i(0) : j) * (int32_t)nblk + (int32_t)k) * (int32_t)(V * W) + iota;
             const Vec inv_s = L::splat(A(1)) / s;
-            for (int64_t v = 0; v < V; ++v) {
-              const vi at_v = at + (int32_t)(v * W);
-              const Vec p = none ? zero : gather_lanes(lane_p, at_v);
-              const Vec lq = sc(x[v]) - lse;
-              acc[v] = p != zero ? p * (gather_lanes(lane_lp, at_v) - lq) : zero;
-              if (grad != nullptr) L::store(lane_g + v * W, none ? zero : gs * (e[v] * inv_s - p));
+            if (aggregated) {
+              Vec total = zero;  // Weights: |C|, or Σ_C e^logconf in the candidates' order
+              if (a.aggregate == MEAN) total = L::splat((A)cand.count(n));
+              else
+                for (const int64_t* c = cand.begin(n); c != cand.end(n); ++c)
+                  for (int l = 0; l < W; ++l) total[l] += sexp(logconf[(*c * G + g) * B + b + l]);
+              Vec pbar[W + kLaneExtra];
+              for (int64_t v = 0; v < V; ++v) pbar[v] = zero;
+              for (const int64_t* c = cand.begin(n); c != cand.end(n); ++c) {
+                Vec w = L::splat(A(1));
+                if (a.aggregate != MEAN)
+                  for (int l = 0; l < W; ++l) w[l] = sexp(logconf[(*c * G + g) * B + b + l]);
+                w = w / total * L::load(lane_lp + (*c * nblk + k) * W);
+                const A* ec = lane_p + (*c * nblk + k) * V * W;
+                for (int64_t v = 0; v < V; ++v) pbar[v] = pbar[v] + w * L::load(ec + v * W);
+              }
+              for (int64_t v = 0; v < V; ++v) {
+                const Vec p = none ? zero : pbar[v];
+                acc[v] = p != zero ? p * (L::log(p) - (sc(x[v]) - lse)) : zero;
+                if (grad != nullptr) L::store(lane_g + v * W, none ? zero : gs * (e[v] * inv_s - p));
+              }
+            } else {
+              for (int64_t v = 0; v < V; ++v) {
+                const vi at_v = at + (int32_t)(v * W);
+                const Vec p = none ? zero : gather_lanes(lane_p, at_v);
+                acc[v] = p != zero ? p * (gather_lanes(lane_lp, at_v) - (sc(x[v]) - lse)) : zero;
+                if (grad != nullptr) L::store(lane_g + v * W, none ? zero : gs * (e[v] * inv_s - p));
+              }
             }
             const Vec kl = lane_tree<L>(acc, V, zero, zero, [](auto u, auto w) MHD_INLINE_BODY { return u + w; });
             L::store(loss + r, tau2 * kl);

@@ -565,8 +565,8 @@ def test_fused_dense_matches_the_separate_kernels(aggregate, v):
                                  (16, 37), (20, 37), (32, 48), (33, 40), (5, 64)])
 def test_fused_dense_rows_in_groups_equal_one_row_at_a_time(isa, aggregate, v, b):
     """Rows of one block with contiguous classes run several at a time (rows_lse_kept,
-    kl_sweep_rows: eight rows of one vector, V <= lanes, else four), and with max_confidence
-    and V <= lanes + 4 a tile's rows go a vector of rows at a time, one row a lane (lanes_lse);
+    kl_sweep_rows: eight rows of one vector, V <= lanes, else four), and with V <= lanes + 4 a
+    tile's rows go a vector of rows at a time, one row a lane (lanes_lse), for every aggregate;
     a strided class dim takes the one-row path. All give the same bits, on every ISA build, with
     row counts that leave partial groups and tiles, a client without candidates between the
     groups, an inexact τ (division) and rows of NaN, +inf and all −inf."""
