@@ -580,18 +580,18 @@ constexpr int kLaneExtra = 4;
 
 // The row path's reduction of one row, for W rows held as class vectors x[0, V): its running
 // vector acc (acc = op(acc, vector k) from acc = init, the lanes past V of the last vector
-// padded with pad), then Lanes::reduce's tree over acc's lanes (lane i with i + W/2, then
-// i + W/4, ...), so that every row gets the bits of the row path.
+// padded with init too: −inf for the max, 0 for the sums), then Lanes::reduce's tree over acc's
+// lanes (lane i with i + W/2, then i + W/4, ...), so that every row gets the bits of the row
+// path.
 template <class L, class Op>
-MHD_INLINE typename L::V lane_tree(const typename L::V* x, int64_t V, typename L::V init, typename L::V pad,
-                                   Op op) {
+MHD_INLINE typename L::V lane_tree(const typename L::V* x, int64_t V, typename L::V init, Op op) {
   constexpr int W = L::W;
   typename L::V a[W];
   MHD_UNROLL
   for (int i = 0; i < W; ++i) a[i] = init;
   for (int64_t k = 0; k < V; k += W) {
     MHD_UNROLL
-    for (int i = 0; i < W; ++i) a[i] = op(a[i], k + i < V ? x[k + i] : pad);
+    for (int i = 0; i < W; ++i) a[i] = op(a[i], k + i < V ? x[k + i] : init);
   }
   MHD_UNROLL
   for (int half = W / 2; half >= 1; half /= 2) {
@@ -612,6 +612,12 @@ MHD_INLINE void prefetch_block(const float* p, int64_t n) {
   __builtin_prefetch(p + n - 1);
 }
 
+// Lane l of in[v] indexes class v of row l in W adjacent rows of V classes (v < V).
+MHD_INLINE void lane_rows_index(int64_t V, vi* in) {
+  for (int64_t v = 0; v < V; ++v)
+    for (int l = 0; l < kLanes; ++l) in[v][l] = (int32_t)(l * V + v);
+}
+
 // rows_lse_kept of W rows held as class vectors x[0, V): m_out = sc(max), lse, the terms
 // e[v] = 2^((x_v − m)·log2e/τ) and their sum s, lane by lane.
 template <class A>
@@ -620,11 +626,11 @@ MHD_INLINE void lanes_lse(const typename Lanes<A>::V* x, int64_t V, const Scale<
   using L = Lanes<A>;
   using Vec = typename L::V;
   const Vec ninf = L::splat(-kInf), zero = L::splat(0), k = L::splat(sc.log2e_tau);
-  const Vec bm = lane_tree<L>(x, V, ninf, ninf, [](auto a, auto b) MHD_INLINE_BODY { return a > b ? a : b; });
+  const Vec bm = lane_tree<L>(x, V, ninf, [](auto a, auto b) MHD_INLINE_BODY { return a > b ? a : b; });
   const Vec m = bm > ninf ? bm : ninf;  // a NaN max leaves m = −inf
   const Vec c = m == ninf ? zero : m;
   for (int64_t v = 0; v < V; ++v) e[v] = L::exp2_nonpos((x[v] - c) * k);
-  s = zero + lane_tree<L>(e, V, zero, zero, [](auto a, auto b) MHD_INLINE_BODY { return a + b; });
+  s = zero + lane_tree<L>(e, V, zero, [](auto a, auto b) MHD_INLINE_BODY { return a + b; });
   m_out = sc(m);
   lse = m_out + L::log(s);
 }
@@ -1047,7 +1053,7 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
   // W rows at a time in the lanes of a vector (lanes_lse): fp32 rows of up to W + kLaneExtra
   // classes in place, W consecutive rows b of a client adjacent in Z, T and the gradient; tiles
   // of whole blocks of W rows.
-  bool by_lanes = kByLanes && L::W > 1 && !gather && V <= L::W + kLaneExtra && B >= L::W &&
+  bool by_lanes = kByLanes && !gather && V <= L::W + kLaneExtra && B >= L::W &&
                   a.z.stride[3] == 1 && a.z.stride[2] == V && a.t.stride[3] == 1 && a.t.stride[2] == V &&
                   (grad == nullptr || (out.grad_dtype == F32 && out.grad_stride[2] == V));
   int64_t bb = tile_rows(N, G, B, V * dtype_size(a.t.dtype), nt);
@@ -1068,16 +1074,17 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
   const int64_t share =
       per_thread<A>((2 + 2 * kRows) * vpad + bb + kept * (vpad + 1) + (by_lanes ? kept * vpad + vpad * L::W : 0));
   Scratch<A> scratch(nt * share);
-  // Lane l of rows_in[v] indexes class v of row l in W adjacent rows; lane i of rows_out[k] the
-  // class-major [V, W] element that goes to element k·W + i of the W rows.
+  // rows_in: lane_rows_index; lane i of rows_out[k] the class-major [V, W] element that goes to
+  // element k·W + i of the W rows.
   vi rows_in[L::W + kLaneExtra], rows_out[L::W + kLaneExtra];
-  if (by_lanes)
+  if (by_lanes) {
+    lane_rows_index(V, rows_in);
     for (int64_t v = 0; v < V; ++v)
       for (int l = 0; l < L::W; ++l) {
-        rows_in[v][l] = (int32_t)(l * V + v);
         const int64_t f = v * L::W + l;
         rows_out[v][l] = (int32_t)((f % V) * L::W + f / V);
       }
+  }
   const int64_t gsize = dtype_size(out.grad_dtype);
   const auto grad_row_ptr = [&](int64_t n, int64_t h, int64_t b) -> void* {
     return grad + (n * out.grad_stride[0] + h * out.grad_stride[1] + b * out.grad_stride[2]) * gsize;
@@ -1226,7 +1233,6 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
             vi j;
             for (int l = 0; l < W; ++l) j[l] = aggregated ? (cand.count(n) == 0 ? -1 : 0) : (int32_t)idx[r + l];
             const vi none = j < 0;  // no candidate: loss 0, gradient 0
-            const vi at = ((none ? splat_i(0) : j) * (int32_t)nblk + (int32_t)k) * (int32_t)(V * W) + iota;
             const Vec inv_s = L::splat(A(1)) / s;
             if (aggregated) {
               Vec total = zero;  // Weights: |C|, or Σ_C e^logconf in the candidates' order
@@ -1250,6 +1256,7 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
                 if (grad != nullptr) L::store(lane_g + v * W, none ? zero : gs * (e[v] * inv_s - p));
               }
             } else {
+              const vi at = ((none ? splat_i(0) : j) * (int32_t)nblk + (int32_t)k) * (int32_t)(V * W) + iota;
               for (int64_t v = 0; v < V; ++v) {
                 const vi at_v = at + (int32_t)(v * W);
                 const Vec p = none ? zero : gather_lanes(lane_p, at_v);
@@ -1257,7 +1264,7 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
                 if (grad != nullptr) L::store(lane_g + v * W, none ? zero : gs * (e[v] * inv_s - p));
               }
             }
-            const Vec kl = lane_tree<L>(acc, V, zero, zero, [](auto u, auto w) MHD_INLINE_BODY { return u + w; });
+            const Vec kl = lane_tree<L>(acc, V, zero, [](auto u, auto w) MHD_INLINE_BODY { return u + w; });
             L::store(loss + r, tau2 * kl);
             L::store(lse_z + r, lse);
             if (grad != nullptr) {  // the W rows are V whole vectors of the gradient
@@ -1416,6 +1423,12 @@ template <> struct Keys<float> {
     uint32_t u = as_bits(t + 0.0f);  // −0 → +0: equal values tie
     u = t != t ? 0x7FC00000u : u;    // every NaN alike, above +inf
     return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
+  }
+  // monotone of every lane (the keys of the rank path and of top-k by lanes)
+  static MHD_INLINE vu monotone(vf t) {
+    vu u = as_bits(t + 0.0f);
+    u = pick(t != t, vu{} + 0x7FC00000u, u);
+    return u ^ ((vu)((vi)u >> 31) | 0x80000000u);
   }
   static MHD_INLINE Key make(float t, int64_t i) { return (Key)monotone(t) << 32 | (uint32_t)~(uint32_t)i; }
   static MHD_INLINE float value(Key k) {
@@ -1616,10 +1629,7 @@ MHD_INLINE void topk_by_rank(const In* x, int64_t V, int64_t K, const Scale<floa
   alignas(64) uint32_t keys[kRankMaxV];
   for (int c = 0; c < nv; ++c) {
     const int n = (int)min64(W, V - (int64_t)c * W);
-    const vf t = sc(L::load(x + c * W, n, -kInf));  // pads: −inf, after every class of the row
-    vu u = as_bits(t + 0.0f);
-    u = pick(t != t, vu{} + 0x7FC00000u, u);
-    key[c] = u ^ ((vu)((vi)u >> 31) | 0x80000000u);
+    key[c] = Keys<float>::monotone(sc(L::load(x + c * W, n, -kInf)));  // pads: −inf, after every class
     __builtin_memcpy(keys + c * W, &key[c], sizeof key[c]);
   }
   vi lane;
@@ -1661,10 +1671,7 @@ MHD_INLINE void topk_lanes(const float* x, int64_t V, int64_t K, const Scale<flo
   for (int i = 0; i < W; ++i) row_start[i] = (int32_t)(i * V);
   for (int64_t v = 0; v < V; ++v) {
     t[v] = gather_lanes(x, rows_in[v]);
-    const vf c = sc(t[v]);
-    vu u = as_bits(c + 0.0f);
-    u = pick(c != c, vu{} + 0x7FC00000u, u);
-    key[v] = u ^ ((vu)((vi)u >> 31) | 0x80000000u);
+    key[v] = Keys<float>::monotone(sc(t[v]));
   }
   for (int64_t j = 0; j < K; ++j) {
     vu best = key[0];
@@ -1702,10 +1709,9 @@ void topk_compress(const View& x, int64_t K, double tau, A* values, int32_t* ind
     // rows of up to W + kLaneExtra contiguous classes W at a time by lanes (topk_lanes), in
     // tiles of four blocks of W rows; the rows past the last whole block by rank
     constexpr int W = Lanes<float>::W;
-    if (W > 1 && !gather && V <= W + kLaneExtra && R >= W && x.stride[3] == 1 && x.stride[2] == V) {
+    if (!gather && V <= W + kLaneExtra && R >= W && x.stride[3] == 1 && x.stride[2] == V) {
       vi rows_in[W + kLaneExtra];
-      for (int64_t v = 0; v < V; ++v)
-        for (int i = 0; i < W; ++i) rows_in[v][i] = (int32_t)(i * V + v);
+      lane_rows_index(V, rows_in);
       const int64_t nblk = R / W, per = 4;
       const float* base = static_cast<const float*>(x.data);
       for_tiles((nblk + per - 1) / per, nt, [&](int64_t tile, int) {
