@@ -1,8 +1,8 @@
 """Benchmark of the fused ops against the naive per-client loop, the vectorized eager torch
 reference and torch.compile of the reference, side by side in one run.
 
-    python bench/bench_ops.py                      # CPU: S1, S2, S3; fused column = cpp
-    python bench/bench_ops.py --device cuda        # GPU: S1..S4; fused column = triton
+    python bench/bench_ops.py                      # CPU: S1, S2, S2k, S3; fused column = cpp
+    python bench/bench_ops.py --device cuda        # GPU: S1, S2, S2k, S3, S4; fused column = triton
     python bench/bench_ops.py --shapes S1 --modes fwd_bwd --csv out.csv
 
 Modes: ``fwd`` (mhd_loss forward), ``fwd_bwd`` (forward + backward to the student logits),
@@ -53,11 +53,14 @@ class Shape:
     dtype: torch.dtype = torch.float32
     value_dtype: torch.dtype = torch.bfloat16
     gpu_only: bool = False
+    modes: tuple[str, ...] = MODES  # the modes it runs by default
 
 
 SHAPES = {
     "S1": Shape("S1", 16, 4, 256, 100, "complete"),
     "S2": Shape("S2", 256, 4, 64, 10, "regular8", k=2),  # top-2 of 10 classes, as in the study
+    # S2's students against top-2 packets of its teachers (the study's --topk 2); its top-k is S2's
+    "S2k": Shape("S2k", 256, 4, 64, 10, "regular8", teacher="topk", k=2, modes=("fwd", "fwd_bwd")),
     "S3": Shape("S3", 8, 2, 64, 32000, "complete", teacher="topk", k=32),
     "S4": Shape("S4", 64, 4, 512, 32000, "complete", dtype=torch.bfloat16, gpu_only=True),
 }
@@ -241,7 +244,7 @@ def bench(device: str, shapes: list[str], modes: list[str], impls: list[str],
         if shape.gpu_only and device != "cuda":
             continue
         c = make_case(shape, device)
-        for mode in modes:
+        for mode in (m for m in modes if m in shape.modes):
             res = time_interleaved({**{impl: runner(c, mode, impl) for impl in impls}, "copy": copy},
                                    device, reps)
             copy_bw = copy.bytes / res.pop("copy")
@@ -291,7 +294,7 @@ def write_csv(rows: list[dict], path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shapes", default=None, help="comma list of S1..S4 (default: all for the device)")
+    p.add_argument("--shapes", default=None, help="comma list of S1, S2, S2k, S3, S4 (default: all for the device)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}")
     p.add_argument("--reps", type=int, default=20, help="timed runs per figure (>= 20 for reported figures)")

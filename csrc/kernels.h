@@ -152,6 +152,18 @@ void for_rows(int64_t N, int64_t G, int64_t B, int nt, F&& body) {
   }
 }
 
+// body(tile, tid) for tiles [0, T) on nt threads, claimed as Claims hands them out.
+template <class F>
+void for_tiles(int64_t T, int nt, F&& body) {
+  if (T == 0) return;
+  Claims claims(T, nt);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = thread_id();
+    claims.run(tid, [&](int64_t t) { body(t, tid); });
+  }
+}
+
 // ---- strided access --------------------------------------------------------------------------
 
 MHD_INLINE int64_t offset(const View& v, int64_t n, int64_t g, int64_t b) {
@@ -618,6 +630,16 @@ MHD_INLINE void lane_rows_index(int64_t V, vi* in) {
     for (int l = 0; l < kLanes; ++l) in[v][l] = (int32_t)(l * V + v);
 }
 
+// The way back: lane l of out[v] indexes the element of a class-major [V, W] block (class c of
+// row i at c·W + i) that goes to element v·W + l of the W adjacent rows.
+MHD_INLINE void lane_rows_out_index(int64_t V, vi* out) {
+  for (int64_t v = 0; v < V; ++v)
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t f = v * kLanes + l;
+      out[v][l] = (int32_t)((f % V) * kLanes + f / V);
+    }
+}
+
 // rows_lse_kept of W rows held as class vectors x[0, V): m_out = sc(max), lse, the terms
 // e[v] = 2^((x_v − m)·log2e/τ) and their sum s, lane by lane.
 template <class A>
@@ -832,6 +854,163 @@ MHD_INLINE void mark_sent(const DistillArgs& a, int64_t j, int64_t g, int64_t b,
   }
 }
 
+// Whether T is float (this file takes no std templates).
+template <class T>
+struct IsF32 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsF32<float> {
+  static constexpr bool value = true;
+};
+
+// ---- packets against short rows, by lanes ------------------------------------------------------
+
+// The max_confidence packet loss (forward) or its bucket gradient (backward) for fp32 student
+// rows of up to W + kLaneExtra classes in place (every 10-class dataset with top-k packets): W
+// consecutive rows b of a student (n, g) in the lanes of a vector, one vector per class (as in
+// distill_dense_rows), each lane against its own teacher j = idx[n, g, b + l], whose packet
+// (values, indices, lse_t) is gathered by lane. Every number is formed as the row path of
+// distill forms it — row_lse's sums in Lanes::reduce's tree (lane_tree), the unsent mass over
+// the classes outside the lane's packet, packet_sums's exps lane-wise and its fp64 sums lane by
+// lane in the order of k — so the results are bit-identical to one row at a time. A block of
+// W rows costs one vector log, and no bitmap is marked and unmarked per row. The rows past the
+// last whole block of a (n, g) go to row_body (the row path). On S2's shape (V = 10, K = 2,
+// 49,152 rows): see bench/RESULTS.md.
+// Whether every element of v lies within reach of a gather's int32 element offsets.
+MHD_INLINE bool gather_reach(const View& v) {
+  int64_t last = 0;
+  for (int d = 0; d < 4; ++d) {
+    if (v.stride[d] < 0) return false;
+    last += (v.size[d] - 1) * v.stride[d];
+  }
+  return last < (int64_t(1) << 31);
+}
+
+template <class RowBody>
+void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool backward, int nt, bool stream,
+                          RowBody&& row_body) {
+  using L = Lanes<float>;
+  using Vec = L::V;
+  constexpr int W = L::W;
+  const int64_t N = a.z.size[0], G = a.z.size[1], B = a.z.size[2], V = a.z.size[3], K = a.values.size[3];
+  const Scale<float> sc(a.tau);
+  const float tau = (float)a.tau;
+  const bool rest = K < V;
+  const int64_t nblk = B / W, per_ng = nblk + (B % W != 0);
+  vi rows_in[W + kLaneExtra], rows_out[W + kLaneExtra], iota;
+  lane_rows_index(V, rows_in);
+  lane_rows_out_index(V, rows_out);
+  for (int l = 0; l < W; ++l) iota[l] = l;
+  // Per thread: a class-major [V, W] block (the gradient), then lp, lq and p of the K buckets by lane.
+  const int64_t share = per_thread<float>((V + 3 * K) * W);
+  Scratch<float> scratch(nt * share);
+  const float* values = static_cast<const float*>(a.values.data);
+  const float* indices = static_cast<const float*>(a.indices.data);  // int32, moved as bits by the gathers
+  const float* lse_t = static_cast<const float*>(a.lse_t.data);
+  float* loss = static_cast<float*>(out.loss);
+  float* lse_out = static_cast<float*>(out.lse_z);
+  const Vec zero = L::splat(0), log2e = L::splat(float(kLog2e));
+  for_tiles(N * G * per_ng, nt, [&](int64_t item, int tid) {
+    const int64_t n = item / (G * per_ng), g = item / per_ng % G, blk = item % per_ng;
+    if (blk == nblk) {  // the partial block
+      for (int64_t b = nblk * W; b < B; ++b) row_body((n * G + g) * B + b, n, g, b, tid);
+      if (stream) fence();
+      return;
+    }
+    const int64_t b0 = blk * W, r0 = (n * G + g) * B + b0;
+    float* dbuf = scratch.data() + tid * share;
+    float* lp = dbuf + V * W;
+    float* lq = lp + K * W;
+    float* pk = lq + K * W;
+    const float* zb = static_cast<const float*>(a.z.data) + offset(a.z, n, g, b0);
+    Vec x[W + kLaneExtra];
+    for (int64_t v = 0; v < V; ++v) x[v] = gather_lanes(zb, rows_in[v]);
+    vi j;
+    for (int l = 0; l < W; ++l) j[l] = (int32_t)at<int64_t>(a.idx, n, g, b0 + l);
+    const vi none = j < 0;  // no candidate: loss 0, gradient 0
+    const vi jj = none ? splat_i(0) : j;
+    const vi b_l = splat_i((int32_t)b0) + iota;
+    const auto lane_at = [&](const View& v) {
+      return jj * (int32_t)v.stride[0] + (int32_t)(g * v.stride[1]) + b_l * (int32_t)v.stride[2];
+    };
+    const vi at_v = lane_at(a.values), at_i = lane_at(a.indices);
+    const Vec lt = gather_lanes(lse_t, lane_at(a.lse_t));
+    Vec lse = zero, s = zero;
+    Vec e[W + kLaneExtra];
+    if (backward) {  // q = 2^((z/τ − lse_z)·log2 e), as the row path's q sweep
+      for (int l = 0; l < W; ++l) lse[l] = at<float>(a.lse_z, n, g, b0 + l);
+      for (int64_t v = 0; v < V; ++v) e[v] = L::exp2_nonpos((sc(x[v]) - lse) * log2e);
+    } else {
+      Vec m;
+      lanes_lse<float>(x, V, sc, e, m, lse, s);
+    }
+    // the K buckets (packet_sums): lane l's class ind[k], p_k and the log-probabilities
+    vi ind[W + kLaneExtra];
+    vi sent[W + kLaneExtra];
+    for (int64_t v = 0; v < V; ++v) sent[v] = splat_i(0);
+    const vi row_start = iota * (int32_t)V;
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec val = gather_lanes(values, at_v + (int32_t)(k * a.values.stride[3]));
+      ind[k] = (vi)gather_lanes(indices, at_i + (int32_t)(k * a.indices.stride[3]));
+      const Vec l_p = val - lt;
+      L::store(lp + k * W, l_p);
+      L::store(lq + k * W, sc(gather_lanes(zb, row_start + ind[k])) - lse);
+      L::store(pk + k * W, L::exp(l_p));
+      for (int64_t v = 0; v < V; ++v) sent[v] |= ind[k] == (int32_t)v;
+    }
+    // the unsent mass: row_lse's sw (forward) or the q sweep's q_rest (backward)
+    Vec unsent[W + kLaneExtra];
+    for (int64_t v = 0; v < V; ++v) unsent[v] = rest ? (sent[v] != 0 ? zero : e[v]) : e[v];
+    const Vec mass = lane_tree<L>(unsent, V, zero, [](auto u, auto w) MHD_INLINE_BODY { return u + w; });
+    Vec log_rest = zero;
+    if (!backward && rest) log_rest = L::log(zero + mass) - L::log(s);
+    float gs[W] = {}, scale[W] = {};
+    for (int l = 0; l < W; ++l) {
+      if (none[l]) {
+        if (!backward) loss[r0 + l] = 0;
+        continue;
+      }
+      double P = 0, S = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const float p = pk[k * W + l];
+        P += p;
+        if (p != 0) S += (double)p * ((double)lp[k * W + l] - (double)lq[k * W + l]);
+      }
+      const double p_rest = clamp0(1.0 - P);
+      if (!backward) {
+        if (rest && p_rest != 0) S += p_rest * (slog(p_rest) - (double)log_rest[l]);
+        loss[r0 + l] = (float)((double)tau * tau * S);
+      } else {
+        gs[l] = at<float>(a.grad, n, g, b0 + l) * tau;
+        scale[l] = gs[l] * (rest && p_rest != 0 ? float(1 - p_rest / mass[l]) : float(1));
+      }
+    }
+    if (!backward) {
+      L::store(lse_out + r0, lse);
+      return;
+    }
+    // dz = scale·q, the sent classes gs·(q − p_k), by class into dbuf; out as W whole rows
+    const Vec sv = L::load(scale);
+    for (int64_t v = 0; v < V; ++v) L::store(dbuf + v * W, none ? zero : sv * e[v]);
+    for (int l = 0; l < W; ++l)
+      if (!none[l])
+        for (int64_t k = 0; k < K; ++k) {
+          const int32_t c = ind[k][l];
+          dbuf[c * W + l] = gs[l] * (e[c][l] - pk[k * W + l]);
+        }
+    float* d = reinterpret_cast<float*>(static_cast<char*>(out.dz) +
+                                        (n * out.dz_stride[0] + g * out.dz_stride[1] + b0 * out.dz_stride[2]) * 4);
+    const bool nt_store = stream && (reinterpret_cast<uintptr_t>(d) & 15) == 0;
+    for (int64_t v = 0; v < V; ++v) {
+      const Vec y = gather_lanes(dbuf, rows_out[v]);
+      if (nt_store) L::stream(d + v * W, y);
+      else L::store(d + v * W, y);
+    }
+    if (stream) fence();
+  });
+}
+
 // ---- the distillation loss, forward and backward ----------------------------------------------
 
 // Per student row (i, g, b), teacher rows (j, g, b):
@@ -881,7 +1060,7 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
   const bool stream = backward && a.z.dtype == (sizeof(A) == 4 ? F32 : F64) &&
                       streamable(dz, out.dz_stride, sizeof(A), N * G * B * row_bytes);
 
-  for_rows(N, G, B, nt, [&](int64_t r, int64_t n, int64_t g, int64_t b, int tid) {
+  const auto row_body = [&](int64_t r, int64_t n, int64_t g, int64_t b, int tid) {
     A* zbuf = scratch.data() + tid * share;
     A* tbuf = zbuf + vpad;
     A* pbuf = tbuf + vpad;
@@ -923,7 +1102,6 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
     } else {
       const int64_t K = a.values.size[3];
       const bool rest = K < V;
-      const A lse_t = at<A>(a.lse_t, j, g, b);
       if (rest) mark_sent(a, j, g, b, bits, in_block, true);
       A lse_z, log_q_rest = 0, q_rest = 0;
       if (!backward) {
@@ -967,40 +1145,26 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
           store_grad<A>(dz_row, a.z.dtype, v, unsent * L::load(pbuf + v, w, 0), w, stream);
         });
         if (stream) fence();  // the sent classes below overwrite streamed lines: after them
-        const A* val = static_cast<const A*>(a.values.data) + offset(a.values, j, g, b);
         const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, j, g, b);
+        const A* p = pbuf + vpad + 2 * kpad;  // packet_sums's p_k = e^(value_k − lse_t)
         for (int64_t k = 0; k < K; ++k) {
           const int64_t v = ind[k * a.indices.stride[3]];
-          store_one<A>(dz_row, a.z.dtype, v, gs * (pbuf[v] - sexp(val[k * a.values.stride[3]] - lse_t)));
+          store_one<A>(dz_row, a.z.dtype, v, gs * (pbuf[v] - p[k]));
         }
       }
     }
-  });
+  };
+  if constexpr (IsF32<A>::value && IsF32<ZIn>::value) {
+    if (a.packets && !aggregated && !gather && V <= L::W + kLaneExtra && B >= L::W && a.z.stride[3] == 1 &&
+        a.z.stride[2] == V && a.values.dtype == F32 && a.indices.dtype == I32 &&
+        (!backward || out.dz_stride[2] == V) && gather_reach(a.values) && gather_reach(a.indices) &&
+        gather_reach(a.lse_t))
+      return distill_packet_lanes(a, out, backward, nt, stream, row_body);
+  }
+  for_rows(N, G, B, nt, row_body);
 }
 
 // ---- the whole dense loss in one launch ---------------------------------------------------------
-
-// body(tile, tid) for tiles [0, T) on nt threads, claimed as Claims hands them out.
-template <class F>
-void for_tiles(int64_t T, int nt, F&& body) {
-  if (T == 0) return;
-  Claims claims(T, nt);
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = thread_id();
-    claims.run(tid, [&](int64_t t) { body(t, tid); });
-  }
-}
-
-// Whether T is float (this file takes no std templates).
-template <class T>
-struct IsF32 {
-  static constexpr bool value = false;
-};
-template <>
-struct IsF32<float> {
-  static constexpr bool value = true;
-};
 
 // Rows b per tile of distill_dense: the tile's N·bb teacher rows in about 128 KiB (with their
 // softmax terms, a share of the L2 cache) so that the loss finds them there after the
@@ -1079,11 +1243,7 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
   vi rows_in[L::W + kLaneExtra], rows_out[L::W + kLaneExtra];
   if (by_lanes) {
     lane_rows_index(V, rows_in);
-    for (int64_t v = 0; v < V; ++v)
-      for (int l = 0; l < L::W; ++l) {
-        const int64_t f = v * L::W + l;
-        rows_out[v][l] = (int32_t)((f % V) * L::W + f / V);
-      }
+    lane_rows_out_index(V, rows_out);
   }
   const int64_t gsize = dtype_size(out.grad_dtype);
   const auto grad_row_ptr = [&](int64_t n, int64_t h, int64_t b) -> void* {

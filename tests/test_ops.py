@@ -591,6 +591,40 @@ def test_fused_dense_rows_in_groups_equal_one_row_at_a_time(isa, aggregate, v, b
             torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
+@needs_cpp
+@pytest.mark.parametrize("v,k,b", [(1, 1, 37), (2, 1, 37), (10, 2, 37), (10, 10, 40), (16, 3, 37), (17, 5, 48),
+                                   (20, 20, 37), (5, 2, 64), (10, 2, 7), (21, 4, 37)])
+def test_packet_rows_by_lanes_equal_one_row_at_a_time(isa, v, k, b):
+    """With a packet teacher (max_confidence) and rows of up to lanes + 4 contiguous classes,
+    the cpp forward and backward take W consecutive rows of a client at a time, one row a lane,
+    each lane against its own teacher's packet; rows with a class dim of stride 1 but a row
+    stride of 2V take the one-row path. Both give the same bits — loss, lse and the gradient
+    with a per-row upstream gradient — on every ISA build, with row counts that leave partial
+    blocks, a client without candidates, K = V (no rest bucket), an inexact τ and rows of NaN,
+    +inf and all −inf; and they match the reference."""
+    n, h1, tau = 5, 3, 0.7
+    z, t, adj = _case(torch.float32, v, "lonely", n=n, h1=h1, b=b, seed=v + k)
+    z[2, 1, 3] = float("nan")
+    z[3, 2, 0, 0] = float("inf")
+    z[1, 1, b - 2] = float("-inf")
+    z[4, 2, 1, -1] = float("-inf")
+    packet = mhd_fast.topk_compress(t, k, tau=tau, backend="torch")
+    wide = torch.full((n, h1, b, 2 * v), 123.0)
+    wide[..., :v] = z
+    zs = wide[..., :v]  # the same values, rows 2V apart
+    grad_out = make_logits((n, h1 - 1, b), torch.float32, seed=5)
+
+    def loss_and_grad(x):  # not _loss_and_grad: its clone would make zs contiguous
+        x = x.detach().requires_grad_()
+        loss = mhd_fast.mhd_loss(x, packet, adj, tau=tau, backend="cpp")
+        return loss.detach(), torch.autograd.grad(loss, x, grad_out)[0]
+    assert zs.stride(2) == 2 * v
+    for a, w in zip(loss_and_grad(z), loss_and_grad(zs)):
+        torch.testing.assert_close(a, w, rtol=0, atol=0, equal_nan=True)
+    finite = make_logits((n, h1, b, v), torch.float32, seed=v)
+    _assert_matches_reference(finite, packet, adj, "cpp", tau=tau)
+
+
 @pytest.mark.parametrize("k", [1, 5])
 def test_topk_teacher_with_blocks_of_no_sent_class(backend, k):
     """A packet whose sent classes all lie in the first block of 512: the student sweep sums
