@@ -877,6 +877,19 @@ struct IsF32<float> {
 // W rows costs one vector log, and no bitmap is marked and unmarked per row. The rows past the
 // last whole block of a (n, g) go to row_body (the row path). On S2's shape (V = 10, K = 2,
 // 49,152 rows): see bench/RESULTS.md.
+// W lanes of fp64, for the fp64 sums of W rows at once.
+typedef double Vd __attribute__((vector_size(8 * kLanes)));
+
+// log p_rest of a packet's rest bucket, p_rest = max(0, 1 − Σ p_k) in fp64: with fp32 arithmetic
+// the fp32 log of p_rest rounded to fp32 (0 or at least 2^−53, a normal number), as precise as
+// the student's log q_rest it meets, and the same function a vector of rows takes (vlog)
+// instead of a libm call a row; fp64 keeps libm's.
+template <class A>
+MHD_INLINE double rest_log(double p) {
+  if constexpr (IsF32<A>::value) return (double)slog((float)p);
+  else return slog(p);
+}
+
 // Whether every element of v lies within reach of a gather's int32 element offsets.
 MHD_INLINE bool gather_reach(const View& v) {
   int64_t last = 0;
@@ -887,6 +900,7 @@ MHD_INLINE bool gather_reach(const View& v) {
   return last < (int64_t(1) << 31);
 }
 
+constexpr int64_t kPacketAhead = 2;
 template <class RowBody>
 void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool backward, int nt, bool stream,
                           RowBody&& row_body) {
@@ -902,8 +916,8 @@ void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool back
   lane_rows_index(V, rows_in);
   lane_rows_out_index(V, rows_out);
   for (int l = 0; l < W; ++l) iota[l] = l;
-  // Per thread: a class-major [V, W] block (the gradient), then lp, lq and p of the K buckets by lane.
-  const int64_t share = per_thread<float>((V + 3 * K) * W);
+  // Per thread: a class-major [V, W] block (the gradient).
+  const int64_t share = per_thread<float>(V * W);
   Scratch<float> scratch(nt * share);
   const float* values = static_cast<const float*>(a.values.data);
   const float* indices = static_cast<const float*>(a.indices.data);  // int32, moved as bits by the gathers
@@ -920,10 +934,8 @@ void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool back
     }
     const int64_t b0 = blk * W, r0 = (n * G + g) * B + b0;
     float* dbuf = scratch.data() + tid * share;
-    float* lp = dbuf + V * W;
-    float* lq = lp + K * W;
-    float* pk = lq + K * W;
     const float* zb = static_cast<const float*>(a.z.data) + offset(a.z, n, g, b0);
+    prefetch_block(zb + kPacketAhead * W * V, W * V);
     Vec x[W + kLaneExtra];
     for (int64_t v = 0; v < V; ++v) x[v] = gather_lanes(zb, rows_in[v]);
     vi j;
@@ -946,58 +958,57 @@ void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool back
       lanes_lse<float>(x, V, sc, e, m, lse, s);
     }
     // the K buckets (packet_sums): lane l's class ind[k], p_k and the log-probabilities
-    vi ind[W + kLaneExtra];
-    vi sent[W + kLaneExtra];
+    vi ind[W + kLaneExtra], sent[W + kLaneExtra];
+    Vec pk[W + kLaneExtra];
     for (int64_t v = 0; v < V; ++v) sent[v] = splat_i(0);
     const vi row_start = iota * (int32_t)V;
+    // packet_sums's fp64 sums in the order of k, W rows at a time: each lane takes the
+    // operations of its row's scalar loop (no contraction: -ffp-contract=off)
+    Vd P = Vd{}, S = Vd{};
     for (int64_t k = 0; k < K; ++k) {
       const Vec val = gather_lanes(values, at_v + (int32_t)(k * a.values.stride[3]));
       ind[k] = (vi)gather_lanes(indices, at_i + (int32_t)(k * a.indices.stride[3]));
-      const Vec l_p = val - lt;
-      L::store(lp + k * W, l_p);
-      L::store(lq + k * W, sc(gather_lanes(zb, row_start + ind[k])) - lse);
-      L::store(pk + k * W, L::exp(l_p));
+      const Vec lp = val - lt, lq = sc(gather_lanes(zb, row_start + ind[k])) - lse;
+      pk[k] = L::exp(lp);
+      const Vd p = __builtin_convertvector(pk[k], Vd);
+      P = P + p;
+      S = p != 0.0 ? S + p * (__builtin_convertvector(lp, Vd) - __builtin_convertvector(lq, Vd)) : S;
       for (int64_t v = 0; v < V; ++v) sent[v] |= ind[k] == (int32_t)v;
     }
+    const Vd left = 1.0 - P;
+    const Vd p_rest = left < 0.0 ? Vd{} : left;  // clamp0: NaN passes
     // the unsent mass: row_lse's sw (forward) or the q sweep's q_rest (backward)
     Vec unsent[W + kLaneExtra];
     for (int64_t v = 0; v < V; ++v) unsent[v] = rest ? (sent[v] != 0 ? zero : e[v]) : e[v];
     const Vec mass = lane_tree<L>(unsent, V, zero, [](auto u, auto w) MHD_INLINE_BODY { return u + w; });
-    Vec log_rest = zero;
-    if (!backward && rest) log_rest = L::log(zero + mass) - L::log(s);
-    float gs[W] = {}, scale[W] = {};
-    for (int l = 0; l < W; ++l) {
-      if (none[l]) {
-        if (!backward) loss[r0 + l] = 0;
-        continue;
+    if (!backward) {  // the rest bucket's term, with rest_log's logs of W rows in one vector
+      if (rest) {
+        const Vec log_rest = L::log(zero + mass) - L::log(s);
+        const Vec log_p = L::log(__builtin_convertvector(p_rest, Vec));
+        const Vd term = p_rest * (__builtin_convertvector(log_p, Vd) - __builtin_convertvector(log_rest, Vd));
+        S = p_rest != 0.0 ? S + term : S;
       }
-      double P = 0, S = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const float p = pk[k * W + l];
-        P += p;
-        if (p != 0) S += (double)p * ((double)lp[k * W + l] - (double)lq[k * W + l]);
-      }
-      const double p_rest = clamp0(1.0 - P);
-      if (!backward) {
-        if (rest && p_rest != 0) S += p_rest * (slog(p_rest) - (double)log_rest[l]);
-        loss[r0 + l] = (float)((double)tau * tau * S);
-      } else {
-        gs[l] = at<float>(a.grad, n, g, b0 + l) * tau;
-        scale[l] = gs[l] * (rest && p_rest != 0 ? float(1 - p_rest / mass[l]) : float(1));
-      }
-    }
-    if (!backward) {
+      const Vec l = __builtin_convertvector((double)tau * tau * S, Vec);
+      L::store(loss + r0, none ? zero : l);
       L::store(lse_out + r0, lse);
       return;
     }
-    // dz = scale·q, the sent classes gs·(q − p_k), by class into dbuf; out as W whole rows
-    const Vec sv = L::load(scale);
+    Vec gs;
+    for (int l = 0; l < W; ++l) gs[l] = at<float>(a.grad, n, g, b0 + l);
+    gs = gs * tau;
+    Vec factor = L::splat(1);
+    if (rest) {
+      const Vd ratio = 1.0 - p_rest / __builtin_convertvector(mass, Vd);
+      factor = __builtin_convertvector(p_rest != 0.0 ? ratio : Vd{} + 1.0, Vec);
+    }
+    // dz = gs·factor·q, the sent classes gs·(q − p_k), by class into dbuf; out as W whole rows
+    const Vec sv = gs * factor;
     for (int64_t v = 0; v < V; ++v) L::store(dbuf + v * W, none ? zero : sv * e[v]);
     for (int l = 0; l < W; ++l)
       if (!none[l])
         for (int64_t k = 0; k < K; ++k) {
           const int32_t c = ind[k][l];
-          dbuf[c * W + l] = gs[l] * (e[c][l] - pk[k * W + l]);
+          dbuf[c * W + l] = gs[l] * (e[c][l] - pk[k][l]);
         }
     float* d = reinterpret_cast<float*>(static_cast<char*>(out.dz) +
                                         (n * out.dz_stride[0] + g * out.dz_stride[1] + b0 * out.dz_stride[2]) * 4);
@@ -1135,7 +1146,7 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
       packet_sums(a, j, g, b, z, sc, lse_z, pbuf + vpad, P, S);
       const double p_rest = clamp0(1.0 - P);
       if (!backward) {
-        if (rest && p_rest != 0) S += p_rest * (slog(p_rest) - (double)log_q_rest);
+        if (rest && p_rest != 0) S += p_rest * (rest_log<A>(p_rest) - (double)log_q_rest);
         loss[r] = (A)((double)tau * tau * S);
         lse_out[r] = lse_z;
       } else {
