@@ -789,10 +789,11 @@ MHD_INLINE void aggregate_logits(const DistillArgs& a, const Candidates& cand, i
 // p̄ from packets: each candidate's packet expanded to V classes (sent class k gets p_k, the
 // rest mass max(0, 1 − Σ p_k) spread evenly over the V − K unsent ones), then averaged. Written
 // as p̄_v = C + Σ_j w_j (p_jk − rest_j)[v = sent k of j] with C = Σ_j w_j rest_j: O(V + |C|·K)
-// per row instead of O(|C|·V). In a top-k packet p_jk ≥ rest_j, so nothing cancels.
+// per row instead of O(|C|·V). In a top-k packet p_jk ≥ rest_j, so nothing cancels. The p_jk
+// are taken once, in vectors (kbuf: round_up(K, W) elements), not as two libm exps a bucket.
 template <class A>
 MHD_INLINE void aggregate_packets(const DistillArgs& a, const Candidates& cand, int64_t i, int64_t g,
-                                  int64_t b, int64_t V, A* pbuf) {
+                                  int64_t b, int64_t V, A* pbuf, A* kbuf) {
   using L = Lanes<A>;
   constexpr int W = L::W;
   const int64_t K = a.values.size[3], vs = a.values.stride[3], is = a.indices.stride[3];
@@ -803,11 +804,13 @@ MHD_INLINE void aggregate_packets(const DistillArgs& a, const Candidates& cand, 
     const A* val = static_cast<const A*>(a.values.data) + offset(a.values, *j, g, b);
     const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, *j, g, b);
     const A w = weight(*j), lse = at<A>(a.lse_t, *j, g, b);
+    for (int64_t k = 0; k < K; ++k) kbuf[k] = val[k * vs] - lse;
+    for_vectors<W>(0, K, [&](int64_t k, auto n) MHD_INLINE_BODY { L::store(kbuf + k, L::exp(L::load(kbuf + k, n, -kInf)), W); });
     A P = 0;
-    for (int64_t k = 0; k < K; ++k) P += sexp(val[k * vs] - lse);
+    for (int64_t k = 0; k < K; ++k) P += kbuf[k];
     const A rest = K < V ? clamp0(A(1) - P) / A(V - K) : A(0);
     C += w * rest;
-    for (int64_t k = 0; k < K; ++k) pbuf[ind[k * is]] += w * (sexp(val[k * vs] - lse) - rest);
+    for (int64_t k = 0; k < K; ++k) pbuf[ind[k * is]] += w * (kbuf[k] - rest);
   }
   for (int64_t v = 0; v < V; v += W) L::store(pbuf + v, L::load(pbuf + v, W, 0) + C, W);
 }
@@ -903,7 +906,7 @@ MHD_INLINE bool gather_reach(const View& v) {
 constexpr int64_t kPacketAhead = 2;
 template <class RowBody>
 void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool backward, int nt, bool stream,
-                          RowBody&& row_body) {
+                          const Candidates& cand, RowBody&& row_body) {
   using L = Lanes<float>;
   using Vec = L::V;
   constexpr int W = L::W;
@@ -916,8 +919,10 @@ void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool back
   lane_rows_index(V, rows_in);
   lane_rows_out_index(V, rows_out);
   for (int l = 0; l < W; ++l) iota[l] = l;
-  // Per thread: a class-major [V, W] block (the gradient).
-  const int64_t share = per_thread<float>(V * W);
+  const bool aggregated = a.aggregate != MAX_CONFIDENCE;
+  // Per thread: a class-major [V, W] block (the gradient); aggregated, the candidates' e^logconf
+  // by lane [N, W].
+  const int64_t share = per_thread<float>(V * W + (aggregated ? N * W : 0));
   Scratch<float> scratch(nt * share);
   const float* values = static_cast<const float*>(a.values.data);
   const float* indices = static_cast<const float*>(a.indices.data);  // int32, moved as bits by the gathers
@@ -925,6 +930,18 @@ void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool back
   float* loss = static_cast<float*>(out.loss);
   float* lse_out = static_cast<float*>(out.lse_z);
   const Vec zero = L::splat(0), log2e = L::splat(float(kLog2e));
+  // The W rows of block (n, g, b0) of dz from dbuf (by class) as V whole vectors.
+  const auto put_grad = [&](int64_t n, int64_t g, int64_t b0, const float* dbuf) {
+    float* d = reinterpret_cast<float*>(static_cast<char*>(out.dz) +
+                                        (n * out.dz_stride[0] + g * out.dz_stride[1] + b0 * out.dz_stride[2]) * 4);
+    const bool nt_store = stream && (reinterpret_cast<uintptr_t>(d) & 15) == 0;
+    for (int64_t v = 0; v < V; ++v) {
+      const Vec y = gather_lanes(dbuf, rows_out[v]);
+      if (nt_store) L::stream(d + v * W, y);
+      else L::store(d + v * W, y);
+    }
+    if (stream) fence();
+  };
   for_tiles(N * G * per_ng, nt, [&](int64_t item, int tid) {
     const int64_t n = item / (G * per_ng), g = item / per_ng % G, blk = item % per_ng;
     if (blk == nblk) {  // the partial block
@@ -938,11 +955,75 @@ void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool back
     prefetch_block(zb + kPacketAhead * W * V, W * V);
     Vec x[W + kLaneExtra];
     for (int64_t v = 0; v < V; ++v) x[v] = gather_lanes(zb, rows_in[v]);
+    const vi b_l = splat_i((int32_t)b0) + iota;
+    if (aggregated) {
+      // mean / confidence_weighted: p̄ of client n's candidates, the same for every lane's
+      // client, as aggregate_packets sums it, then kl_row (forward) or grad_row (backward)
+      const int64_t count = cand.count(n);
+      Vec lse = zero, e[W + kLaneExtra], m, s;
+      if (backward)
+        for (int l = 0; l < W; ++l) lse[l] = at<float>(a.lse_z, n, g, b0 + l);
+      else
+        lanes_lse<float>(x, V, sc, e, m, lse, s);
+      Vec pbar[W + kLaneExtra];
+      for (int64_t v = 0; v < V; ++v) pbar[v] = zero;
+      if (count != 0) {
+        const auto at_j = [&](const View& v, int64_t j) {
+          return splat_i((int32_t)(j * v.stride[0] + g * v.stride[1])) + b_l * (int32_t)v.stride[2];
+        };
+        float* conf = dbuf + V * W;  // Weights: e^logconf of each candidate, and their sum
+        Vec total = zero;
+        if (a.aggregate != MEAN)
+          for (int64_t c = 0; c < count; ++c) {
+            for (int l = 0; l < W; ++l) conf[c * W + l] = sexp(at<float>(a.logconf_t, cand.begin(n)[c], g, b0 + l));
+            total = total + L::load(conf + c * W);
+          }
+        const Vec share_w = L::splat(float(1) / (float)count);
+        Vec C = zero;
+        for (int64_t c = 0; c < count; ++c) {
+          const int64_t j = cand.begin(n)[c];
+          const Vec w = a.aggregate == MEAN ? share_w : L::load(conf + c * W) / total;
+          const vi at_v = at_j(a.values, j), at_i = at_j(a.indices, j);
+          const Vec lj = gather_lanes(lse_t, at_j(a.lse_t, j));
+          Vec pk[W + kLaneExtra], P = zero, rest_j = zero;
+          for (int64_t k = 0; k < K; ++k) {
+            pk[k] = L::exp(gather_lanes(values, at_v + (int32_t)(k * a.values.stride[3])) - lj);
+            P = P + pk[k];
+          }
+          if (rest) {
+            const Vec left = L::splat(1) - P;
+            rest_j = (left < zero ? zero : left) / L::splat((float)(V - K));
+          }
+          C = C + w * rest_j;
+          for (int64_t k = 0; k < K; ++k) {
+            const vi ind = (vi)gather_lanes(indices, at_i + (int32_t)(k * a.indices.stride[3]));
+            const Vec add = w * (pk[k] - rest_j);
+            for (int64_t v = 0; v < V; ++v) pbar[v] = ind == (int32_t)v ? pbar[v] + add : pbar[v];
+          }
+        }
+        for (int64_t v = 0; v < V; ++v) pbar[v] = pbar[v] + C;
+      }
+      if (!backward) {
+        Vec acc[W + kLaneExtra];
+        for (int64_t v = 0; v < V; ++v)
+          acc[v] = pbar[v] != zero ? pbar[v] * (L::log(pbar[v]) - (sc(x[v]) - lse)) : zero;
+        const Vec kl = lane_tree<L>(acc, V, zero, [](auto u, auto w) MHD_INLINE_BODY { return u + w; });
+        L::store(loss + r0, count == 0 ? zero : L::splat(tau * tau) * kl);
+        L::store(lse_out + r0, lse);
+        return;
+      }
+      Vec gs;
+      for (int l = 0; l < W; ++l) gs[l] = at<float>(a.grad, n, g, b0 + l);
+      gs = gs * tau;
+      for (int64_t v = 0; v < V; ++v)
+        L::store(dbuf + v * W, count == 0 ? zero : gs * (L::exp(sc(x[v]) - lse) - pbar[v]));
+      put_grad(n, g, b0, dbuf);
+      return;
+    }
     vi j;
     for (int l = 0; l < W; ++l) j[l] = (int32_t)at<int64_t>(a.idx, n, g, b0 + l);
     const vi none = j < 0;  // no candidate: loss 0, gradient 0
     const vi jj = none ? splat_i(0) : j;
-    const vi b_l = splat_i((int32_t)b0) + iota;
     const auto lane_at = [&](const View& v) {
       return jj * (int32_t)v.stride[0] + (int32_t)(g * v.stride[1]) + b_l * (int32_t)v.stride[2];
     };
@@ -1010,15 +1091,7 @@ void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool back
           const int32_t c = ind[k][l];
           dbuf[c * W + l] = gs[l] * (e[c][l] - pk[k][l]);
         }
-    float* d = reinterpret_cast<float*>(static_cast<char*>(out.dz) +
-                                        (n * out.dz_stride[0] + g * out.dz_stride[1] + b0 * out.dz_stride[2]) * 4);
-    const bool nt_store = stream && (reinterpret_cast<uintptr_t>(d) & 15) == 0;
-    for (int64_t v = 0; v < V; ++v) {
-      const Vec y = gather_lanes(dbuf, rows_out[v]);
-      if (nt_store) L::stream(d + v * W, y);
-      else L::store(d + v * W, y);
-    }
-    if (stream) fence();
+    put_grad(n, g, b0, dbuf);
   });
 }
 
@@ -1104,7 +1177,7 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
         lse_out[r] = lse;
       }
     } else if (aggregated) {
-      if (a.packets) aggregate_packets(a, cand, n, g, b, V, pbuf);
+      if (a.packets) aggregate_packets(a, cand, n, g, b, V, pbuf, pbuf + vpad);
       else aggregate_logits<A, TIn>(a, cand, n, g, b, V, sc, gather, tbuf, pbuf);
       finish(ProbTeacher<A>{pbuf});
     } else if (!a.packets) {
@@ -1166,11 +1239,11 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
     }
   };
   if constexpr (IsF32<A>::value && IsF32<ZIn>::value) {
-    if (a.packets && !aggregated && !gather && V <= L::W + kLaneExtra && B >= L::W && a.z.stride[3] == 1 &&
+    if (a.packets && !gather && V <= L::W + kLaneExtra && B >= L::W && a.z.stride[3] == 1 &&
         a.z.stride[2] == V && a.values.dtype == F32 && a.indices.dtype == I32 &&
         (!backward || out.dz_stride[2] == V) && gather_reach(a.values) && gather_reach(a.indices) &&
         gather_reach(a.lse_t))
-      return distill_packet_lanes(a, out, backward, nt, stream, row_body);
+      return distill_packet_lanes(a, out, backward, nt, stream, cand, row_body);
   }
   for_rows(N, G, B, nt, row_body);
 }

@@ -592,12 +592,14 @@ def test_fused_dense_rows_in_groups_equal_one_row_at_a_time(isa, aggregate, v, b
 
 
 @needs_cpp
+@pytest.mark.parametrize("aggregate", AGGREGATES)
 @pytest.mark.parametrize("v,k,b", [(1, 1, 37), (2, 1, 37), (10, 2, 37), (10, 10, 40), (16, 3, 37), (17, 5, 48),
                                    (20, 20, 37), (5, 2, 64), (10, 2, 7), (21, 4, 37)])
-def test_packet_rows_by_lanes_equal_one_row_at_a_time(isa, v, k, b):
-    """With a packet teacher (max_confidence) and rows of up to lanes + 4 contiguous classes,
-    the cpp forward and backward take W consecutive rows of a client at a time, one row a lane,
-    each lane against its own teacher's packet; rows with a class dim of stride 1 but a row
+def test_packet_rows_by_lanes_equal_one_row_at_a_time(isa, aggregate, v, k, b):
+    """With a packet teacher and rows of up to lanes + 4 contiguous classes, the cpp forward
+    and backward take W consecutive rows of a client at a time, one row a lane, each lane
+    against its own teacher's packet (max_confidence) or its client's mixture of the
+    candidates' packets (mean, confidence_weighted); rows with a class dim of stride 1 but a row
     stride of 2V take the one-row path. Both give the same bits — loss, lse and the gradient
     with a per-row upstream gradient — on every ISA build, with row counts that leave partial
     blocks, a client without candidates, K = V (no rest bucket), an inexact τ and rows of NaN,
@@ -616,13 +618,13 @@ def test_packet_rows_by_lanes_equal_one_row_at_a_time(isa, v, k, b):
 
     def loss_and_grad(x):  # not _loss_and_grad: its clone would make zs contiguous
         x = x.detach().requires_grad_()
-        loss = mhd_fast.mhd_loss(x, packet, adj, tau=tau, backend="cpp")
+        loss = mhd_fast.mhd_loss(x, packet, adj, tau=tau, aggregate=aggregate, backend="cpp")
         return loss.detach(), torch.autograd.grad(loss, x, grad_out)[0]
     assert zs.stride(2) == 2 * v
     for a, w in zip(loss_and_grad(z), loss_and_grad(zs)):
         torch.testing.assert_close(a, w, rtol=0, atol=0, equal_nan=True)
     finite = make_logits((n, h1, b, v), torch.float32, seed=v)
-    _assert_matches_reference(finite, packet, adj, "cpp", tau=tau)
+    _assert_matches_reference(finite, packet, adj, "cpp", tau=tau, aggregate=aggregate)
 
 
 @pytest.mark.parametrize("k", [1, 5])
