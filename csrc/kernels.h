@@ -152,7 +152,8 @@ void for_rows(int64_t N, int64_t G, int64_t B, int nt, F&& body) {
   }
 }
 
-// body(tile, tid) for tiles [0, T) on nt threads, claimed as Claims hands them out.
+// body(tile, tid) for tiles [0, T) on nt threads, claimed as Claims hands them out. Each thread
+// ends with a fence, as in for_rows.
 template <class F>
 void for_tiles(int64_t T, int nt, F&& body) {
   if (T == 0) return;
@@ -161,6 +162,7 @@ void for_tiles(int64_t T, int nt, F&& body) {
   {
     const int tid = thread_id();
     claims.run(tid, [&](int64_t t) { body(t, tid); });
+    fence();
   }
 }
 
@@ -640,6 +642,19 @@ MHD_INLINE void lane_rows_out_index(int64_t V, vi* out) {
     }
 }
 
+// A class-major [V, W] block of fp32 (by_class) out as its W adjacent rows of V at d: V whole
+// vectors gathered by lane_rows_out_index's out, past the caches (stream) where d is 16-byte
+// aligned.
+MHD_INLINE void put_lane_rows(float* d, const float* by_class, const vi* out, int64_t V, bool stream) {
+  using L = Lanes<float>;
+  const bool nt = stream && (reinterpret_cast<uintptr_t>(d) & 15) == 0;
+  for (int64_t v = 0; v < V; ++v) {
+    const L::V y = gather_lanes(by_class, out[v]);
+    if (nt) L::stream(d + v * L::W, y);
+    else L::store(d + v * L::W, y);
+  }
+}
+
 // rows_lse_kept of W rows held as class vectors x[0, V): m_out = sc(max), lse, the terms
 // e[v] = 2^((x_v − m)·log2e/τ) and their sum s, lane by lane.
 template <class A>
@@ -934,23 +949,15 @@ void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool back
   float* loss = static_cast<float*>(out.loss);
   float* lse_out = static_cast<float*>(out.lse_z);
   const Vec zero = L::splat(0), log2e = L::splat(float(kLog2e));
-  // The W rows of block (n, g, b0) of dz from dbuf (by class) as V whole vectors.
+  // The W rows of block (n, g, b0) of dz from dbuf (by class).
   const auto put_grad = [&](int64_t n, int64_t g, int64_t b0, const float* dbuf) {
-    float* d = reinterpret_cast<float*>(static_cast<char*>(out.dz) +
-                                        (n * out.dz_stride[0] + g * out.dz_stride[1] + b0 * out.dz_stride[2]) * 4);
-    const bool nt_store = stream && (reinterpret_cast<uintptr_t>(d) & 15) == 0;
-    for (int64_t v = 0; v < V; ++v) {
-      const Vec y = gather_lanes(dbuf, rows_out[v]);
-      if (nt_store) L::stream(d + v * W, y);
-      else L::store(d + v * W, y);
-    }
-    if (stream) fence();
+    put_lane_rows(static_cast<float*>(out.dz) + n * out.dz_stride[0] + g * out.dz_stride[1] + b0 * out.dz_stride[2],
+                  dbuf, rows_out, V, stream);
   };
   for_tiles(N * G * per_ng, nt, [&](int64_t item, int tid) {
     const int64_t n = item / (G * per_ng), g = item / per_ng % G, blk = item % per_ng;
     if (blk == nblk) {  // the partial block
       for (int64_t b = nblk * W; b < B; ++b) row_body((n * G + g) * B + b, n, g, b, tid);
-      if (stream) fence();
       return;
     }
     const int64_t b0 = blk * W, r0 = (n * G + g) * B + b0;
@@ -960,21 +967,30 @@ void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool back
     Vec x[W + kLaneExtra];
     for (int64_t v = 0; v < V; ++v) x[v] = gather_lanes(zb, rows_in[v]);
     const vi b_l = splat_i((int32_t)b0) + iota;
+    // element offsets of row (j_l, g, b0 + l) of v in lane l
+    const auto lane_at = [&](const View& v, vi j) {
+      return j * (int32_t)v.stride[0] + (int32_t)(g * v.stride[1]) + b_l * (int32_t)v.stride[2];
+    };
+    // lse_z: the forward's (with the terms e and their sum s), or the backward's input
+    Vec lse = zero, s = zero, e[W + kLaneExtra];
+    if (backward) {
+      for (int l = 0; l < W; ++l) lse[l] = at<float>(a.lse_z, n, g, b0 + l);
+    } else {
+      Vec m;
+      lanes_lse<float>(x, V, sc, e, m, lse, s);
+    }
+    const auto grad_scale = [&] {  // the backward's g·τ of each row
+      Vec gs;
+      for (int l = 0; l < W; ++l) gs[l] = at<float>(a.grad, n, g, b0 + l);
+      return gs * tau;
+    };
     if (aggregated) {
       // mean / confidence_weighted: p̄ of client n's candidates, the same for every lane's
       // client, as aggregate_packets sums it, then kl_row (forward) or grad_row (backward)
       const int64_t count = cand.count(n);
-      Vec lse = zero, e[W + kLaneExtra], m, s;
-      if (backward)
-        for (int l = 0; l < W; ++l) lse[l] = at<float>(a.lse_z, n, g, b0 + l);
-      else
-        lanes_lse<float>(x, V, sc, e, m, lse, s);
       Vec pbar[W + kLaneExtra];
       for (int64_t v = 0; v < V; ++v) pbar[v] = zero;
       if (count != 0) {
-        const auto at_j = [&](const View& v, int64_t j) {
-          return splat_i((int32_t)(j * v.stride[0] + g * v.stride[1])) + b_l * (int32_t)v.stride[2];
-        };
         float* conf = dbuf + V * W;  // Weights: e^logconf of each candidate, and their sum
         Vec total = zero;
         if (a.aggregate != MEAN)
@@ -987,8 +1003,8 @@ void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool back
         for (int64_t c = 0; c < count; ++c) {
           const int64_t j = cand.begin(n)[c];
           const Vec w = a.aggregate == MEAN ? share_w : L::load(conf + c * W) / total;
-          const vi at_v = at_j(a.values, j), at_i = at_j(a.indices, j);
-          const Vec lj = gather_lanes(lse_t, at_j(a.lse_t, j));
+          const vi at_v = lane_at(a.values, splat_i((int32_t)j)), at_i = lane_at(a.indices, splat_i((int32_t)j));
+          const Vec lj = gather_lanes(lse_t, lane_at(a.lse_t, splat_i((int32_t)j)));
           Vec pk[W + kLaneExtra], P = zero, rest_j = zero;
           for (int64_t k = 0; k < K; ++k) {
             pk[k] = L::exp(gather_lanes(values, at_v + (int32_t)(k * a.values.stride[3])) - lj);
@@ -1016,9 +1032,7 @@ void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool back
         L::store(lse_out + r0, lse);
         return;
       }
-      Vec gs;
-      for (int l = 0; l < W; ++l) gs[l] = at<float>(a.grad, n, g, b0 + l);
-      gs = gs * tau;
+      const Vec gs = grad_scale();
       for (int64_t v = 0; v < V; ++v)
         L::store(dbuf + v * W, count == 0 ? zero : gs * (L::exp(sc(x[v]) - lse) - pbar[v]));
       put_grad(n, g, b0, dbuf);
@@ -1028,20 +1042,10 @@ void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool back
     for (int l = 0; l < W; ++l) j[l] = (int32_t)at<int64_t>(a.idx, n, g, b0 + l);
     const vi none = j < 0;  // no candidate: loss 0, gradient 0
     const vi jj = none ? splat_i(0) : j;
-    const auto lane_at = [&](const View& v) {
-      return jj * (int32_t)v.stride[0] + (int32_t)(g * v.stride[1]) + b_l * (int32_t)v.stride[2];
-    };
-    const vi at_v = lane_at(a.values), at_i = lane_at(a.indices);
-    const Vec lt = gather_lanes(lse_t, lane_at(a.lse_t));
-    Vec lse = zero, s = zero;
-    Vec e[W + kLaneExtra];
-    if (backward) {  // q = 2^((z/τ − lse_z)·log2 e), as the row path's q sweep
-      for (int l = 0; l < W; ++l) lse[l] = at<float>(a.lse_z, n, g, b0 + l);
+    const vi at_v = lane_at(a.values, jj), at_i = lane_at(a.indices, jj);
+    const Vec lt = gather_lanes(lse_t, lane_at(a.lse_t, jj));
+    if (backward)  // q = 2^((z/τ − lse_z)·log2 e), as the row path's q sweep
       for (int64_t v = 0; v < V; ++v) e[v] = L::exp2_nonpos((sc(x[v]) - lse) * log2e);
-    } else {
-      Vec m;
-      lanes_lse<float>(x, V, sc, e, m, lse, s);
-    }
     // the K buckets (packet_sums): lane l's class ind[k], p_k and the log-probabilities
     vi ind[W + kLaneExtra], sent[W + kLaneExtra];
     Vec pk[W + kLaneExtra];
@@ -1078,9 +1082,7 @@ void distill_packet_lanes(const DistillArgs& a, const DistillOut& out, bool back
       L::store(lse_out + r0, lse);
       return;
     }
-    Vec gs;
-    for (int l = 0; l < W; ++l) gs[l] = at<float>(a.grad, n, g, b0 + l);
-    gs = gs * tau;
+    const Vec gs = grad_scale();
     Vec factor = L::splat(1);
     if (rest) {
       const Vd ratio = 1.0 - p_rest / __builtin_convertvector(mass, Vd);
@@ -1515,15 +1517,7 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
             const Vec kl = lane_tree<L>(acc, V, zero, [](auto u, auto w) MHD_INLINE_BODY { return u + w; });
             L::store(loss + r, tau2 * kl);
             L::store(lse_z + r, lse);
-            if (grad != nullptr) {  // the W rows are V whole vectors of the gradient
-              float* d = static_cast<float*>(dz_of(n, b));
-              const bool nt = stream && (reinterpret_cast<uintptr_t>(d) & 15) == 0;
-              for (int64_t v = 0; v < V; ++v) {
-                const Vec y = gather_lanes(lane_g, rows_out[v]);
-                if (nt) L::stream(d + v * W, y);
-                else L::store(d + v * W, y);
-              }
-            }
+            if (grad != nullptr) put_lane_rows(static_cast<float*>(dz_of(n, b)), lane_g, rows_out, V, stream);
           }
       }
     } else if (grouped) {
@@ -1597,7 +1591,6 @@ void distill_dense_rows(DistillArgs a, const FusedOut& out, bool gather) {
               });
               else std::memset(d, 0, V * gsize);
             }
-      if (stream) fence();
     }
   });
 }
