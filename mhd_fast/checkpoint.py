@@ -139,7 +139,9 @@ def _load(path: str, cfg: Config) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file: torch raises many kinds
-        raise ValueError(f"--resume: cannot read the checkpoint {path!r}: {e}") from None
+        reason = ("the file is empty" if os.path.getsize(path) == 0
+                  else str(e).strip().split("\n")[0] or type(e).__name__)
+        raise ValueError(f"--resume: cannot read the checkpoint {path!r}: {reason}") from None
     if not isinstance(state, dict) or state.get("version") != VERSION:
         raise ValueError(f"--resume: {path!r} is not a version-{VERSION} mhd_fast checkpoint")
     check_compatible(state["config"], cfg)

@@ -123,12 +123,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from .topology import describe, make_schedule
+    from .topology import GRAPHS, describe, make_schedule
 
+    if args.name not in GRAPHS:
+        raise ValueError(f"NAME must be one of {', '.join(GRAPHS)}, got {args.name!r}")
     if args.clients < 1:
         raise ValueError(f"--clients must be >= 1, got {args.clients}")
+    if not 0 <= args.seed <= C.MAX_SEED:
+        raise ValueError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
     opts = dict(args.graph_options or [])
-    info = describe(make_schedule(args.name, args.clients, seed=args.seed, **opts))
+    try:
+        schedule = make_schedule(args.name, args.clients, seed=args.seed, **opts)
+    except ValueError as e:
+        raise ValueError(f"--graph-options: {e}") from None
+    info = describe(schedule)
     print(f"graph {args.name}, {args.clients} clients" + (f", options {opts}" if opts else ""))
     for key, value in info.items():
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")

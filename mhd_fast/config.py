@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import math
 import os
 import re
 import tomllib
@@ -109,6 +110,9 @@ def read_file(path: str) -> dict:
             data = tomllib.load(f) if ext == ".toml" else yaml.safe_load(f)
     except OSError as e:
         raise ValueError(f"--config: cannot read {path!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config: {path!r} is not UTF-8 text (byte {e.start}: "
+                         f"{e.object[e.start:e.start + 1]!r})") from None
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
         raise ValueError(f"--config: {path!r} is not valid {ext[1:].upper()}: "
                          f"{str(e).splitlines()[0]}") from None
@@ -175,6 +179,25 @@ def _need(ok: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a Config field: public_fraction -> --public-fraction."""
+    return "--" + name.replace("_", "-")
+
+
+# A collective that waits longer than this is stuck; beyond it timedelta and the process
+# group's millisecond clocks overflow.
+MAX_DIST_TIMEOUT = 7 * 24 * 3600.0
+MAX_SEED = 2**63 - 1  # what TOML integers hold and derive_seed gives
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a name from undecodable bytes (surrogate escapes)
+        return False
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no data: ranges and choices. Data-dependent checks (more clients than
     samples, topk > classes, a missing data dir) are made when the run is set up."""
@@ -184,13 +207,21 @@ def validate(cfg: Config) -> None:
     from .ops.api import BACKENDS
     from .ops.reference import AGGREGATES
     from .partition import PARTITIONS
-    from .topology import GRAPHS
+    from .topology import GRAPHS, check_options
 
+    for name in FIELDS:  # inf or nan passes a range check written as "> 0" or ">= 0"
+        value = getattr(cfg, name)
+        if field_kind(name) is float and not math.isfinite(value):
+            raise ValueError(f"{flag(name)} must be a finite number, got {value}")
     _need(cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     _need(cfg.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
     _need(cfg.partition in PARTITIONS, f"--partition must be one of {', '.join(PARTITIONS)}, "
           f"got {cfg.partition!r}")
     _need(cfg.graph in GRAPHS, f"--graph must be one of {', '.join(GRAPHS)}, got {cfg.graph!r}")
+    try:
+        check_options(cfg.graph, cfg.graph_options)
+    except ValueError as e:
+        raise ValueError(f"--graph-options: {e}") from None
     _need(cfg.clients >= 1, f"--clients must be >= 1, got {cfg.clients}")
     _need(0 < cfg.public_fraction < 1, f"--public-fraction must be in (0, 1), got {cfg.public_fraction}")
     _need(cfg.num_classes >= 2, f"--num-classes must be >= 2, got {cfg.num_classes}")
@@ -202,10 +233,15 @@ def validate(cfg: Config) -> None:
     _need(len(cfg.model) >= 1, "--model needs at least one architecture")
     for spec in cfg.model:
         models.parse_arch(spec, option="--model")
+    # every architecture is a group of clients: one without clients would be silently dropped
+    _need(len(cfg.model) <= cfg.clients, f"--model lists {len(cfg.model)} architectures for "
+          f"{cfg.clients} clients; each architecture needs at least one client")
+    _need(cfg.method != "centralized" or len(cfg.model) == 1, "--method centralized trains one "
+          f"model, so it takes one --model architecture, got {' '.join(cfg.model)}")
     _need(cfg.heads >= 0, f"--heads must be >= 0, got {cfg.heads}")
     _need(cfg.method != "mhd" or cfg.heads >= 1, f"--heads must be >= 1 for method mhd, got {cfg.heads}")
     for name in ("nu_aux", "nu_main", "nu_emb", "weight_decay"):
-        _need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+        _need(getattr(cfg, name) >= 0, f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
     _need(cfg.tau > 0, f"--tau must be > 0, got {cfg.tau}")
     _need(cfg.aggregate in AGGREGATES, f"--aggregate must be one of {', '.join(AGGREGATES)}, got {cfg.aggregate!r}")
     _need(cfg.topk >= 0, f"--topk must be 0 (dense) or >= 1, got {cfg.topk}")
@@ -218,12 +254,19 @@ def validate(cfg: Config) -> None:
     _need(cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     _need(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
     _need(cfg.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
+    _need(cfg.dist_timeout <= MAX_DIST_TIMEOUT, f"--dist-timeout must be <= "
+          f"{MAX_DIST_TIMEOUT:.0f} seconds (a week), got {cfg.dist_timeout}")
+    for name in ("split_seed", "init_seed", "train_seed"):
+        value = getattr(cfg, name)
+        _need(value is None or 0 <= value <= MAX_SEED,
+              f"{flag(name)} must be in [0, 2**63 - 1], got {value}")
     _need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
     _need(cfg.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     _need(cfg.device == "cpu" or cfg.device == "cuda" or cfg.device.startswith("cuda:"),
           f"--device must be {DEVICES_HELP}, got {cfg.device!r}")
-    _need(cfg.name is None or (cfg.name and "/" not in cfg.name and cfg.name not in (".", "..")),
-          f"--name must be a plain folder name, got {cfg.name!r}")
+    _need(cfg.name is None or (cfg.name and "/" not in cfg.name and cfg.name not in (".", "..")
+                               and _utf8(cfg.name)),
+          f"--name must be a plain folder name in UTF-8, got {cfg.name!r}")
     if cfg.method == "fedavg":
         _need(len(cfg.model) == 1, "--method fedavg averages weights, so all clients need one "
               f"architecture; got --model {' '.join(cfg.model)}")

@@ -123,6 +123,13 @@ def _digits(seed: int, test_fraction: float):
     return x_tr, y_tr, x_te, y_te, 10
 
 
+def synthetic_bytes(num_classes: int) -> int:
+    """The bytes the synthetic mixture of ``num_classes`` classes (default options) occupies
+    while it is drawn (fp64 draws): known before drawing it."""
+    o = _OPTIONS["synthetic"]
+    return num_classes * (o["samples_per_class"] + o["test_samples_per_class"]) * o["dim"] * 8
+
+
 def _synthetic(seed: int, num_classes: int, dim: int, samples_per_class: int,
                test_samples_per_class: int, separation: float):
     """Class centres are random directions scaled to norm separation/√2, so two centres lie

@@ -231,6 +231,22 @@ def activation_floats(arch: Arch, in_shape: tuple[int, ...], out_features: int) 
     return widest
 
 
+def num_params(arch: Arch, in_shape: tuple[int, ...], num_classes: int, num_heads: int) -> int:
+    """The weights of one client of ``arch`` (what init_params draws), counted without
+    allocating them: how large a run is, before it is built."""
+    total, fan_in = 0, math.prod(in_shape)
+    if arch.kind == "cnn":
+        c, h, w = in_shape
+        for c_out in arch.channels:
+            total += c_out * c * 9 + c_out
+            c, h, w = c_out, h // 2, w // 2
+        fan_in = c * h * w
+    for width in arch.hidden:
+        total += fan_in * width + width
+        fan_in = width
+    return total + (fan_in + 1) * num_heads * num_classes
+
+
 def parameters(groups: list[Group]) -> list[Tensor]:
     """Every stacked tensor of every group, in a fixed order (the optimizer's order)."""
     return [p for g in groups for p in g.params.values()]

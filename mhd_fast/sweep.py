@@ -120,6 +120,9 @@ def read_sweep(path: str) -> dict:
             data = tomllib.load(f)
     except OSError as e:
         raise ValueError(f"CONFIG: cannot read {path!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"CONFIG: {path!r} is not UTF-8 text (byte {e.start}: "
+                         f"{e.object[e.start:e.start + 1]!r})") from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"CONFIG: {path!r} is not valid TOML: {str(e).splitlines()[0]}") from None
     unknown = sorted(set(data) - set(_TOP_KEYS))

@@ -44,7 +44,19 @@ GRAPHS = ("complete", "ring", "kring", "star", "islands", "torus", "exponential"
 TIME_VARYING = ("matching",)
 RANDOM = ("regular", "erdos_renyi", "matching")
 
-_OPTIONS = ("k", "degree", "p", "islands", "path")
+# The options each graph reads; any other option given to it would be ignored, so it is refused.
+OPTIONS = {"complete": (), "ring": (), "kring": ("k",), "star": (), "islands": ("islands",),
+           "torus": (), "exponential": (), "regular": ("degree",), "erdos_renyi": ("p",),
+           "file": ("path",), "matching": ()}
+
+
+def check_options(name: str, options: dict) -> None:
+    """ValueError naming the options that graph ``name`` does not read."""
+    takes = OPTIONS.get(name, ())
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise ValueError(f"graph {name!r} takes " + (f"the options {', '.join(takes)}" if takes
+                         else "no options") + f", got {', '.join(map(str, unknown))}")
 
 
 def make_graph(name: str, n: int, *, seed: int = 0, k: int = 2, degree: int = 4, p: float = 0.3,
@@ -179,9 +191,7 @@ class GraphSchedule:
     resample: bool = False
 
     def __post_init__(self):
-        unknown = sorted(set(self.options) - set(_OPTIONS))
-        if unknown:
-            raise ValueError(f"graph options must be among {_OPTIONS}, got unknown {unknown}")
+        check_options(self.name, self.options)
         if self.resample and self.name not in RANDOM:
             raise ValueError(f"resample needs a random graph {RANDOM}, got graph {self.name!r}")
         # build (and so validate) now, so that a bad option fails before training starts

@@ -41,7 +41,7 @@ from . import distributed as D
 from . import metrics as M
 from . import models
 from .config import Config, to_dict
-from .data import Dataset, load_dataset, split_public
+from .data import Dataset, load_dataset, split_public, synthetic_bytes
 from .exchange import WIRE_DTYPES, Received, edges_into, heads_sent, neighbour_mean, students
 from .ops.api import TopKLogits
 from .partition import label_distribution, partition
@@ -109,6 +109,107 @@ def _pad_rows(parts: list[Tensor]) -> tuple[Tensor, Tensor]:
     return flat[starts[:, None] + k[None, :] % counts[:, None]], counts
 
 
+def load_data(cfg: Config) -> Dataset:
+    """The dataset of ``cfg`` (ValueError naming the option when it cannot be read)."""
+    if cfg.dataset == "synthetic":  # its size is an option: check it before drawing it
+        _check_memory(cfg, [(f"--num-classes {cfg.num_classes}",
+                             synthetic_bytes(cfg.num_classes), "the synthetic dataset's draws")])
+    try:
+        return load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=_seeds(cfg)[0],
+                            num_classes=cfg.num_classes)
+    except OSError as e:
+        raise ValueError(f"--data-dir: cannot read the {cfg.dataset} files: {e}") from None
+
+
+def _split(cfg: Config, data: Dataset, seeds: list[int]):
+    """The public split, the clients' private rows and the graph schedule; ValueError naming
+    the option for what the data cannot give."""
+    if cfg.topk > data.num_classes:
+        raise ValueError(f"--topk must be <= the number of classes V = {data.num_classes} of "
+                         f"{cfg.dataset}, got {cfg.topk}")
+    private_idx, public_idx = split_public(len(data.y_train), cfg.public_fraction, seed=seeds[0])
+    if cfg.clients > len(private_idx):
+        raise ValueError(f"--clients {cfg.clients} is more than the {len(private_idx)} private "
+                         f"training samples of {cfg.dataset}")
+    try:
+        parts = partition(data.y_train[private_idx], cfg.clients, method=cfg.partition,
+                          seed=seeds[1], skew=cfg.skew, alpha=cfg.dirichlet,
+                          shards_per_client=cfg.shards, samples_per_client=cfg.samples_per_client)
+    except ValueError as e:
+        raise ValueError(f"--partition {cfg.partition}: {e}") from None
+    parts = [private_idx[p] for p in parts]  # positions in the private slice -> training rows
+    try:
+        schedule = make_schedule(cfg.graph, cfg.clients, seed=seeds[2], **cfg.graph_options)
+    except ValueError as e:
+        raise ValueError(f"--graph {cfg.graph} --graph-options: {e}") from None
+    return public_idx, parts, schedule
+
+
+def _memory_limit(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"memory of {device}"
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "memory of this machine"
+
+
+def _check_memory(cfg: Config, needs: list[tuple[str, int, str]]) -> None:
+    """ValueError naming the option behind the largest of ``needs`` ((option, bytes, what),
+    lower bounds) when together they exceed the device's memory: a run that cannot fit stops
+    here with one line, not in the allocator."""
+    limit, where = _memory_limit(resolve_device(cfg.device))
+    total = sum(n for _, n, _ in needs)
+    if total > limit:
+        option, need, what = max(needs, key=lambda x: x[1])
+        raise ValueError(f"{option}: {what} need at least {M.human_bytes(need)}"
+                         + (f" ({M.human_bytes(total)} in all)" if total > 1.01 * need else "")
+                         + f", more than the {M.human_bytes(limit)} {where}")
+
+
+def memory_needs(cfg: Config, input_shape: tuple[int, ...], v: int,
+                 held: int | None = None) -> list[tuple[str, int, str]]:
+    """Lower bounds of what a process holding ``held`` of the clients (default all) needs,
+    each with the option that sets it: the weights of the trunks and of the heads with their
+    gradients and optimizer state, and one step's activations (the widest layer of every
+    client on its private and public rows)."""
+    n_model = 1 if cfg.method == "centralized" else cfg.clients
+    held = n_model if held is None else held
+    num_heads = 1 + cfg.heads
+    copies = 4 * (2 + (2 if cfg.optimizer == "adam" else int(cfg.momentum > 0)))  # fp32 w, g, state
+    public = cfg.public_batch_size if cfg.method in ("mhd", "mean_distill") else 0
+    trunks = heads = acts = 0
+    wide_heads = False  # whether the heads' output is a step's widest activation
+    for arch, start, stop in models.split_groups(n_model, [models.parse_arch(m) for m in cfg.model]):
+        n = (stop - start) * held // n_model  # a sharded run splits every group over the ranks
+        trunk = models.num_params(arch, input_shape, v, 0)
+        trunks += n * trunk * copies
+        heads += n * (models.num_params(arch, input_shape, v, num_heads) - trunk) * copies
+        width = models.activation_floats(arch, input_shape, num_heads * v)
+        acts += n * (cfg.batch_size + public) * width * 4
+        wide_heads |= width > models.activation_floats(arch, input_shape, 0)
+    rows = (f"--batch-size {cfg.batch_size}" if cfg.batch_size >= public
+            else f"--public-batch-size {cfg.public_batch_size}")
+    state = "with their gradients and optimizer state"
+    return [(f"--model {' '.join(cfg.model)}", trunks, f"the weights of {held} clients {state}"),
+            (f"--heads {cfg.heads}", heads, f"the heads of {held} clients ({num_heads} of "
+             f"{v} classes each) {state}"),
+            (f"--heads {cfg.heads}" if wide_heads else rows, acts,
+             f"one step's activations of {held} clients on {cfg.batch_size + public} rows each")]
+
+
+def _seeds(cfg: Config) -> list[int]:
+    split_gen = torch.Generator().manual_seed(cfg.split_seed)
+    return torch.randint(0, 2**31 - 1, (3,), generator=split_gen).tolist()  # data, partition, graph
+
+
+def check(cfg: Config, data: Dataset | None = None) -> None:
+    """Every check of ``setup`` that needs the data (the split, the partition, the graph, the
+    memory), without building anything: what a sweep runs for all its runs before it starts
+    one. ``data``: the loaded dataset (its sizes are what matters), read when None.
+    Raises ValueError naming the option."""
+    data = data if data is not None else load_data(cfg)
+    _split(cfg, data, _seeds(cfg))
+    _check_memory(cfg, memory_needs(cfg, data.input_shape, data.num_classes))
+
+
 def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
     """Data, partition, graph, models and optimizer of a resolved, validated Config, for the
     clients of ``shard`` (default: this process's shard, every client without torchrun).
@@ -119,27 +220,13 @@ def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
         raise ValueError(f"--method centralized trains one model on the union of the data; it "
                          f"runs in one process, not over {shard.world} ranks")
     device = D.rank_device(device, shard)
-    split_gen = torch.Generator().manual_seed(cfg.split_seed)
-    seeds = torch.randint(0, 2**31 - 1, (3,), generator=split_gen).tolist()  # data, partition, graph
-
-    try:
-        data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=seeds[0],
-                            num_classes=cfg.num_classes)
-    except OSError as e:
-        raise ValueError(f"--data-dir: cannot read the {cfg.dataset} files: {e}") from None
+    seeds = _seeds(cfg)
+    data = load_data(cfg)
     v = data.num_classes
-    if cfg.topk > v:
-        raise ValueError(f"--topk must be <= the number of classes V = {v} of {cfg.dataset}, got {cfg.topk}")
-    private_idx, public_idx = split_public(len(data.y_train), cfg.public_fraction, seed=seeds[0])
-    if cfg.clients > len(private_idx):
-        raise ValueError(f"--clients {cfg.clients} is more than the {len(private_idx)} private "
-                         f"training samples of {cfg.dataset}")
-    parts = partition(data.y_train[private_idx], cfg.clients, method=cfg.partition, seed=seeds[1],
-                      skew=cfg.skew, alpha=cfg.dirichlet, shards_per_client=cfg.shards,
-                      samples_per_client=cfg.samples_per_client)
-    parts = [private_idx[p] for p in parts]  # positions in the private slice -> training rows
+    public_idx, parts, schedule = _split(cfg, data, seeds)
     label_dist = label_distribution(data.y_train, parts, v)
-    schedule = make_schedule(cfg.graph, cfg.clients, seed=seeds[2], **cfg.graph_options)
+    _check_memory(cfg, memory_needs(cfg, data.input_shape, v,
+                                    held=None if cfg.method == "centralized" else shard.size))
 
     if cfg.method == "centralized":  # one model on the union of private data (upper bound)
         parts = [torch.cat(parts)]
@@ -149,7 +236,7 @@ def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
 
     num_heads = 1 + cfg.heads
     archs = [models.parse_arch(s, option="--model") for s in cfg.model]
-    layout = models.split_groups(n_model, archs[:n_model])
+    layout = models.split_groups(n_model, archs)
     init_gen = torch.Generator().manual_seed(cfg.init_seed)
     groups = []
     for arch, start, stop in layout:  # every group is drawn, so the generator runs as in one process

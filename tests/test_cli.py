@@ -62,14 +62,29 @@ def test_progress_bar_shows_mean_accuracies(tmp_path):
     (["--skew", "2"], "--skew"),
     (["--rounds", "0"], "--rounds"),
     (["--rounds", "many"], "--rounds"),
-    (["--graph", "kring", "--graph-options", "q=1"], "graph options"),
+    (["--graph", "kring", "--graph-options", "q=1"], "--graph-options"),
     (["--device", "cuda:99"], "--device"),
     (["--resume"], "--resume"),
+    (["--tau", "inf"], "--tau"),
+    (["--dist-timeout", "inf"], "--dist-timeout"),
+    (["--lr", "nan"], "--lr"),
+    (["--split-seed", str(2**70)], "--split-seed"),
+    (["--clients", "2", "--model", "mlp:16", "mlp:8", "mlp:4"], "--model"),
+    (["--graph", "ring", "--graph-options", "k=2"], "--graph-options"),
+    (["--graph", "kring", "--graph-options", "k=9"], "--graph-options"),
+    (["--partition", "shards", "--shards", "1000"], "--partition"),
+    (["--batch-size", "10000000000"], "--batch-size"),
+    (["--model", "mlp:10000000000"], "--model"),
+    (["--name", "bad\udcff"], "--name"),  # how Python passes an argument that is not UTF-8
 ])
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, args, option):
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, monkeypatch, args,
+                                                          option):
     out = tmp_path / "never"
+    if "--name" in args:  # the folder is runs/NAME: run from tmp_path
+        monkeypatch.chdir(tmp_path)
+        out = tmp_path / "runs"
     with pytest.raises(SystemExit) as e:
-        cli.main(["run", *args, "--out", str(out), "--no-progress"])
+        cli.main(["run", *args, *([] if "--name" in args else ["--out", str(out)]), "--no-progress"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mhd-fast: error:") and option in err[0], err
@@ -95,6 +110,29 @@ def test_graph_command_prints_the_spectral_gap(capsys):
     assert "degree_mean: 4.0000" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["graph", "nope"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["graph", "ring", "--seed", "-1"], "--seed must be in [0, 2**63 - 1], got -1"),
+    (["graph", "ring", "--graph-options", "k=2"], "--graph-options: graph 'ring' takes no options"),
+    (["graph", "hypercube"], "NAME must be one of"),
+])
+def test_graph_command_errors_name_the_option(capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mhd-fast: error: {message}"), err
+
+
+def test_an_empty_checkpoint_is_named(tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--clients", "3", "--model", "mlp:8", "--rounds", "1", "--resume",
+                  "--out", str(tmp_path), "--no-progress"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"mhd-fast: error: --resume: cannot read the checkpoint "
+                                       f"{str(tmp_path / 'checkpoint.pt')!r}: the file is empty\n")
 
 
 def test_flags_override_the_config_file(tmp_path, capsys):

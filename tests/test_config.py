@@ -1,4 +1,6 @@
 """Config: defaults, TOML / YAML files, flags over files, unknown keys, checks, what methods imply."""
+import math
+
 import pytest
 
 from mhd_fast import config as C
@@ -21,7 +23,7 @@ def test_seeds_are_derived_stably_and_can_be_pinned():
 
 def test_toml_then_flags(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('clients = 8\nmodel = ["mlp:32", "cnn:4-8"]\ngraph_options = {k = 2}\ntau = 2\n')
+    path.write_text('clients = 8\nmodel = ["mlp:32", "cnn:4-8"]\ngraph = "kring"\ngraph_options = {k = 2}\ntau = 2\n')
     cfg = C.load(str(path), {"clients": 4})
     assert cfg.clients == 4 and cfg.model == ["mlp:32", "cnn:4-8"]
     assert cfg.graph_options == {"k": 2} and cfg.tau == 2.0 and isinstance(cfg.tau, float)
@@ -103,3 +105,33 @@ def test_mean_distill_is_fedmd_style():
 def test_round_trip_through_a_dict():
     cfg = C.load(None, {"clients": 5, "model": ["mlp:8"]})
     assert C.from_dict(C.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("name", [n for n in C.FIELDS if C.field_kind(n) is float])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_every_float_option_must_be_finite(name, value):
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ValueError, match=f"^{flag} must be a finite number"):
+        C.load(None, {name: value})
+
+
+@pytest.mark.parametrize("flags,match", [
+    ({"dist_timeout": 1e300}, "--dist-timeout must be <= 604800 seconds"),
+    ({"split_seed": 2**70}, r"--split-seed must be in \[0, 2\*\*63 - 1\]"),
+    ({"init_seed": -1}, "--init-seed must be in"),
+    ({"clients": 2, "model": ["mlp:16", "mlp:8", "mlp:4"]}, "--model lists 3 architectures for 2"),
+    ({"method": "centralized", "model": ["mlp:16", "mlp:8"]}, "centralized .* one --model"),
+    ({"graph": "ring", "graph_options": {"k": 2}}, "--graph-options: graph 'ring' takes no options"),
+    ({"graph": "kring", "graph_options": {"degree": 2}}, "takes the options k, got degree"),
+    ({"name": "bad\udcff"}, "--name must be a plain folder name in UTF-8"),
+])
+def test_values_that_would_be_ignored_or_overflow_are_refused(flags, match):
+    with pytest.raises(ValueError, match=match):
+        C.load(None, flags)
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"clients = 4\n# caf\xe9\n")
+    with pytest.raises(ValueError, match=r"^--config: .*c.toml' is not UTF-8 text \(byte 17"):
+        C.load(str(path))

@@ -299,3 +299,10 @@ def test_cli_sweep_subcommand_reports_bad_file(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "missing.toml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CONFIG" in err[0] and "missing.toml" in err[0]
+
+
+def test_a_sweep_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_bytes(b"seeds = [0]\n# \xff\n")
+    with pytest.raises(ValueError, match=r"^CONFIG: .*s.toml' is not UTF-8 text \(byte 14"):
+        sweep.load_plan(str(path))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mhd_fast.topology import (GRAPHS, GraphSchedule, describe, make_graph, make_schedule,
+from mhd_fast.topology import (GRAPHS, OPTIONS, GraphSchedule, describe, make_graph, make_schedule,
                                mixing_matrix, spectral_gap, validate_adj)
 
 STATIC = [g for g in GRAPHS if g not in ("file", "matching")]
@@ -189,8 +189,18 @@ def test_resampled_random_graph_schedule():
 def test_schedule_validates_early():
     with pytest.raises(ValueError, match="degree"):
         make_schedule("regular", 5, degree=3)
-    with pytest.raises(ValueError, match="graph options"):
+    with pytest.raises(ValueError, match="'ring' takes no options, got radius"):
         make_schedule("ring", 5, radius=2)
+
+
+@pytest.mark.parametrize("name", GRAPHS)
+def test_an_option_a_graph_does_not_read_is_refused(name):
+    """Each graph reads only its own options: ring with k = 2 would silently be the ring."""
+    for option, value in (("k", 2), ("degree", 2), ("p", 0.5), ("islands", 2), ("path", "x")):
+        if option in OPTIONS[name]:
+            continue
+        with pytest.raises(ValueError, match=f"graph '{name}' takes .*got {option}"):
+            make_schedule(name, 6, **{option: value})
 
 
 # ---- describe -----------------------------------------------------------------------------

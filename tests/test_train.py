@@ -222,6 +222,14 @@ def test_resume_refuses_other_options(tmp_path):
         train.run(small(tmp_path, out=str(tmp_path / "none")), resume=True)
 
 
+@pytest.mark.parametrize("spec", ["mlp:16x8", "cnn:4x6-8"])
+def test_the_memory_check_counts_the_weights_that_setup_draws(spec):
+    sim = train.setup(small(model=[spec]))
+    arch = sim.groups[0].arch
+    assert models.num_params(arch, sim.data.input_shape, 10, 3) == models.num_params_per_client(sim.groups)[0]
+    assert models.num_params(arch, sim.data.input_shape, 10, 0) < models.num_params_per_client(sim.groups)[0]
+
+
 def test_data_dependent_errors_name_the_option():
     with pytest.raises(ValueError, match="--clients"):
         train.setup(small(clients=5000))
