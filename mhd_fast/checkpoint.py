@@ -3,8 +3,8 @@
 It holds everything the next round reads: the stacked weights, the optimizer state (per
 client, elementwise), the training generator, the step counter, the stale exchange buffers
 and the public rows they were made on, and the metrics so far. The file is written to a temp
-file in the same folder and renamed over the old one, so a kill at any moment leaves either
-the previous checkpoint or the new one, never half of one. It holds plain tensors and
+file in the same folder and renamed over the old one (``outdir.atomic_write``), so a kill at
+any moment leaves either the previous checkpoint or the new one, never half of one. It holds plain tensors and
 containers only, so it loads with ``torch.load(weights_only=True)``.
 
 One file per run, whatever the number of processes: every per-client tensor is whole
@@ -24,6 +24,7 @@ from torch import Tensor
 from . import distributed as D
 from .config import Config, to_dict
 from .ops.api import TopKLogits
+from .outdir import atomic_write
 
 FILENAME = "checkpoint.pt"
 VERSION = 2
@@ -112,12 +113,7 @@ def save(path: str, sim, rounds_done: int, history: list[dict], totals: dict) ->
                    "bytes_dense": totals["bytes_dense"],
                    "bytes_cross_rank": sum(p["bytes_cross_rank"] for p in pieces)},
     }
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 # ---- restore -------------------------------------------------------------------------------

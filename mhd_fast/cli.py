@@ -172,13 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         from .sweep import sweep_main
         return sweep_main(args)  # prints its own one-line errors (status 2)
     from .distributed import PeerFailure, launched, leave
+    from .outdir import OutputError
     try:
         status = cmd_run(args) if args.command == "run" else cmd_graph(args)
         if launched():
             leave(status)  # past gloo's teardown at interpreter exit (distributed.leave)
         return status
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OutputError) as e:
         # TypeError: a topology given an option it does not take (its keyword arguments).
+        # OutputError: a write to --out failed (a full disk); the last checkpoint is whole.
         where = f"rank {os.environ.get('RANK', '?')}: " if launched() else ""
         parser.error(where + (str(e).splitlines()[0] if str(e) else type(e).__name__))
     except PeerFailure as e:  # another process of a torchrun launch died or hangs

@@ -19,6 +19,8 @@ import os
 import torch
 from torch import Tensor
 
+from .outdir import atomic_write
+
 
 def private_shared(correct: Tensor, y: Tensor, label_dist: Tensor) -> tuple[Tensor, Tensor]:
     """correct [N, H1, T] bool, y [T] int64, label_dist [N, V] (rows sum to 1)
@@ -72,16 +74,6 @@ def best_aux(shared_acc: dict[str, float]) -> tuple[str, float] | None:
 
 
 # ---- files ---------------------------------------------------------------------------------
-
-def atomic_write(path: str, data: bytes | str) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def rounds_csv(metrics: dict) -> str:
     """One row per (round, head): round, time_s, bytes_sent, bytes_dense, bytes_cross_rank,

@@ -40,6 +40,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from . import metrics as M
 from . import models
+from . import outdir
 from .config import Config, to_dict
 from .data import Dataset, load_dataset, split_public, synthetic_bytes
 from .exchange import WIRE_DTYPES, Received, edges_into, heads_sent, neighbour_mean, students
@@ -446,21 +447,43 @@ def run(cfg: Config, *, resume: bool = False) -> dict | None:
             D.shutdown(clean)
 
 
-def _run(cfg: Config, resume: bool) -> dict | None:
-    from tqdm import tqdm
+def _claim(out: str, shard: D.Shard) -> outdir.Claim | None:
+    """Rank 0 (which alone writes) claims the output folder; every rank stops with its error."""
+    held, error = None, None
+    if shard.lead:
+        try:
+            held = outdir.claim(out)
+        except ValueError as e:
+            error = str(e)
+    error = D.scatter_objects([error] * shard.world if shard.lead else None, shard,
+                              "claiming the output folder")
+    if error is not None:
+        raise ValueError(error)
+    return held
 
+
+def _run(cfg: Config, resume: bool) -> dict | None:
     sim = setup(cfg)
-    lead = sim.shard.lead
-    path = os.path.join(cfg.out, ckpt.FILENAME)
     history: list[dict] = []
     totals = {"edge_bytes": torch.zeros(sim.shard.size, cfg.clients, dtype=torch.int64),
               "bytes_dense": 0}
     start = 0
     if resume:
-        start, history, totals = ckpt.restore(path, sim)
-    if lead:
-        os.makedirs(cfg.out, exist_ok=True)
+        start, history, totals = ckpt.restore(os.path.join(cfg.out, ckpt.FILENAME), sim)
+    held = _claim(cfg.out, sim.shard)
+    try:
+        return _rounds(sim, start, history, totals)
+    finally:
+        if held is not None:
+            held.release()
 
+
+def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict) -> dict | None:
+    """Rounds start .. cfg.rounds − 1, then the outputs (rank 0's metrics, None elsewhere)."""
+    from tqdm import tqdm
+
+    cfg, lead = sim.cfg, sim.shard.lead
+    path = os.path.join(cfg.out, ckpt.FILENAME)
     bar = tqdm(range(start, cfg.rounds), initial=start, total=cfg.rounds, desc=cfg.name,
                unit="round", disable=not (cfg.progress and lead), dynamic_ncols=True)
     evaluated = False

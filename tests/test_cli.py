@@ -1,5 +1,7 @@
 """The command line end to end: a digits run, one-line errors with exit status 2 and no output
-left behind, `mhd-fast graph`, and a run killed mid-way that resumes to the same metrics."""
+left behind, `mhd-fast graph`, a run killed mid-way that resumes to the same metrics, one run
+per output folder, and an output folder that cannot be written."""
+import errno
 import json
 import os
 import signal
@@ -10,7 +12,7 @@ import time
 import pytest
 import torch
 
-from mhd_fast import cli
+from mhd_fast import cli, outdir, train
 
 SMALL = ["--clients", "6", "--rounds", "3", "--steps-per-round", "4", "--model", "mlp:32x16",
          "--heads", "2", "--lr", "1e-2", "--no-progress"]
@@ -75,6 +77,7 @@ def test_progress_bar_shows_mean_accuracies(tmp_path):
     (["--partition", "shards", "--shards", "1000"], "--partition"),
     (["--batch-size", "10000000000"], "--batch-size"),
     (["--model", "mlp:10000000000"], "--model"),
+    (["--name", "x" * 300], "--out"),
     (["--name", "bad\udcff"], "--name"),  # how Python passes an argument that is not UTF-8
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, monkeypatch, args,
@@ -100,6 +103,127 @@ def test_bad_config_file_from_the_real_entry_point(tmp_path):
                                   f"{str(path)!r}; known keys: " + ", ".join(
                                       __import__("mhd_fast.config").config.FIELDS))
     assert "Traceback" not in res.stderr and not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("case", ["a file", "below a file", "too long", "not UTF-8"])
+def test_an_unusable_out_is_one_line_before_any_training(tmp_path, capsys, monkeypatch, case):
+    (tmp_path / "f").write_text("keep")
+    out = {"a file": tmp_path / "f", "below a file": tmp_path / "f" / "run",
+           "too long": tmp_path / ("x" * 300), "not UTF-8": tmp_path / "bad\udcff"}[case]
+    monkeypatch.setattr(train, "train_round", lambda *a: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--clients", "3", "--model", "mlp:8", "--rounds", "1", "--out", str(out),
+                  "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mhd-fast: error: --out"), err
+    assert os.listdir(tmp_path) == ["f"] and (tmp_path / "f").read_text() == "keep"
+
+
+def _read_only(monkeypatch, folder) -> None:
+    """Make files impossible to create in ``folder``: its mode, and for root (whom modes do
+    not stop) a refusal of outdir's file creation there."""
+    os.chmod(folder, 0o555)
+    if os.geteuid() == 0:
+        real = os.open
+
+        def refuse(path, flags, *a, **kw):
+            if os.path.dirname(os.path.abspath(path)) == str(folder) and flags & os.O_CREAT:
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return real(path, flags, *a, **kw)
+
+        def refuse_open(path, mode="r", *a, **kw):
+            if "x" in mode or "w" in mode:
+                refuse(path, os.O_CREAT)
+            return open(path, mode, *a, **kw)
+
+        monkeypatch.setattr(outdir.os, "open", refuse)
+        monkeypatch.setattr(outdir, "open", refuse_open, raising=False)
+
+
+def test_an_unwritable_out_fails_before_training_even_without_checkpoints(tmp_path, capsys,
+                                                                           monkeypatch):
+    out = tmp_path / "ro"
+    out.mkdir()
+    _read_only(monkeypatch, out)
+    monkeypatch.setattr(train, "train_round", lambda *a: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--clients", "3", "--model", "mlp:8", "--rounds", "1", "--out", str(out),
+                  "--no-checkpoint", "--no-progress"])
+    os.chmod(out, 0o755)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mhd-fast: error: --out: cannot"), err
+    assert str(out) in err[0] and err[0].endswith("Permission denied")
+
+
+@pytest.mark.parametrize("victim", ["checkpoint.pt", "metrics.json"])
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, capsys, monkeypatch, victim):
+    """A write that fails with ENOSPC (torch.save turns it into a RuntimeError) stops the run
+    with one line naming the file; the temp file goes, the previous files stay whole."""
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full_open(path, *a, **kw):
+        f = open(path, *a, **kw)
+        return Full(f) if os.path.basename(path).startswith(victim + ".") else f
+
+    monkeypatch.setattr(outdir, "open", full_open, raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--clients", "3", "--model", "mlp:8", "--rounds", "2", "--steps-per-round",
+                  "2", "--out", str(out), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mhd-fast: error: --out: cannot write {str(out / victim)!r}: No space left "
+                   "on device"]
+    left = os.listdir(out)
+    assert not [f for f in left if f.endswith(".tmp")], left
+    assert victim not in left
+
+
+def _wait_for(path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists() and proc.poll() is None, "the run ended before it could be watched"
+
+
+def test_one_run_per_out_and_a_killed_runs_lock_is_free(tmp_path, capsys):
+    out = tmp_path / "busy"
+    args = ["run", "--clients", "3", "--model", "mlp:8", "--rounds", "100000", "--steps-per-round",
+            "1", "--no-progress", "--out", str(out)]
+    first = subprocess.Popen([sys.executable, "-m", "mhd_fast", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(out / "checkpoint.pt", first)
+        for extra in ([], ["--resume"]):  # a second run, here, while the first one trains
+            with pytest.raises(SystemExit) as e:
+                cli.main([*args, *extra])
+            assert e.value.code == 2
+            assert capsys.readouterr().err == (
+                f"mhd-fast: error: --out: {str(out)!r} is in use by another run (pid {first.pid}); "
+                "wait for it to finish or use another --out\n")
+    finally:
+        first.kill()
+        first.wait()
+    stale = out / f"checkpoint.pt.{first.pid}.0123abcd.tmp"  # as a kill mid-write leaves it
+    stale.write_bytes(b"half")
+    with outdir.claim(str(out)):  # the dead run's lock went with it
+        assert not stale.exists() and (out / "checkpoint.pt").exists()
 
 
 def test_graph_command_prints_the_spectral_gap(capsys):
