@@ -7,7 +7,9 @@
 
 Every field of ``config.Config`` is a flag of ``run`` (``public_fraction`` ->
 ``--public-fraction``); flags override the file, the file overrides the defaults. Bad input
-prints one line ``mhd-fast: error: ...`` naming the option and exits with status 2.
+prints one line ``mhd-fast: error: ...`` naming the option and exits with status 2, as does an
+output folder that cannot be written (or is in use by another run). A run whose loss or weights
+stop being finite prints one line ``mhd-fast: diverged in round R ...`` and exits with status 3.
 
 Under torchrun (``torchrun --nproc-per-node P -m mhd_fast run ...``) the same command shards
 the clients over the P processes (``mhd_fast.distributed``); rank 0 prints and writes the
@@ -109,6 +111,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     metrics = run(cfg, resume=args.resume)
     if metrics is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return 0
+    if metrics["status"] == "diverged":
+        sys.stderr.write(f"{PROG}: {M.divergence(metrics)}\n")
+        return 3
     fin = metrics["final"]
     heads = "  ".join(f"{h}: private {fin['private_acc'][h]:.4f} shared {fin['shared_acc'][h]:.4f}"
                       for h in fin["shared_acc"])

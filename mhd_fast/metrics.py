@@ -157,16 +157,43 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GB"
 
 
+def divergence(metrics: dict) -> str:
+    """One line on a diverged run: the round, what was not finite, what is kept."""
+    d, cfg = metrics["diverged"], metrics["config"]
+    what = " and ".join(k for k in ("loss", "weights") if d[k])
+    kept = (f"{d['round']} finished rounds in metrics.json"
+            + (f", their state in {os.path.join(cfg['out'], 'checkpoint.pt')}"
+               if cfg["checkpoint"] and d["round"] > 0 else ", no checkpoint"))
+    return (f"diverged in round {d['round']} (0-based) of {cfg['rounds']}: the {what} "
+            f"{'were' if ' and ' in what else 'was'} not finite (NaN or inf); kept: {kept}")
+
+
 def report_md(metrics: dict, graph_info: dict) -> str:
-    """A short human summary of a finished run."""
-    cfg, fin = metrics["config"], metrics["final"]
+    """A short human summary of a run: the final accuracies of a finished one, what happened
+    to a diverged one."""
+    cfg = metrics["config"]
     total_time = sum(rec["time_s"] for rec in metrics["rounds"])
     lines = [f"# {cfg['name']}", "",
              f"method **{cfg['method']}** on **{cfg['dataset']}**: {cfg['clients']} clients, "
              f"partition {cfg['partition']}, graph {cfg['graph']} (spectral gap "
              f"{graph_info.get('spectral_gap', float('nan')):.3f}), model {' + '.join(cfg['model'])}, "
              f"{cfg['heads']} aux heads, {len(metrics['rounds'])} rounds x {cfg['steps_per_round']} steps.",
-             "", "| head | private acc | shared acc | worst-10% shared |", "|---|---|---|---|"]
+             ""]
+    if metrics.get("status") == "diverged":
+        lines += [f"**The run diverged**: {divergence(metrics)}. It has no final accuracies; "
+                  "lower --lr, or the loss weights, and run again.", ""]
+        if metrics["rounds"]:
+            last = metrics["rounds"][-1]
+            lines += [f"Mean accuracies after round {last['round']}, the last finite one:", "",
+                      "| head | private acc | shared acc |", "|---|---|---|"]
+            lines += [f"| {h} | {last['private_acc'][h]:.4f} | {last['shared_acc'][h]:.4f} |"
+                      for h in last["shared_acc"]]
+            lines.append("")
+        lines += ["Files: metrics.json, metrics.csv (per round and head)"
+                  + (", accuracy.png, bytes.png" if metrics["rounds"] else "") + ".", ""]
+        return "\n".join(lines)
+    fin = metrics["final"]
+    lines += ["| head | private acc | shared acc | worst-10% shared |", "|---|---|---|---|"]
     for head in fin["shared_acc"]:
         lines.append(f"| {head} | {fin['private_acc'][head]:.4f} | {fin['shared_acc'][head]:.4f} | "
                      f"{fin['worst10_shared_acc'][head]:.4f} |")
@@ -189,12 +216,15 @@ def report_md(metrics: dict, graph_info: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(out: str, metrics: dict, private: Tensor, shared: Tensor, graph_info: dict) -> None:
+def write_outputs(out: str, metrics: dict, private: Tensor | None, shared: Tensor | None,
+                  graph_info: dict) -> None:
     """Every output file, each written atomically; metrics.json last, so that its presence
-    means the run finished."""
-    os.makedirs(out, exist_ok=True)
+    means the run ended (its "status" says how). A diverged run (private = shared = None)
+    has no clients.csv, and no plots when no round finished."""
     atomic_write(os.path.join(out, "metrics.csv"), rounds_csv(metrics))
-    atomic_write(os.path.join(out, "clients.csv"), clients_csv(private, shared))
-    plot(metrics, out)
+    if private is not None:
+        atomic_write(os.path.join(out, "clients.csv"), clients_csv(private, shared))
+    if metrics["rounds"]:
+        plot(metrics, out)
     atomic_write(os.path.join(out, "report.md"), report_md(metrics, graph_info))
     atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1) + "\n")

@@ -30,9 +30,12 @@ with any ``heads``) are one run, listed under every grid that names it.
 Each run lives in ``OUT/[VARIANT/]NAME/sSEED`` where NAME joins what the run changes in base
 (``graph=ring,heads=4``; ``base`` when nothing). A run whose ``metrics.json`` is complete is
 skipped and a run with a checkpoint resumes from it (``run --resume``), so a killed sweep is
-continued by the same command. ``OUT/summary.json`` and ``OUT/summary.csv`` hold one row per
-variant and grid point: its overrides and the mean, std (ddof = 1) and per-seed values of
-every final metric. Bad input: one line ``mhd-fast: error: ...`` and exit status 2.
+continued by the same command. A run that diverged (its loss or weights stopped being finite)
+is not run again, since it would diverge the same way: the summary lists it under
+``diverged`` and the command exits with status 3 after every other run. ``OUT/summary.json``
+and ``OUT/summary.csv`` hold one row per variant and grid point: its overrides and the mean,
+std (ddof = 1) and per-seed values of every final metric of its finished runs. Bad input: one
+line ``mhd-fast: error: ...`` and exit status 2.
 """
 from __future__ import annotations
 
@@ -320,8 +323,9 @@ def _comparable(d: dict) -> dict:
 
 
 def status(cfg: C.Config) -> str:
-    """'done' (metrics.json complete for these options), 'resume' (a checkpoint to continue
-    from) or 'new'. ValueError when the folder holds a run made with other options."""
+    """'done' (metrics.json complete for these options), 'diverged' (metrics.json of a run
+    that diverged), 'resume' (a checkpoint to continue from) or 'new'. ValueError when the
+    folder holds a run made with other options."""
     from .checkpoint import FILENAME
 
     path = os.path.join(cfg.out, "metrics.json")
@@ -340,6 +344,8 @@ def status(cfg: C.Config) -> str:
                 raise ValueError(f"--out: {cfg.out!r} holds a run made with {key} = "
                                  f"{got.get(key)!r}, this sweep has {want.get(key)!r}; "
                                  "remove that folder or use another --out")
+            if metrics.get("status") == "diverged":
+                return "diverged"
             if len(metrics.get("rounds", [])) == cfg.rounds and "final" in metrics:
                 return "done"
     return "resume" if os.path.exists(os.path.join(cfg.out, FILENAME)) else "new"
@@ -362,7 +368,8 @@ def _execute(cfg: C.Config, resume: bool, threads: int) -> dict:
 def run_plan(plan: Plan, *, jobs: int = 1, threads: int | None = None,
              progress: bool = True) -> dict:
     """Run every (run, seed) of ``plan`` not yet done, ``jobs`` at a time, then write the
-    summary. Returns {"ran": n, "skipped": n, "summary": rows}."""
+    summary. Returns {"ran": n, "skipped": n (finished or diverged before), "diverged": [run
+    folders relative to OUT], "summary": rows}."""
     from tqdm import tqdm
 
     if jobs < 1:
@@ -377,7 +384,7 @@ def run_plan(plan: Plan, *, jobs: int = 1, threads: int | None = None,
     for run, seed in plan.jobs():
         cfg = dataclasses.replace(plan.config(run, seed), progress=progress and jobs == 1)
         state = status(cfg)
-        if state != "done":
+        if state not in ("done", "diverged"):
             todo.append((cfg, state == "resume"))
     skipped = len(plan.runs) * len(plan.seeds) - len(todo)
     bar = tqdm(total=len(todo) + skipped, initial=skipped, desc="sweep", unit="run",
@@ -385,7 +392,8 @@ def run_plan(plan: Plan, *, jobs: int = 1, threads: int | None = None,
 
     def done(cfg: C.Config, metrics: dict) -> None:
         bar.update(1)
-        bar.set_postfix_str(f"{cfg.name}: shared head0 "
+        bar.set_postfix_str(f"{cfg.name}: diverged" if metrics["status"] == "diverged" else
+                            f"{cfg.name}: shared head0 "
                             f"{metrics['final']['shared_acc']['head0']:.3f}")
 
     try:
@@ -406,7 +414,14 @@ def run_plan(plan: Plan, *, jobs: int = 1, threads: int | None = None,
         bar.close()
     rows = summarize(plan)
     write_summary(plan.out, rows)
-    return {"ran": len(todo), "skipped": skipped, "summary": rows}
+    diverged = [os.path.join(r["variant"], r["run"], f"s{s}") for r in _unique_runs(rows)
+                for s in r["diverged"]]
+    return {"ran": len(todo), "skipped": skipped, "diverged": diverged, "summary": rows}
+
+
+def _unique_runs(rows: list[dict]) -> list[dict]:
+    """One row per run (a run listed under several grids has a row in each)."""
+    return list({(r["variant"], r["run"]): r for r in rows}.values())
 
 
 # ---- summary -------------------------------------------------------------------------------
@@ -442,14 +457,18 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 def summarize(plan: Plan) -> list[dict]:
     """One row per variant and grid point: {"variant", "grid", "point", "run", "seeds", "dirs"
-    (run folders relative to OUT), "metrics": {name: {"mean", "std", "values"}}}. Seeds whose
-    run has not finished are left out."""
+    (run folders relative to OUT), "diverged" (the seeds whose run diverged), "metrics":
+    {name: {"mean", "std", "values"}}}. Seeds whose run has not finished are left out of
+    seeds, dirs and metrics."""
     rows = []
     for run in plan.runs:
-        seeds, dirs, values = [], [], {}
+        seeds, dirs, values, diverged = [], [], {}, []
         for seed in plan.seeds:
             cfg = plan.config(run, seed)
-            if status(cfg) != "done":
+            state = status(cfg)
+            if state == "diverged":
+                diverged.append(seed)
+            if state != "done":
                 continue
             with open(os.path.join(cfg.out, "metrics.json")) as f:
                 m = json.load(f)
@@ -464,18 +483,19 @@ def summarize(plan: Plan) -> list[dict]:
                 stats[k] = {"mean": mean, "std": std, "values": vals}
         for gname, point in run.points:
             rows.append({"variant": run.variant, "grid": gname, "point": point, "run": run.name,
-                         "seeds": seeds, "dirs": dirs, "metrics": stats})
+                         "seeds": seeds, "dirs": dirs, "diverged": diverged, "metrics": stats})
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     # Stable sort: by variant, then grid in file order, then points in the order they were made.
     return sorted(rows, key=lambda r: (variants.index(r["variant"]), plan.grids.index(r["grid"])))
 
 
 def summary_csv(rows: list[dict]) -> str:
-    """variant, grid, run, point (key=value;...), n_seeds, then METRIC_mean / METRIC_std columns."""
+    """variant, grid, run, point (key=value;...), n_seeds (finished), n_diverged, then
+    METRIC_mean / METRIC_std columns."""
     names = sorted({k for r in rows for k in r["metrics"]})
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["variant", "grid", "run", "point", "n_seeds"]
+    w.writerow(["variant", "grid", "run", "point", "n_seeds", "n_diverged"]
                + [f"{n}_{s}" for n in names for s in ("mean", "std")])
     for r in rows:
         cells = []
@@ -484,7 +504,7 @@ def summary_csv(rows: list[dict]) -> str:
             cells += ["", ""] if st is None else [
                 f"{st['mean']:.6g}", "" if st["std"] is None else f"{st['std']:.6g}"]
         w.writerow([r["variant"], r["grid"], r["run"], ";".join(f"{k}={_fmt(v)}" for k, v in r["point"].items()),
-                    len(r["seeds"])] + cells)
+                    len(r["seeds"]), len(r["diverged"])] + cells)
     return buf.getvalue()
 
 
@@ -507,17 +527,19 @@ def load_summary(out: str) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A short text table: grid, run, seeds, shared accuracy of head 0 and of the best aux."""
+    """A short text table: grid, run, finished and diverged seeds, shared accuracy of head 0
+    and of the best aux."""
     def cell(st):
         if st is None:
             return "-"
         return f"{st['mean']:.4f}" + ("" if st["std"] is None else f" ± {st['std']:.4f}")
 
-    lines = [f"{'grid':<14} {'run':<48} {'seeds':>5}  {'shared head0':>17}  {'best aux shared':>17}"]
+    lines = [f"{'grid':<14} {'run':<48} {'seeds':>5} {'diverged':>8}  {'shared head0':>17}  "
+             f"{'best aux shared':>17}"]
     for r in rows:
         m = r["metrics"]
         run = os.path.join(r["variant"], r["run"]) if r["variant"] else r["run"]
-        lines.append(f"{r['grid']:<14} {run:<48} {len(r['seeds']):>5}  "
+        lines.append(f"{r['grid']:<14} {run:<48} {len(r['seeds']):>5} {len(r['diverged']):>8}  "
                      f"{cell(m.get('shared_acc.head0')):>17}  {cell(m.get('best_aux_shared_acc')):>17}")
     return "\n".join(lines)
 
@@ -543,7 +565,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 def sweep_main(args: argparse.Namespace) -> int:
     """Run the sweep of ``args`` and print its summary table. Bad input: one line on stderr
-    and status 2."""
+    and status 2; some runs diverged: one line naming them and status 3."""
     try:
         plan = load_plan(args.config, args.out, quick=args.quick)
         result = run_plan(plan, jobs=args.jobs, threads=args.threads, progress=args.progress)
@@ -556,6 +578,10 @@ def sweep_main(args: argparse.Namespace) -> int:
     print(format_table(result["summary"]))
     print(f"{result['ran']} run(s) made, {result['skipped']} already done; summary in "
           f"{os.path.join(plan.out, SUMMARY_CSV)} and {SUMMARY_JSON}")
+    if result["diverged"]:
+        sys.stderr.write(f"{PROG}: {len(result['diverged'])} run(s) diverged (status "
+                         f"\"diverged\" in their metrics.json): {', '.join(result['diverged'])}\n")
+        return 3
     return 0
 
 

@@ -4,7 +4,9 @@ Reads top to bottom: ``setup`` turns a Config into data, clients, graph and mode
 ``train_round`` runs the local steps of one round (private CE step, predictions on the public
 batch, exchange over the graph, the fused distillation loss, one optimizer step for all
 clients); ``evaluate`` measures private and shared accuracy; ``run`` loops over rounds with a
-checkpoint after each and writes the outputs.
+checkpoint after each and writes the outputs. A round whose loss or weights are not finite
+stops the run ("diverged"): its state is not saved, so the last checkpoint stays the last
+finite state.
 
 One step, for all N clients at once (the loss is the SUM over clients of each client's own
 loss, so each client's gradient is its own):
@@ -73,6 +75,7 @@ class Simulation:
     received: Received | None = None     # the latest exchange (stale between refreshes)
     public_batch: Tensor | None = None   # [B] the public rows of that exchange
     bytes_cross_rank: int = 0     # bytes this process sent to other processes, over the run
+    loss_sum: Tensor | None = None  # the steps' losses since the last ``nonfinite`` check (device)
 
     @property
     def distills(self) -> bool:
@@ -366,6 +369,8 @@ def local_step(sim: Simulation, adj: Tensor, cut: D.Cut | None = None) -> Receiv
             mse = (emb_pub - target).square().mean(dim=(1, 2))
             loss = loss + cfg.nu_emb * torch.where(has, mse, torch.zeros_like(mse)).sum()
 
+    # summed on the device, checked once a round by ``nonfinite``: no host sync per step
+    sim.loss_sum = loss.detach() if sim.loss_sum is None else sim.loss_sum + loss.detach()
     sim.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     for group in sim.optimizer.param_groups:
@@ -394,6 +399,15 @@ def train_round(sim: Simulation, r: int) -> tuple[Tensor, Tensor]:
         sent += weights
         dense += weights
     return sent, dense
+
+
+def nonfinite(sim: Simulation) -> Tensor:
+    """[2] int64 on the device: whether the steps' loss since the last call was not finite,
+    and how many weight tensors of this process hold a NaN or inf. Starts a new loss sum."""
+    loss = sim.loss_sum if sim.loss_sum is not None else torch.zeros((), device=sim.device)
+    sim.loss_sum = None
+    weights = torch.stack([p.isfinite().all() for p in models.parameters(sim.groups)])
+    return torch.stack([~loss.isfinite(), (~weights).sum()]).long()
 
 
 # ---- evaluation ----------------------------------------------------------------------------
@@ -434,8 +448,11 @@ def evaluate(sim: Simulation, chunk: int | None = None) -> tuple[Tensor | None, 
 
 def run(cfg: Config, *, resume: bool = False) -> dict | None:
     """Train for cfg.rounds rounds, checkpointing after each; write the outputs to cfg.out.
-    Returns the metrics dict (the content of metrics.json); under torchrun the run is
-    sharded over the ranks, rank 0 writes and returns the metrics, the others return None."""
+    Returns the metrics dict (the content of metrics.json): ``status`` "finished", or
+    "diverged" when a round's loss or weights were not finite (the run stops there; its
+    checkpoint is the last finite state). Under torchrun the run is sharded over the ranks,
+    rank 0 writes and returns the metrics, the others return None. While it runs it holds
+    cfg.out (``outdir.claim``): another run on the same folder raises ValueError."""
     owned = D.init(resolve_device(cfg.device), cfg.dist_timeout)
     clean = False
     try:
@@ -487,14 +504,20 @@ def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict) -> d
     bar = tqdm(range(start, cfg.rounds), initial=start, total=cfg.rounds, desc=cfg.name,
                unit="round", disable=not (cfg.progress and lead), dynamic_ncols=True)
     evaluated = False
+    diverged = None
     for r in bar:
         t0 = time.perf_counter()
         cross_before = sim.bytes_cross_rank
         edge_sent, edge_dense = train_round(sim, r)
-        counts = torch.stack([edge_sent.sum(), edge_dense.sum(),
-                              edge_sent.new_tensor(sim.bytes_cross_rank - cross_before)])
-        # sync: also an honest round time
-        sent, dense, cross = D.all_sum(counts, sim.shard, "the byte counts").tolist()
+        counts = torch.cat([torch.stack([edge_sent.sum(), edge_dense.sum(),
+                                         edge_sent.new_tensor(sim.bytes_cross_rank - cross_before)]),
+                            nonfinite(sim)])
+        # sync: also an honest round time, and the round's divergence check on every rank
+        sent, dense, cross, bad_loss, bad_weights = D.all_sum(counts, sim.shard,
+                                                              "the byte counts").tolist()
+        if bad_loss or bad_weights:
+            diverged = {"round": r, "loss": bool(bad_loss), "weights": bool(bad_weights)}
+            break
         time_s = time.perf_counter() - t0
         totals["edge_bytes"] += edge_sent.cpu()
         totals["bytes_dense"] += dense
@@ -506,6 +529,14 @@ def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict) -> d
             bar.set_postfix(_postfix(rec))
         if cfg.checkpoint:
             ckpt.save(path, sim, r + 1, history, totals)
+    bar.close()
+    if diverged is not None:
+        if not lead:
+            return None
+        metrics = {"status": "diverged", "config": to_dict(cfg), "world_size": sim.shard.world,
+                   "rounds": history, "diverged": diverged}
+        M.write_outputs(cfg.out, metrics, None, None, describe(sim.schedule))
+        return metrics
     if not evaluated:  # resumed a run that had already finished: measure the final state
         private, shared, ensemble = evaluate(sim)
 
@@ -516,7 +547,8 @@ def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict) -> d
     total, used, cross = D.all_sum(counts, sim.shard, "the byte totals").tolist()
     if not lead:
         return None
-    metrics = {"config": to_dict(cfg), "world_size": sim.shard.world, "rounds": history,
+    metrics = {"status": "finished", "config": to_dict(cfg), "world_size": sim.shard.world,
+               "rounds": history,
                "final": M.final_record(private, shared, ensemble, total, totals["bytes_dense"],
                                        total / max(1, used), bytes_cross_rank=cross)}
     M.write_outputs(cfg.out, metrics, private, shared, describe(sim.schedule))

@@ -369,17 +369,10 @@ def section_models(page: Page, variants: list[str]) -> None:
     page.made_by(("models",), s.grid(variants[0], "models")[-1])
 
 
-def diverged(study: Study, row: dict) -> int:
-    """How many seeds of a run ended with non-finite weights (the loss went to NaN or inf):
-    read from the last checkpoint of each seed."""
-    from mhd_fast.checkpoint import FILENAME
-
-    count = 0
-    for rel in row["dirs"]:
-        state = torch.load(os.path.join(study.plan.out, rel, FILENAME), weights_only=True)
-        count += any(not bool(torch.isfinite(p).all()) for group in state["params"]
-                     for p in group.values())
-    return count
+def diverged(row: dict) -> int:
+    """How many seeds of a run diverged (its loss or weights became NaN or inf, which stopped
+    it); the row's numbers are those of the other seeds."""
+    return len(row["diverged"])
 
 
 def section_comm(page: Page, variants: list[str]) -> None:
@@ -389,13 +382,13 @@ def section_comm(page: Page, variants: list[str]) -> None:
     markers = {"float32": "o", "float16": "s", "bfloat16": "^"}
     for ax, v in zip(axes, variants):
         rows = list({r["run"]: r for g in grids for r in s.grid(v, g)}.values())
-        cfgs = [s.config(r, r["seeds"][0]) for r in rows]
+        cfgs = [s.config(r, s.plan.seeds[0]) for r in rows]  # a run's options: any seed's
         dense = {c.aggregate: r for r, c in zip(rows, cfgs)
                  if c.topk == 0 and c.wire_dtype == "float32"}
         page.add(f"**{s.dataset(v)}** (bytes over all edges of the run; accuracy %; the last "
                  "column against dense fp32 logits with the same aggregate)", "")
         body = []
-        bad = {r["run"]: diverged(s, r) for r in rows}
+        bad = {r["run"]: diverged(r) for r in rows}
         for r, cfg in zip(rows, cfgs):
             ref = dense[cfg.aggregate]
             ratio = mean(r, "bytes_dense") / mean(r, "bytes_sent")
@@ -408,10 +401,12 @@ def section_comm(page: Page, variants: list[str]) -> None:
                                                   if bad[r["run"]] else "")])
             color = "C0" if cfg.aggregate == "max_confidence" else "C1"
             st = stat(r, "best_aux_shared_acc")
-            ax.errorbar([mean(r, "bytes_sent")], [100 * st["mean"]], yerr=[100 * (st["std"] or 0)],
-                        marker=markers[cfg.wire_dtype], capsize=3, color=color)
-            ax.annotate(what, (mean(r, "bytes_sent"), 100 * st["mean"]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if st is not None:  # None: every seed diverged
+                ax.errorbar([mean(r, "bytes_sent")], [100 * st["mean"]],
+                            yerr=[100 * (st["std"] or 0)], marker=markers[cfg.wire_dtype],
+                            capsize=3, color=color)
+                ax.annotate(what, (mean(r, "bytes_sent"), 100 * st["mean"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
             if cfg.topk == 2:
                 ok = ratio >= 3 and delta >= -0.01 and not bad[r["run"]]
                 page.findings.append(
@@ -420,7 +415,7 @@ def section_comm(page: Page, variants: list[str]) -> None:
                     f"{signed(delta)} ± "
                     f"{100 * diff_std(stat(r, 'best_aux_shared_acc'), stat(ref, 'best_aux_shared_acc')):.1f}"
                     " points of best aux shared accuracy against dense"
-                    + (f" (diverged in {bad[r['run']]} of {len(r['seeds'])} seeds: NaN weights)"
+                    + (f" (diverged in {bad[r['run']]} of {bad[r['run']] + len(r['seeds'])} seeds)"
                        if bad[r["run"]] else "")
                     + f"; the target (≥ 3× fewer bytes, ≤ 1 point less) is {'met' if ok else 'not met'}"
                     + ("" if ratio >= 3 else " (bytes: a packet row costs k·(value + 2-byte "
@@ -428,9 +423,9 @@ def section_comm(page: Page, variants: list[str]) -> None:
         page.table(["aggregate", "wire", "values", "bytes sent", "fewer than dense fp32",
                     "shared head 0", "shared best aux", "vs dense (points)"], body)
         if any(bad.values()):
-            page.add("*Diverged*: the last checkpoint of that many seeds holds NaN or inf weights "
-                     "(the loss became non-finite and took the weights with it); such a run "
-                     "predicts one class, so its accuracy is that class's share of the test set.", "")
+            page.add("*Diverged*: the loss or the weights of that many seeds became NaN or inf, "
+                     "which stopped those runs; the numbers of the row are those of the other "
+                     "seeds.", "")
         from matplotlib.lines import Line2D
 
         handles = ([Line2D([], [], color=c, marker="o", linestyle="none", label=a)
@@ -635,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(stamp, "w") as f:
                 json.dump({"sessions": sessions}, f, indent=1)
             rows = result["summary"]
-        missing = [f"{r['variant']}/{r['run']}" for r in rows if len(r["seeds"]) < len(plan.seeds)]
+        missing = [f"{r['variant']}/{r['run']}" for r in rows
+                   if len(r["seeds"]) + len(r["diverged"]) < len(plan.seeds)]
         if missing:
             raise ValueError(f"runs not finished: {', '.join(sorted(set(missing)))} "
                              "(run without --report-only to make them)")

@@ -1,6 +1,6 @@
 """The command line end to end: a digits run, one-line errors with exit status 2 and no output
-left behind, `mhd-fast graph`, a run killed mid-way that resumes to the same metrics, one run
-per output folder, and an output folder that cannot be written."""
+left behind, `mhd-fast graph`, a run killed mid-way that resumes to the same metrics, a diverged
+run (exit status 3), one run per output folder, and an output folder that cannot be written."""
 import errno
 import json
 import os
@@ -39,6 +39,7 @@ def test_end_to_end_run_on_digits(tmp_path):
     assert {"metrics.json", "metrics.csv", "clients.csv", "accuracy.png", "bytes.png",
             "report.md", "checkpoint.pt"} <= files
     m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "finished"
     assert [r["round"] for r in m["rounds"]] == [0, 1, 2]
     assert set(m["final"]["shared_acc"]) == {"head0", "head1", "head2"}
     assert m["config"]["topk"] == 3 and m["final"]["bytes_sent"] < m["final"]["bytes_dense"]
@@ -193,6 +194,22 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, capsys, monke
     left = os.listdir(out)
     assert not [f for f in left if f.endswith(".tmp")], left
     assert victim not in left
+
+
+def test_a_diverging_run_stops_with_status_diverged_and_exit_3(tmp_path):
+    out = tmp_path / "nan"
+    res = _run("run", "--rounds", "2", "--steps-per-round", "5", "--optimizer", "sgd", "--lr", "1e6",
+               "--no-progress", "--out", str(out))
+    assert res.returncode == 3, res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mhd-fast: diverged in round 0 (0-based) of 2: the "
+                                               "loss and weights were not finite"), err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "diverged" and m["rounds"] == [] and "final" not in m
+    assert m["diverged"] == {"round": 0, "loss": True, "weights": True}
+    report = (out / "report.md").read_text()
+    assert "diverged" in report and "MHD effect" not in report
+    assert not (out / "checkpoint.pt").exists()  # no finite round to keep
 
 
 def _wait_for(path, proc, timeout=300):

@@ -306,3 +306,22 @@ def test_a_sweep_file_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes(b"seeds = [0]\n# \xff\n")
     with pytest.raises(ValueError, match=r"^CONFIG: .*s.toml' is not UTF-8 text \(byte 14"):
         sweep.load_plan(str(path))
+
+
+def test_diverged_runs_are_reported_and_not_run_again(tmp_path, capsys):
+    text = TINY.replace("seeds = [0, 1]", "seeds = [0]").replace(
+        'heads = 2', 'heads = 2\noptimizer = "sgd"') + "[grid.g]\nlr = [0.01, 1e30]\n"
+    path, out = write(tmp_path, text), str(tmp_path / "o")
+    for _ in range(2):  # the second time both are known: nothing runs, the divergence stays
+        assert sweep.main([path, "--out", out, "--no-progress"]) == 3
+        std = capsys.readouterr()
+        assert std.err == ('mhd-fast: 1 run(s) diverged (status "diverged" in their metrics.json): '
+                           f"{os.path.join('lr=1e+30', 's0')}\n")
+    assert "0 run(s) made, 2 already done" in std.out
+    rows = {r["run"]: r for r in sweep.load_summary(out)}
+    assert rows["lr=1e+30"]["diverged"] == [0] and rows["lr=1e+30"]["seeds"] == []
+    assert rows["lr=1e+30"]["metrics"] == {}
+    assert rows["lr=0.01"]["diverged"] == [] and rows["lr=0.01"]["seeds"] == [0]
+    with open(os.path.join(out, "summary.csv")) as f:
+        table = {t["run"]: t for t in csv.DictReader(f)}
+    assert (table["lr=1e+30"]["n_seeds"], table["lr=1e+30"]["n_diverged"]) == ("0", "1")

@@ -214,6 +214,50 @@ def test_resume_after_a_crash_reaches_the_same_metrics(tmp_path, monkeypatch):
     assert _final(resumed) == _final(full)
 
 
+def test_a_round_that_goes_non_finite_stops_the_run_and_keeps_the_last_finite_state(
+        tmp_path, monkeypatch):
+    finished = train.run(small(tmp_path, out=str(tmp_path / "ok")))
+    assert finished["status"] == "finished"
+
+    real_round = train.train_round
+
+    def poisoned(sim, r):  # a weight of client 2 turns NaN during round 1
+        out = real_round(sim, r)
+        if r == 1:
+            with torch.no_grad():
+                sim.groups[0].params["fc0.weight"][2, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(train, "train_round", poisoned)
+    cfg = small(tmp_path, rounds=3)
+    m = train.run(cfg)
+    assert m["status"] == "diverged" and "final" not in m
+    assert m["diverged"] == {"round": 1, "loss": False, "weights": True}
+    assert [r["round"] for r in m["rounds"]] == [0]
+    assert json.load(open(os.path.join(cfg.out, "metrics.json"))) == json.loads(json.dumps(m))
+    state = torch.load(os.path.join(cfg.out, "checkpoint.pt"), weights_only=True)
+    assert state["rounds_done"] == 1  # the state after round 0, the last finite one
+    assert all(p.isfinite().all() for g in state["params"] for p in g.values())
+    report = open(os.path.join(cfg.out, "report.md")).read()
+    assert "The run diverged" in report and "MHD effect" not in report
+    assert not os.path.exists(os.path.join(cfg.out, "clients.csv"))
+
+
+def test_a_non_finite_loss_is_found_without_a_sync_per_step(monkeypatch):
+    """The loss is summed on the device and read once a round, with the weights' check."""
+    sim = train.setup(small(steps_per_round=4))
+    reads = []
+    real_item, real_tolist = torch.Tensor.item, torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or real_item(t))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or real_tolist(t))
+    train.train_round(sim, 0)
+    monkeypatch.undo()
+    assert reads == [] and sim.loss_sum is not None
+    assert train.nonfinite(sim).tolist() == [0, 0] and sim.loss_sum is None
+    sim.loss_sum = torch.tensor(float("inf"))
+    assert train.nonfinite(sim).tolist() == [1, 0]
+
+
 def test_resume_refuses_other_options(tmp_path):
     train.run(small(tmp_path))
     with pytest.raises(ValueError, match="skew"):
