@@ -34,8 +34,12 @@ continued by the same command. A run that diverged (its loss or weights stopped 
 is not run again, since it would diverge the same way: the summary lists it under
 ``diverged`` and the command exits with status 3 after every other run. ``OUT/summary.json``
 and ``OUT/summary.csv`` hold one row per variant and grid point: its overrides and the mean,
-std (ddof = 1) and per-seed values of every final metric of its finished runs. Bad input: one
-line ``mhd-fast: error: ...`` and exit status 2.
+std (ddof = 1) and per-seed values of every final metric of its finished runs.
+
+Every run is checked before the first one starts, the checks that need the data included; bad
+input is one line ``mhd-fast: error: ...`` and exit status 2. The sweep holds OUT (a second
+sweep on it is refused) and each run holds its own folder. Worker processes (``--jobs``) end
+with the sweep: when it stops (Ctrl-C, an error) and when it is killed.
 """
 from __future__ import annotations
 
@@ -50,7 +54,9 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
+import threading
 import tomllib
 from dataclasses import dataclass
 
@@ -356,21 +362,57 @@ def _execute(cfg: C.Config, resume: bool, threads: int) -> dict:
     content. Module-level so that worker processes can pickle it."""
     import torch
 
+    from .outdir import OutputError
     from .train import run
 
     torch.set_num_threads(threads)
     try:
         return run(cfg, resume=resume)
-    except ValueError as e:  # bad input found with the data (e.g. topk > classes): name the run
-        raise ValueError(f"run {cfg.name}: {e}") from None
+    except (ValueError, OutputError) as e:  # its folder in use, a full disk: name the run
+        raise type(e)(f"run {cfg.name}: {e}") from None
+
+
+def _end_with_the_sweep(sweep_pid: int, stop) -> None:
+    """A worker's initializer: the worker ends when the sweep process stops it (``stop`` set:
+    Ctrl-C or an error there) or dies (SIGKILL or SIGTERM leave no handler to stop it).
+    A watching thread kills it within a fraction of a second; its run loses at most the
+    round in progress (the checkpoint is whole, the run's folder lock goes with it). Ctrl-C
+    is the sweep process's to handle: it reaches the whole process group."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while not stop.wait(0.2) and os.getppid() == sweep_pid:
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="end-with-the-sweep").start()
+
+
+def check_runs(todo: list[C.Config]) -> None:
+    """The checks of every run that need the data (``train.check``), before any run starts:
+    a bad point fails the sweep at once, not after the runs before it. Each dataset is read
+    once (the checks need its sizes, which no seed changes)."""
+    from .train import check, load_data
+
+    datasets: dict = {}
+    for cfg in todo:
+        key = (cfg.dataset, cfg.data_dir, cfg.num_classes)
+        try:
+            if key not in datasets:
+                datasets[key] = load_data(cfg)
+            check(cfg, datasets[key])
+        except ValueError as e:
+            raise ValueError(f"run {cfg.name}: {e}") from None
 
 
 def run_plan(plan: Plan, *, jobs: int = 1, threads: int | None = None,
              progress: bool = True) -> dict:
     """Run every (run, seed) of ``plan`` not yet done, ``jobs`` at a time, then write the
-    summary. Returns {"ran": n, "skipped": n (finished or diverged before), "diverged": [run
-    folders relative to OUT], "summary": rows}."""
+    summary. Every run is checked first (``check_runs``). Returns {"ran": n, "skipped": n
+    (finished or diverged before), "diverged": [run folders relative to OUT], "summary": rows}."""
     from tqdm import tqdm
+
+    from .outdir import claim
 
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
@@ -386,7 +428,9 @@ def run_plan(plan: Plan, *, jobs: int = 1, threads: int | None = None,
         state = status(cfg)
         if state not in ("done", "diverged"):
             todo.append((cfg, state == "resume"))
+    check_runs([cfg for cfg, _ in todo])
     skipped = len(plan.runs) * len(plan.seeds) - len(todo)
+    held = claim(plan.out, what="sweep")
     bar = tqdm(total=len(todo) + skipped, initial=skipped, desc="sweep", unit="run",
                disable=not progress, dynamic_ncols=True)
 
@@ -402,18 +446,23 @@ def run_plan(plan: Plan, *, jobs: int = 1, threads: int | None = None,
                 done(cfg, _execute(cfg, resume, threads))
         elif todo:
             ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
-            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            stop = ctx.Event()
+            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
+                                        initializer=_end_with_the_sweep,
+                                        initargs=(os.getpid(), stop)) as pool:
                 futures = {pool.submit(_execute, cfg, resume, threads): cfg for cfg, resume in todo}
                 try:
                     for fut in cf.as_completed(futures):
                         done(futures[fut], fut.result())
                 except BaseException:
+                    stop.set()  # the workers end now, not after their runs
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
+        rows = summarize(plan)
+        write_summary(plan.out, rows)
     finally:
         bar.close()
-    rows = summarize(plan)
-    write_summary(plan.out, rows)
+        held.release()
     diverged = [os.path.join(r["variant"], r["run"], f"s{s}") for r in _unique_runs(rows)
                 for s in r["diverged"]]
     return {"ran": len(todo), "skipped": skipped, "diverged": diverged, "summary": rows}
@@ -566,10 +615,12 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 def sweep_main(args: argparse.Namespace) -> int:
     """Run the sweep of ``args`` and print its summary table. Bad input: one line on stderr
     and status 2; some runs diverged: one line naming them and status 3."""
+    from .outdir import OutputError
+
     try:
         plan = load_plan(args.config, args.out, quick=args.quick)
         result = run_plan(plan, jobs=args.jobs, threads=args.threads, progress=args.progress)
-    except ValueError as e:
+    except (ValueError, OutputError) as e:
         sys.stderr.write(f"{PROG}: error: {str(e).splitlines()[0]}\n")
         return 2
     except KeyboardInterrupt:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 
 import pytest
 
-from mhd_fast import sweep, train
+from mhd_fast import outdir, sweep, train
 
 TINY = """
 seeds = [0, 1]
@@ -301,6 +305,24 @@ def test_cli_sweep_subcommand_reports_bad_file(tmp_path, capsys):
     assert len(err) == 1 and "CONFIG" in err[0] and "missing.toml" in err[0]
 
 
+def test_a_sweep_checks_every_run_with_its_data_before_the_first(tmp_path, capsys):
+    path = write(tmp_path, TINY.replace("seeds = [0, 1]", "seeds = [0]")
+                 + "[grid.g]\ntopk = [2, 11]\n")
+    out = tmp_path / "o"
+    assert sweep.main([path, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mhd-fast: error: run topk=11-s0: --topk must be <=") and err.count("\n") == 1
+    assert not out.exists()  # topk = 2 did not run first
+
+
+def test_a_second_sweep_on_the_same_out_is_refused(tmp_path):
+    plan = plan_of(tmp_path, SMALL_GRID)
+    with outdir.claim(plan.out, what="sweep"):  # as another sweep process holds it
+        with pytest.raises(ValueError, match="is in use by another sweep"):
+            sweep.run_plan(plan, progress=False, threads=1)
+    assert os.listdir(plan.out) == [outdir.LOCK]  # no run started
+
+
 def test_a_sweep_file_that_is_not_utf8_is_named(tmp_path):
     path = tmp_path / "s.toml"
     path.write_bytes(b"seeds = [0]\n# \xff\n")
@@ -325,3 +347,58 @@ def test_diverged_runs_are_reported_and_not_run_again(tmp_path, capsys):
     with open(os.path.join(out, "summary.csv")) as f:
         table = {t["run"]: t for t in csv.DictReader(f)}
     assert (table["lr=1e+30"]["n_seeds"], table["lr=1e+30"]["n_diverged"]) == ("0", "1")
+
+
+def _children(pid: int) -> set[int]:
+    """Every process whose parent is ``pid`` (Linux /proc)."""
+    kids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.add(int(entry))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the workers through /proc")
+@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])  # SIGTERM ends the sweep as SIGKILL does
+def test_workers_end_with_the_sweep(tmp_path, how):
+    text = TINY.replace("rounds = 2", "rounds = 100000").replace("steps_per_round = 2",
+                                                                 "steps_per_round = 1")
+    path, out = write(tmp_path, text + "[grid.g]\nheads = [1, 2]\n"), tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "mhd_fast", "sweep", path, "--out", str(out),
+                             "--jobs", "2", "--no-progress"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        ckpts = [out / name / f"s{s}" / "checkpoint.pt" for name in ("heads=1", "base") for s in (0, 1)]
+        while sum(c.exists() for c in ckpts) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert sum(c.exists() for c in ckpts) == 2, "the workers did not start training"
+        workers = {p for p in _children(proc.pid) if _alive(p)}
+        assert len(workers) >= 2
+        if how == "Ctrl-C":  # the terminal sends SIGINT to the whole foreground process group
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(getattr(signal, how))
+        proc.wait(timeout=30)
+        deadline = time.time() + 10
+        while any(_alive(p) for p in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in workers if _alive(p)], f"workers left running after {how}"
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
