@@ -1,7 +1,7 @@
 """The readable torch reference: the definition of correctness for every backend.
 
 Pure torch, unfused, fp32 (fp64 stays fp64 for gradcheck), vectorized over clients with no
-Python loop. Every formula is SPEC §2-§3 written out; autograd supplies the gradient, which
+Python loop. Every formula of the method is written out; autograd supplies the gradient, which
 equals τ(q − p) for dense teachers and the bucket formula for packets.
 
 Dimensions: N clients, G head groups (G = H1 − 1 for ``mhd_loss``), B public rows,
@@ -102,9 +102,11 @@ def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, *, tau: float,
                   include_self: bool, aggregate: str) -> Tensor:
     """Student group g of client i learns from group g of its teachers (dense logits).
 
-    student [N, G, B, V] (requires grad), teacher [N, G, B, V] -> loss [N, G, B] fp32.
+    student [N, G, B, V] (requires grad), teacher [N, G, B, V] -> loss [N, G, B] fp32 (fp64 if an
+    input is fp64).
     """
-    teacher = teacher.detach()  # predictions received from clients carry no gradient
+    # predictions received from clients carry no gradient; fp64 in either input makes it fp64
+    teacher = teacher.detach().to(acc_dtype(student, teacher))
     lse, logconf = teacher_stats(teacher, tau)
     idx, has = select(logconf, adj, include_self)
     t = teacher.to(lse.dtype) / tau
@@ -140,7 +142,7 @@ def distill_topk(student: Tensor, values: Tensor, indices: Tensor, lse_packet: T
     """Student group g of client i learns from top-k packets of its teachers.
 
     student [N, G, B, V]; values [N, G, B, K] (= top-k of T/τ, descending), indices [N, G, B, K],
-    lse_packet [N, G, B] -> loss [N, G, B] fp32.
+    lse_packet [N, G, B] -> loss [N, G, B] fp32 (fp64 if an input is fp64).
 
     max_confidence: KL over K + 1 buckets (the K sent classes and one rest bucket, none when
     K = V); q_rest = 1 − Σ_sent q is taken as the sum over the unsent classes (the same number,
@@ -149,7 +151,8 @@ def distill_topk(student: Tensor, values: Tensor, indices: Tensor, lse_packet: T
     """
     v = student.shape[-1]
     k = values.shape[-1]
-    values, lse_packet = values.detach(), lse_packet.detach()
+    dt = acc_dtype(student, values, lse_packet)
+    values, lse_packet = values.detach().to(dt), lse_packet.detach().to(dt)
     lse, logconf = packet_stats(values, lse_packet)
     idx, has = select(logconf, adj, include_self)
     if aggregate == "max_confidence":
