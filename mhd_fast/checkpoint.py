@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import distributed as D
 from .config import Config, to_dict
-from .ops.api import TopKLogits
+from .ops import TopKLogits
 from .outdir import atomic_write
 
 FILENAME = "checkpoint.pt"

@@ -204,7 +204,7 @@ def validate(cfg: Config) -> None:
     from . import models  # noqa: PLC0415  (models imports torch; keep config light to import)
     from .data import DATASETS
     from .exchange import WIRE_DTYPES
-    from .ops.api import BACKENDS
+    from .ops import BACKENDS
     from .ops.reference import AGGREGATES
     from .partition import PARTITIONS
     from .topology import GRAPHS, check_options

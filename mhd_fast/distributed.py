@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import exchange as ex
-from .ops.api import TopKLogits
+from .ops import TopKLogits
 
 
 class PeerFailure(RuntimeError):

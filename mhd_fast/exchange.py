@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 import mhd_fast
-from mhd_fast.ops.api import TopKLogits
+from mhd_fast.ops import TopKLogits
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

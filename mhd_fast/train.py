@@ -46,7 +46,7 @@ from . import outdir
 from .config import Config, to_dict
 from .data import Dataset, load_dataset, split_public, synthetic_bytes
 from .exchange import WIRE_DTYPES, Received, edges_into, heads_sent, neighbour_mean, students
-from .ops.api import TopKLogits
+from .ops import TopKLogits
 from .partition import label_distribution, partition
 from .topology import describe, make_schedule
 

@@ -5,7 +5,7 @@ import torch
 
 import mhd_fast
 from mhd_fast.exchange import Received, exchange, heads_sent, neighbour_mean, packet_row_bytes
-from mhd_fast.ops.api import TopKLogits
+from mhd_fast.ops import TopKLogits
 
 from cases import make_graph, make_logits
 

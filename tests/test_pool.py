@@ -1,4 +1,4 @@
-"""The output pool of the eager CPU path (mhd_fast/ops/pool.py): a buffer comes back only when
+"""The gradient pool of the CPU backend (mhd_fast/ops/pool.py): a buffer comes back only when
 nothing else refers to its memory, and gradients handed out earlier never change."""
 import numpy as np
 import pytest
@@ -114,7 +114,7 @@ def test_a_large_buffer_starts_on_a_huge_page_and_comes_back_whole():
 
 @pytest.mark.skipif(mhd_fast.backend_available("cpp") is not None, reason="mhd_fast._C not built")
 def test_gradients_handed_out_earlier_never_change():
-    """mhd_loss on cpp in eager mode takes its unit gradient from the pool: a gradient the user
+    """mhd_loss on cpp takes its unit gradient from the pool: a gradient the user
     keeps is not overwritten by the next step, .grad accumulates, and every step's gradient is
     the reference's."""
     g = torch.Generator().manual_seed(0)
@@ -143,14 +143,10 @@ def test_gradients_handed_out_earlier_never_change():
 
 
 @pytest.mark.skipif(mhd_fast.backend_available("cpp") is not None, reason="mhd_fast._C not built")
-@pytest.mark.parametrize("teacher_kind", ["topk", "dense_custom_op"])
-def test_pooled_gradients_of_the_custom_ops_never_change(teacher_kind, monkeypatch):
-    """The backward of the top-k packets takes dZ from the pool too (the dense custom op, used
-    outside the eager twin, allocates its own): kept gradients stay as they were, and each one
-    is the reference's."""
-    from mhd_fast.ops import registry
-    if teacher_kind == "dense_custom_op":
-        monkeypatch.setattr(registry, "_plain_eager", lambda *t: False)
+@pytest.mark.parametrize("teacher_kind", ["topk", "dense"])
+def test_pooled_gradients_of_the_custom_ops_never_change(teacher_kind):
+    """The backward of the top-k packets takes dZ from the pool, the dense op its unit
+    gradient: kept gradients stay as they were, and each one is the reference's."""
     g = torch.Generator().manual_seed(1)
     adj = ~torch.eye(SHAPE[0], dtype=torch.bool)
     t = torch.randn(SHAPE, generator=g) * 3

@@ -1,7 +1,13 @@
-"""Fused MHD ops: the torch reference, the compiled backends and their torch.library ops."""
-from .api import (BACKENDS, REDUCTIONS, TopKLogits, backend_available, distill_loss, mhd_loss,
-                  resolve_backend, select_teachers, topk_compress)
+"""The fused MHD ops, one module each: ``distill`` (mhd_loss, distill_loss), ``select``
+(select_teachers), ``topk`` (topk_compress). ``reference`` is the readable torch math that
+defines them; ``cpp`` and ``triton`` launch the compiled kernels; ``backends`` picks one;
+``inputs`` holds the packet type and the argument checks."""
+from .backends import BACKENDS, backend_available, resolve_backend
+from .distill import REDUCTIONS, distill_loss, mhd_loss
+from .inputs import TopKLogits
 from .reference import AGGREGATES
+from .select import select_teachers
+from .topk import topk_compress
 
 __all__ = ["AGGREGATES", "BACKENDS", "REDUCTIONS", "TopKLogits", "backend_available",
            "distill_loss", "mhd_loss", "resolve_backend", "select_teachers", "topk_compress"]

@@ -1,5 +1,5 @@
-"""The C++ CPU backend: launchers of the fused kernels in ``csrc/`` (the kernel contract of
-``registry.py``).
+"""The C++ CPU backend: launchers of the fused kernels in ``csrc/`` (the kernel contracts of
+``select.py``, ``distill.py`` and ``topk.py``).
 
 Each launcher checks that its tensors live on the CPU, allocates the outputs with torch and
 hands ``mhd_fast._C`` raw pointers, sizes, element strides and dtype codes. The extension
@@ -121,26 +121,16 @@ def distill_bwd(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z, tau, 
                      aggregate=aggregate, grad=grad, lse_z=lse_z)
 
 
-def distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj, tau, include_self, aggregate):
-    """Top-k packet teacher (values [N, G, B, K], indices): (loss, lse_z)."""
-    return _forward(student, acc_dtype(student, values), teacher=None, values=values, indices=indices,
-                    lse_t=lse_t, logconf_t=logconf_t, idx=idx, adj=adj, tau=tau, include_self=include_self,
-                    aggregate=aggregate)
-
-
 def distill_topk_packets(student: Tensor, values: Tensor, indices: Tensor, lse: Tensor, adj: Tensor, tau: float,
                          include_self: bool, aggregate: str, head_offset: int = 0) -> tuple:
     """The forward of a packet teacher in one call, from the packet as it arrives: student
-    [N, G, B, V] (the learning heads), values / indices [N, ≥ G, B, K] and lse [N, ≥ G, B] of
-    which the first G heads are read (indices and lse through pointers, no slice; values as a
-    slice in the accumulation dtype, converted only when they come in another), values in any
-    float dtype, indices int16 / int32 / int64. -> (loss, lse_z, values, indices, lse_t, logconf_t, idx): the
-    loss rows and what the backward reads (the packet's first G heads in the accumulation
-    dtype, indices as int32, the packet statistics and the teacher choice), the same numbers
-    as reference.packet_stats, select and distill_topk_fwd. With head_offset, student is the full
-    [N, H, B, V] of which heads head_offset.. learn (read through a pointer, no slice). lse_t,
-    logconf_t and lse_z are views of one buffer (one allocation, not three); the loss rows are a
-    tensor of their own."""
+    [N, H, B, V] of which heads head_offset.. learn (read through a pointer, no slice) against
+    the first G = H − head_offset heads of values / indices [N, ≥ G, B, K] and lse [N, ≥ G, B]
+    (indices and lse read through pointers; values as a slice in the accumulation dtype,
+    converted only when they come in another), values in any float dtype, indices int16 /
+    int32 / int64. -> (loss, rows, indices, idx): the loss rows (a tensor of their own: the
+    caller may edit it in place); rows [3, N, G, B], one buffer holding lse_t, logconf_t and
+    lse_z; the indices as int32; the teacher choice."""
     dt = acc_dtype(student, values, lse)
     g = student.shape[1] - head_offset
     if g < 1 or values.dim() != 4 or values.shape[1] < g:
@@ -149,20 +139,21 @@ def distill_topk_packets(student: Tensor, values: Tensor, indices: Tensor, lse: 
     values = values[:, :g].to(dt)
     rows = (student.shape[0], g, student.shape[2])
     ind32 = torch.empty((*rows, values.shape[-1]), dtype=torch.int32)
-    lse_t, logconf_t, lse_z = torch.empty((3, *rows), dtype=dt).unbind(0)
-    loss = torch.empty(rows, dtype=dt)  # a tensor of its own: the caller may edit it in place
+    stats = torch.empty((3, *rows), dtype=dt)
+    lse_t, logconf_t, lse_z = stats.unbind(0)
+    loss = torch.empty(rows, dtype=dt)
     idx = torch.empty(rows, dtype=torch.int64)
     _C.distill_topk_packets(_heads("student", student, head_offset, g), _arg("teacher.values", values),
                             _heads("teacher.indices", indices, 0, g), _heads("teacher.lse", lse, 0, g),
                             _arg("adj", adj), float(tau), bool(include_self), _aggregate_code(aggregate), _CODES[dt],
                             ind32.data_ptr(), lse_t.data_ptr(), logconf_t.data_ptr(), idx.data_ptr(), loss.data_ptr(),
                             lse_z.data_ptr(), _threads())
-    return loss, lse_z, values, ind32, lse_t, logconf_t, idx
+    return loss, stats, ind32, idx
 
 
 def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj, lse_z, tau, include_self,
                      aggregate, out):
-    """Top-k packet teacher: dZ by the bucket formula of SPEC §3 (mean / confidence_weighted:
+    """Top-k packet teacher: dZ by the bucket formula (reference.distill_topk; mean / confidence_weighted:
     grad·τ·(q − p̄) against the expanded packets)."""
     return _backward(student, acc_dtype(student, values), out, teacher=None, values=values, indices=indices,
                      lse_t=lse_t, logconf_t=logconf_t, idx=idx, adj=adj, tau=tau, include_self=include_self,
@@ -185,37 +176,6 @@ def _dense_heads(student: Tensor, teacher: Tensor, head_offset: int, g: int) -> 
                          f"{tuple(teacher.shape)} and student shape {tuple(student.shape)}")
 
 
-def distill_dense_unit(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, tau: float,
-                       include_self: bool, aggregate: str, reduction: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """distill_dense for the eager twin (registry._DenseFused), with the unit gradient, in as few
-    Python and torch steps as it can (each costs microseconds when a training step or benchmark
-    runs it cold): student [N, H, B, V] of which heads head_offset.. learn from the teacher's
-    first G = H − head_offset heads. -> (loss, rows, unit, idx): the loss rows' sum or mean
-    (reduction "sum" / "mean", summed by _C in a fixed order in fp64) or the loss rows
-    ("none": a tensor of their own, not a view, so that a caller may edit them in place);
-    rows [4, N, G, B], one buffer holding lse_t, logconf_t, the loss rows (when reduced) and
-    lse_z; the unit gradient τ(q − p̄) [N, H, B, V] from ``pool.POOL``; idx [N, G, B] int64."""
-    shape = student.shape
-    g = shape[1] - head_offset
-    _dense_heads(student, teacher, head_offset, g)
-    dt = acc_dtype(student, teacher)
-    rows = torch.empty((4, shape[0], g, shape[2]), dtype=dt)
-    idx = torch.empty(rows.shape[1:], dtype=torch.int64)
-    unit = POOL.empty(shape, dt)
-    p, step = rows.data_ptr(), rows.stride(0) * rows.element_size()
-    if reduction == "none":
-        loss = torch.empty(idx.shape, dtype=dt)
-        loss_rows, total = loss.data_ptr(), 0
-    else:
-        loss = torch.empty((), dtype=dt)
-        loss_rows, total = p + 2 * step, loss.data_ptr()
-    _C.distill_dense(_heads("student", student, head_offset, g), _heads("teacher", teacher, 0, g), _arg("adj", adj),
-                     float(tau), bool(include_self), _aggregate_code(aggregate), _CODES[dt], p, p + step,
-                     idx.data_ptr(), loss_rows, p + 3 * step, unit.data_ptr(), unit.stride()[:3], shape[1],
-                     head_offset, _threads(), total, idx.numel() if reduction == "mean" else 1)
-    return loss, rows, unit, idx
-
-
 def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, tau: float,
                   include_self: bool, aggregate: str, need_grad: bool, groups: int | None = None,
                   reduction: str = "none"):
@@ -227,14 +187,14 @@ def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: in
 
     student [N, H, B, V], teacher [N, G, B, V] -> (loss, lse_z, unit [N, H, B, V] or empty,
     lse_t, logconf_t, idx int64), all [N, G, B] in the accumulation dtype but unit and idx,
-    each a tensor of its own (the custom op's outputs)."""
+    each a tensor of its own (the custom op's outputs); unit from ``pool.POOL``."""
     g = teacher.shape[1] if groups is None else groups
     _dense_heads(student, teacher, head_offset, g)
     dt = acc_dtype(student, teacher)
     rows = (student.shape[0], g, student.shape[2])
     lse_t, logconf_t, loss, lse_z = (torch.empty(rows, dtype=dt) for _ in range(4))
     idx = torch.empty(rows, dtype=torch.int64)
-    unit = torch.empty(student.shape if need_grad else (0,), dtype=dt)
+    unit = POOL.empty(student.shape, dt) if need_grad else torch.empty((0,), dtype=dt)
     total = torch.empty((), dtype=dt) if reduction != "none" else None
     _C.distill_dense(_heads("student", student, head_offset, g), _heads("teacher", teacher, 0, g), _arg("adj", adj),
                      float(tau), bool(include_self), _aggregate_code(aggregate), _CODES[dt], lse_t.data_ptr(),

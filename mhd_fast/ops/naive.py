@@ -59,7 +59,7 @@ def distill_topk_loop(student: Tensor, values: Tensor, indices: Tensor, lse: Ten
                       *, tau: float = 1.0, include_self: bool = False) -> Tensor:
     """max_confidence against top-k packets, one client and group at a time: the teacher is the
     candidate with the largest exp(values[0] − lse); KL over the K sent classes plus one rest
-    bucket (SPEC §3). student [N, G, B, V], packets [N, G, B, K] -> loss [N, G, B]."""
+    bucket. student [N, G, B, V], packets [N, G, B, K] -> loss [N, G, B]."""
     n, g_count, b, v = student.shape
     k = values.shape[-1]
     out = []

@@ -1,4 +1,4 @@
-"""Recycled buffers for the large outputs of the eager CPU path.
+"""Recycled buffers for the large gradients of the CPU backend.
 
 The unit gradient of ``distill_dense`` is as large as the student logits (6.5 MB on the S1
 shape, 131 MB at V = 32000) and comes back every step. A fresh tensor of that size is fresh
@@ -11,16 +11,15 @@ capsules hold a tensor), has fallen back to the pool's own reference, and no one
 storage object.
 
 The kernels write every element of the buffers they are given, so nothing of an earlier call
-can show through. Two callers take buffers from here: the eager twin of ``distill_dense`` (its
-unit gradient; the custom op allocates its own) and, on CPU, the dZ of the backward custom ops
-(``registry._grad_buffer``). ``MHD_FAST_POOL_MIB`` caps what the pool may hold (default
-256; 0 turns it off), and ``clear()`` lets it go.
+can show through. Two callers take buffers from here: cpp's ``distill_dense`` (the unit
+gradient) and the dZ of the backward custom ops on CPU (``distill._grad_buffer``).
+``MHD_FAST_POOL_MIB`` caps what the pool may hold (default 256; 0 turns it off), and
+``clear()`` lets it go.
 
 A new buffer of 4 MiB or more starts on a 2 MiB boundary and is offered to the kernel for
 transparent huge pages before its first write (Linux, where THP is enabled or on madvise): a
-kernel call that walks it right after other work has flushed the caches then takes a few
-hundred page walks fewer (S1's fused kernel after a 256 MiB copy: 0.81 -> 0.75 ms with huge
-pages for its inputs and this buffer, 0.92-0.95 -> 0.89-0.92 ms with this buffer alone).
+kernel call that walks it right after other work has flushed the caches takes a few hundred
+page walks fewer.
 """
 from __future__ import annotations
 

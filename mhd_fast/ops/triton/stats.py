@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (acc_tl, exact_scalar, finite_base, log2_consts, online_lse_step,
+from .common import (acc_tl, exact_scalar, finite_base, log2_consts, online_lse_step,
                             row_coords, split_scalar, tile_shape)
 
 

@@ -1,4 +1,4 @@
-"""Distillation from top-k packets (SPEC §3), forward and backward, one launch each.
+"""Distillation from top-k packets, forward and backward, one launch each.
 
 A packet of teacher row (j, g, b): values_k = the K largest of T/τ, indices_k, lse. Sent mass
 p_k = exp(values_k − lse), rest p_rest = max(0, 1 − Σ_k p_k) (no rest bucket when K = V).
@@ -8,7 +8,7 @@ buckets, q_k = q at the sent classes, q_rest = 1 − Σ_k q_k = the student's un
     loss = τ² · [Σ_k p_k (log p_k − log q_k) + p_rest (log p_rest − log q_rest)]   (0·log 0 = 0)
     ∂loss/∂Z_v = grad · τ · (P · q_v − p_v)                 for sent v
                = grad · τ · q_v · (P − p_rest / q_rest)     otherwise (ratio 0 if p_rest = 0)
-with P = Σ_k p_k + p_rest, which is 1 (SPEC §3's formula) unless rounded packet values make
+with P = Σ_k p_k + p_rest, which is 1 (the usual bucket formula) unless rounded packet values make
 Σ_k p_k exceed 1: the gradient stays the exact one of the loss as defined.
 
 Precision. When the sent classes hold nearly all of the student's mass, 1 − Σ_k q_k cancels:
@@ -25,7 +25,7 @@ overwritten.
 
 mean / confidence_weighted: each candidate's packet is expanded to a full distribution over V
 (sent classes p_k, the rest mass spread evenly over the V − K others), then the dense kernels
-of ``triton_distill`` run on it: the expansion is written as teacher "logits"
+of ``distill.py`` run on it: the expansion is written as teacher "logits"
 τ·log(expanded p) with lse 0, so that exp(T/τ − lse) is the expanded distribution itself.
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_distill
-from .triton_common import (acc_tl, exact_scalar, finite_base, log2_consts, online_lse_step,
+from . import distill
+from .common import (acc_tl, exact_scalar, finite_base, log2_consts, online_lse_step,
                             row_coords, split_scalar, tile_shape)
 
 
@@ -274,7 +274,7 @@ def distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj, tau, 
     n, g, b, v = student.shape
     if aggregate != "max_confidence":
         expanded, mass = expand_packets(values, indices, lse_t, v, tau, acc)
-        return triton_distill.distill_fwd(student, expanded, torch.zeros_like(lse_t), logconf_t,
+        return distill.distill_fwd(student, expanded, torch.zeros_like(lse_t), logconf_t,
                                           idx, adj, tau, include_self, aggregate, acc, mass)
     rows, k, k_block, n_rows, block_v, num_warps = _packet_launch(values, v)
     lanes = min(32, block_v)
@@ -295,7 +295,7 @@ def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj,
     n, g, b, v = student.shape
     if aggregate != "max_confidence":
         expanded, mass = expand_packets(values, indices, lse_t, v, tau, acc)
-        return triton_distill.distill_bwd(grad, student, expanded, torch.zeros_like(lse_t),
+        return distill.distill_bwd(grad, student, expanded, torch.zeros_like(lse_t),
                                           logconf_t, idx, adj, row_stat, tau, include_self,
                                           aggregate, acc, mass, out)
     rows, k, k_block, n_rows, block_v, num_warps = _packet_launch(values, v)

@@ -2,7 +2,7 @@
 one launch each for all clients, groups and rows.
 
 Student row (i, g, b): q = softmax(Z[i, g, b] / τ). Teacher distribution p̄ over V:
-  max_confidence       p̄ = p_{j*},   j* = idx[i, g, b]   (chosen by ``triton_select``)
+  max_confidence       p̄ = p_{j*},   j* = idx[i, g, b]   (chosen by ``select.py``)
   mean                 p̄ = Σ_{j ∈ C(i)} p_j / |C(i)|
   confidence_weighted  p̄ = Σ_{j ∈ C(i)} c_j p_j / Σ c_j,   c_j = exp(logconf[j, g, b])
 with p_j = softmax(T[j, g, b] / τ) = exp(T/τ − lse_t[j, g, b]) and C(i) the candidates.
@@ -17,7 +17,7 @@ loss = τ² · KL, and 0 for a client with no candidate. lse_z = ln2 · (m + log
 
 Backward (p̄ does not depend on Z):   ∂loss/∂Z_v = grad · τ · (P · q_v − p̄_v),
 q_v = exp2(u_v − lse_z·log2 e), P = Σ_v p̄_v: one pass, no reduction. P = 1 for softmax
-teachers; expanded top-k packets (``triton_distill_topk``) bring their own row masses, which
+teachers; expanded top-k packets (``distill_topk.py``) bring their own row masses, which
 exceed 1 when rounded packet values overshoot.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (acc_tl, exact_scalar, finite_base, log2_consts, online_lse_step,
+from .common import (acc_tl, exact_scalar, finite_base, log2_consts, online_lse_step,
                             row_coords, split_scalar, tile_shape)
-from .triton_select import is_candidate
+from .select import is_candidate
 
 AGG_CODES = {"max_confidence": 0, "mean": 1, "confidence_weighted": 2}
 

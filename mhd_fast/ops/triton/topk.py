@@ -1,4 +1,4 @@
-"""Top-k compression of logit rows (SPEC §3): values = the K largest of t = X/τ in descending
+"""Top-k compression of logit rows: values = the K largest of t = X/τ in descending
 order (ties -> lower index, NaN above every number, as torch's stable descending sort),
 indices, and lse = log Σ_v exp(t_v); one pass over V.
 
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (MAX_BLOCK_V, acc_tl, exact_scalar, finite_base, log2_consts,
+from .common import (MAX_BLOCK_V, acc_tl, exact_scalar, finite_base, log2_consts,
                             online_lse_step, split_scalar, tile_shape)
 
 INT64_MIN = tl.constexpr(-(2**63))  # below every key: masked places

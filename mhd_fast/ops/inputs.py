@@ -1,0 +1,113 @@
+"""What the ops take: the top-k packet type, and the checks of their arguments.
+
+Each public op checks its arguments here, once, before any backend runs: a ValueError that
+names the argument, what was given and what was expected. The backends' launchers trust them.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
+LOGIT_DTYPE_SET = frozenset(LOGIT_DTYPES)  # one hash lookup a check: the loss checks run on every call
+
+class TopKLogits(NamedTuple):
+    """A compressed prediction row as it crosses an edge.
+
+    values  [..., K]  the K largest of logits/τ, descending; fp32 (default), fp16 or bf16.
+    indices [..., K]  their classes; int16 when V ≤ 32767, else int32; ties -> lower index first.
+    lse     [...]     logsumexp over all V of logits/τ, fp32.
+    """
+
+    values: Tensor
+    indices: Tensor
+    lse: Tensor
+
+
+def check_tau(tau) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    return float(tau)
+
+
+def check_logits(name: str, x, ndim: int | None = 4) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in LOGIT_DTYPE_SET:
+        raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    shape = x.shape
+    if ndim is not None and len(shape) != ndim:
+        raise ValueError(f"{name} must be 4-D [N, H1, B, V], got shape {tuple(shape)}")
+    if 0 in shape:
+        raise ValueError(f"{name} must have no empty dimension, got shape {tuple(shape)}")
+
+
+def check_adj(adj, n: int, device: torch.device) -> None:
+    if not isinstance(adj, Tensor):
+        raise ValueError(f"adj must be a torch.Tensor, got {type(adj).__name__}")
+    if adj.dtype != torch.bool:
+        raise ValueError(f"adj must be a bool tensor, got {adj.dtype}")
+    if tuple(adj.shape) != (n, n):
+        raise ValueError(f"adj must have shape [N, N] = [{n}, {n}] (N from the logits), "
+                         f"got {tuple(adj.shape)}")
+    if adj.device != device:
+        raise ValueError(f"adj must be on the logits' device {device}, got {adj.device}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_teacher(teacher, student_shape: tuple | None, device: torch.device) -> None:
+    """A dense teacher of the student's shape, or a packet whose leading dims are the student's
+    rows (student_shape None: a 4-D packet of any rows, as select_teachers takes it)."""
+    if isinstance(teacher, TopKLogits):
+        rows = student_shape[:-1] if student_shape is not None else teacher.values.shape[:-1]
+        if student_shape is None and teacher.values.dim() != 4:
+            raise ValueError(f"teacher.values must be 4-D [N, H1, B, K], got shape {tuple(teacher.values.shape)}")
+        _check_packet(teacher, rows, student_shape[-1] if student_shape is not None else None, device)
+        return
+    check_logits("teacher", teacher)
+    if student_shape is not None and tuple(teacher.shape) != tuple(student_shape):
+        raise ValueError(f"teacher must have the shape of student_logits {tuple(student_shape)}, "
+                         f"got {tuple(teacher.shape)}")
+    if teacher.device != device:
+        raise ValueError(f"teacher must be on the student's device {device}, got {teacher.device}")
+
+
+def _check_packet(teacher: TopKLogits, rows: tuple, v: int | None, device: torch.device) -> None:
+    values, indices, lse = teacher
+    for name, x in (("teacher.values", values), ("teacher.indices", indices), ("teacher.lse", lse)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.device != device:
+            raise ValueError(f"{name} must be on the logits' device {device}, got {x.device}")
+    if values.dtype not in VALUE_DTYPES:
+        raise ValueError(f"teacher.values must be float32, float16 or bfloat16, got {values.dtype}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise ValueError(f"teacher.indices must be int16 or int32 (int64 accepted), got {indices.dtype}")
+    if lse.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"teacher.lse must be float32, got {lse.dtype}")
+    if values.dim() < 1 or values.shape[-1] < 1:
+        raise ValueError(f"teacher.values must be [..., K] with K >= 1, got shape {tuple(values.shape)}")
+    if tuple(values.shape[:-1]) != tuple(rows):
+        raise ValueError(f"teacher.values must have leading dims {tuple(rows)} (those of the logits), "
+                         f"got shape {tuple(values.shape)}")
+    if indices.shape != values.shape:
+        raise ValueError(f"teacher.indices must have the shape of teacher.values {tuple(values.shape)}, "
+                         f"got {tuple(indices.shape)}")
+    if tuple(lse.shape) != tuple(rows):
+        raise ValueError(f"teacher.lse must have shape {tuple(rows)}, got {tuple(lse.shape)}")
+    k = values.shape[-1]
+    if v is not None and k > v:
+        raise ValueError(f"teacher packets must have K <= V = {v}, got K = {k}")
+    if v is not None and not torch.compiler.is_compiling() and indices.numel():  # a host sync: skipped under compile
+        lo, hi = (int(x) for x in torch.aminmax(indices))
+        if lo < 0 or hi >= v:
+            raise ValueError(f"teacher.indices must lie in [0, {v}), got values in [{lo}, {hi}]")
