@@ -82,11 +82,22 @@ def aggregate_weights(logconf: Tensor, idx: Tensor, adj: Tensor, include_self: b
     if aggregate == "mean":
         w = mask.expand(n, n, *logconf.shape[1:])
     elif aggregate == "confidence_weighted":
-        w = mask * logconf.exp().unsqueeze(0)
+        # where, not a product: a non-candidate's NaN confidence must not reach client i
+        w = torch.where(mask != 0, logconf.exp().unsqueeze(0), 0)
     else:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
     total = w.sum(dim=1, keepdim=True)
     return w / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def mix(w: Tensor, adj: Tensor, include_self: bool, p: Tensor) -> Tensor:
+    """p̄[i] = Σ_j w[i, j] p[j]: the teachers' distributions p [N(j), G, B, V] weighted by
+    w [N(i), N(j), G, B] -> [N(i), G, B, V]. A NaN in p[j] reaches exactly the clients that
+    hear j (in a contraction a non-candidate's weight 0 times NaN would reach every client)."""
+    nan = torch.isnan(p)
+    p_bar = torch.einsum("ijgb,jgbv->igbv", w, p.masked_fill(nan, 0))
+    heard = candidate_mask(adj, include_self).to(p.dtype)
+    return p_bar.masked_fill(torch.einsum("ij,jgbv->igbv", heard, nan.to(p.dtype)) > 0, float("nan"))
 
 
 def kl_to_student(p: Tensor, log_p: Tensor, student: Tensor, tau: float) -> Tensor:
@@ -109,6 +120,7 @@ def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, *, tau: float,
     teacher = teacher.detach().to(acc_dtype(student, teacher))
     lse, logconf = teacher_stats(teacher, tau)
     idx, has = select(logconf, adj, include_self)
+    student = torch.where(has[:, None, None, None], student, 0)  # no teacher: no gradient, even from NaN
     t = teacher.to(lse.dtype) / tau
     log_p_all = t - lse.unsqueeze(-1)  # [N(j), G, B, V]
     if aggregate == "max_confidence":
@@ -118,7 +130,7 @@ def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, *, tau: float,
         p = log_p.exp()
     else:
         w = aggregate_weights(logconf, idx, adj, include_self, aggregate)
-        p = torch.einsum("ijgb,jgbv->igbv", w, log_p_all.exp())
+        p = mix(w, adj, include_self, log_p_all.exp())
         log_p = torch.log(p)
     loss = kl_to_student(p, log_p, student, tau)
     return torch.where(has[:, None, None], loss, torch.zeros_like(loss))
@@ -155,6 +167,7 @@ def distill_topk(student: Tensor, values: Tensor, indices: Tensor, lse_packet: T
     values, lse_packet = values.detach().to(dt), lse_packet.detach().to(dt)
     lse, logconf = packet_stats(values, lse_packet)
     idx, has = select(logconf, adj, include_self)
+    student = torch.where(has[:, None, None, None], student, 0)  # no teacher: no gradient, even from NaN
     if aggregate == "max_confidence":
         g = torch.arange(values.shape[1], device=values.device)[None, :, None]
         b = torch.arange(values.shape[2], device=values.device)[None, None, :]
@@ -178,7 +191,7 @@ def distill_topk(student: Tensor, values: Tensor, indices: Tensor, lse_packet: T
     else:
         full = expand_packet(values, indices, lse, v)  # [N(j), G, B, V]
         w = aggregate_weights(logconf, idx, adj, include_self, aggregate)
-        p = torch.einsum("ijgb,jgbv->igbv", w, full)
+        p = mix(w, adj, include_self, full)
         loss = kl_to_student(p, torch.log(p), student, tau)
     return torch.where(has[:, None, None], loss, torch.zeros_like(loss))
 
