@@ -605,6 +605,64 @@ def test_bad_input_raises_value_error_naming_the_argument(backend, make_call, ar
         make_call(z, t, adj, backend)
 
 
+@pytest.mark.parametrize("fault", ["repeated class", "lse too low"])
+def test_hand_built_packets_without_a_distribution_are_rejected(backend, fault):
+    """A packet that sends a class twice, or whose lse lies below the logsumexp of its values
+    (sent probabilities summing past 1), raises a ValueError naming the field, on every op
+    that reads it; the backends would otherwise each read it their own way."""
+    z, t, adj = make_case(torch.float32, 10, "complete", n=4, backend=backend)
+    values, indices, lse = _packet(t, 3)
+    if fault == "repeated class":
+        indices = indices.clone()
+        indices[1, 0, 2, 2] = indices[1, 0, 2, 0]
+        argument = "teacher.indices must hold K distinct classes"
+    else:
+        lse = lse.clone()
+        lse[2, 1, 0] = values[2, 1, 0].logsumexp(-1) - 0.1
+        argument = "teacher.lse must be at least the logsumexp"
+    packet = mhd_fast.TopKLogits(values, indices, lse)
+    with pytest.raises(ValueError, match=argument):
+        mhd_fast.mhd_loss(z, packet, adj, backend=backend)
+    with pytest.raises(ValueError, match=argument):
+        mhd_fast.distill_loss(z, packet, adj, backend=backend)
+    with pytest.raises(ValueError, match=argument):
+        mhd_fast.select_teachers(packet, adj, backend=backend)
+
+
+def test_packet_heads_nobody_reads_may_be_left_zero(backend):
+    """The exchange leaves the heads it does not send zero (indices all 0, lse 0): mhd_loss and
+    select_teachers read heads 0..H1−2 only, distill_loss on head 0 only, and check only those."""
+    z, t, adj = make_case(torch.float32, 10, "complete", n=4, backend=backend)
+    values, indices, lse = (x.clone() for x in _packet(t, 3))
+    for x in (values, indices, lse):
+        x[:, -1] = 0
+    packet = mhd_fast.TopKLogits(values, indices, lse)
+    mhd_fast.mhd_loss(z, packet, adj, backend=backend)
+    mhd_fast.select_teachers(packet, adj, backend=backend)
+    mhd_fast.distill_loss(z[:, :1], mhd_fast.TopKLogits(*(x[:, :1] for x in packet)), adj, backend=backend)
+    with pytest.raises(ValueError, match="teacher.indices must hold K distinct classes"):
+        mhd_fast.distill_loss(z, packet, adj, backend=backend)
+
+
+def test_packets_of_topk_compress_are_accepted_in_every_wire_dtype(backend):
+    """topk_compress's own packets pass those checks in every wire dtype, with values rounded
+    up past lse (large logits, k = V) and rows of NaN, +inf and all −inf."""
+    device = device_of(backend)
+    adj = make_graph("complete", 4).to(device)
+    z = make_logits((4, 2, 5, 12), seed=1).to(device)
+    t = make_logits((4, 2, 5, 12), seed=2, scale=300.0)
+    t[0, 0, 0, 3] = float("nan")
+    t[1, 0, 1, 4] = float("inf")
+    t[2, 1, 2] = float("-inf")
+    t = t.to(device)
+    for value_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for tau in (0.1, 1.0, 10.0):
+            for k in (1, 2, 5, 12):
+                packet = mhd_fast.topk_compress(t, k, tau=tau, value_dtype=value_dtype, backend=backend)
+                mhd_fast.mhd_loss(z, packet, adj, tau=tau, backend=backend)
+                mhd_fast.select_teachers(packet, adj, tau=tau, backend=backend)
+
+
 # ---- GPU: full sizes and fp64 gradcheck over several column tiles --------------------------
 
 needs_cuda = pytest.mark.skipif(not CUDA or unavailable("triton") is not None, reason="needs CUDA and Triton")

@@ -87,12 +87,13 @@ def _well_formed_dense(student_logits, teacher, adj, tau, aggregate, reduction) 
             and type(reduction) is str and reduction in _REDUCTION_SET)
 
 
-def _check_loss_args(student_logits, teacher, adj, tau, aggregate, reduction) -> float:
+def _check_loss_args(student_logits, teacher, adj, tau, aggregate, reduction, head_offset: int) -> float:
     if _well_formed_dense(student_logits, teacher, adj, tau, aggregate, reduction):
         return float(tau)
     check_logits("student_logits", student_logits)
     device = student_logits.device
-    check_teacher(teacher, tuple(student_logits.shape), device)
+    shape = tuple(student_logits.shape)
+    check_teacher(teacher, shape, device, heads=shape[1] - head_offset)
     check_adj(adj, student_logits.shape[0], device)
     check_choice("aggregate", aggregate, AGGREGATES)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -412,7 +413,7 @@ def distill_loss(student_logits: Tensor, teacher, adj: Tensor, *, tau: float = 1
     The teacher gets no gradient. Rows whose logits hold NaN or +inf give NaN; −inf logits are
     masked classes.
     """
-    tau = _check_loss_args(student_logits, teacher, adj, tau, aggregate, reduction)
+    tau = _check_loss_args(student_logits, teacher, adj, tau, aggregate, reduction, 0)
     return _distill(student_logits, teacher, adj, 0, tau, bool(include_self), aggregate, reduction, backend)
 
 
@@ -426,7 +427,7 @@ def mhd_loss(student_logits: Tensor, teacher, adj: Tensor, *, tau: float = 1.0,
     dims [N, H1, B]; adj [N, N] bool. "none" -> [N, H1−1, B] fp32; "sum" -> its sum;
     "mean" -> its sum / (N·(H1−1)·B).
     """
-    tau = _check_loss_args(student_logits, teacher, adj, tau, aggregate, reduction)
+    tau = _check_loss_args(student_logits, teacher, adj, tau, aggregate, reduction, 1)
     if student_logits.shape[1] < 2:
         raise ValueError(f"student_logits must have H1 >= 2 heads (main + aux), got shape "
                          f"{tuple(student_logits.shape)}")

@@ -20,8 +20,9 @@ class TopKLogits(NamedTuple):
     """A compressed prediction row as it crosses an edge.
 
     values  [..., K]  the K largest of logits/τ, descending; fp32 (default), fp16 or bf16.
-    indices [..., K]  their classes; int16 when V ≤ 32767, else int32; ties -> lower index first.
-    lse     [...]     logsumexp over all V of logits/τ, fp32.
+    indices [..., K]  their classes, K distinct ones; int16 when V ≤ 32767, else int32; ties ->
+                      lower index first.
+    lse     [...]     logsumexp over all V of logits/τ, fp32: at least the logsumexp of values.
     """
 
     values: Tensor
@@ -64,14 +65,17 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_teacher(teacher, student_shape: tuple | None, device: torch.device) -> None:
+def check_teacher(teacher, student_shape: tuple | None, device: torch.device, heads: int | None = None) -> None:
     """A dense teacher of the student's shape, or a packet whose leading dims are the student's
-    rows (student_shape None: a 4-D packet of any rows, as select_teachers takes it)."""
+    rows (student_shape None: a 4-D packet of any rows, as select_teachers takes it). ``heads``:
+    the op reads the packet's first heads only (mhd_loss: H1 − 1), and only those are read for
+    the checks of its contents (heads nobody reads may be left zero, as the exchange leaves
+    those it does not send)."""
     if isinstance(teacher, TopKLogits):
         rows = student_shape[:-1] if student_shape is not None else teacher.values.shape[:-1]
         if student_shape is None and teacher.values.dim() != 4:
             raise ValueError(f"teacher.values must be 4-D [N, H1, B, K], got shape {tuple(teacher.values.shape)}")
-        _check_packet(teacher, rows, student_shape[-1] if student_shape is not None else None, device)
+        _check_packet(teacher, rows, student_shape[-1] if student_shape is not None else None, device, heads)
         return
     check_logits("teacher", teacher)
     if student_shape is not None and tuple(teacher.shape) != tuple(student_shape):
@@ -81,7 +85,7 @@ def check_teacher(teacher, student_shape: tuple | None, device: torch.device) ->
         raise ValueError(f"teacher must be on the student's device {device}, got {teacher.device}")
 
 
-def _check_packet(teacher: TopKLogits, rows: tuple, v: int | None, device: torch.device) -> None:
+def _check_packet(teacher: TopKLogits, rows: tuple, v: int | None, device: torch.device, heads: int | None) -> None:
     values, indices, lse = teacher
     for name, x in (("teacher.values", values), ("teacher.indices", indices), ("teacher.lse", lse)):
         if not isinstance(x, Tensor):
@@ -107,7 +111,42 @@ def _check_packet(teacher: TopKLogits, rows: tuple, v: int | None, device: torch
     k = values.shape[-1]
     if v is not None and k > v:
         raise ValueError(f"teacher packets must have K <= V = {v}, got K = {k}")
-    if v is not None and not torch.compiler.is_compiling() and indices.numel():  # a host sync: skipped under compile
-        lo, hi = (int(x) for x in torch.aminmax(indices))
-        if lo < 0 or hi >= v:
-            raise ValueError(f"teacher.indices must lie in [0, {v}), got values in [{lo}, {hi}]")
+    if heads is not None:
+        values, indices, lse = values[:, :heads], indices[:, :heads], lse[:, :heads]
+    if not torch.compiler.is_compiling() and indices.numel():  # a host sync: skipped under compile
+        _check_packet_contents(values, indices, lse, v)
+
+
+def _check_packet_contents(values: Tensor, indices: Tensor, lse: Tensor, v: int | None) -> None:
+    """Indices in [0, V), K distinct classes a row, and sent probabilities exp(values − lse)
+    that sum to at most 1 up to the rounding of values to a wire dtype: a packet that breaks
+    these has no distribution behind it, and each backend would read it differently. A few ops
+    on the [..., K] packet and one host read for all three."""
+    k = values.shape[-1]
+    lo, hi = torch.aminmax(indices)
+    if k == 1:
+        repeated = lo != lo
+    elif k == 2:
+        repeated = (indices[..., 0] == indices[..., 1]).any()
+    else:
+        ordered = indices.sort(dim=-1).values
+        repeated = (ordered[..., 1:] == ordered[..., :-1]).any()
+    p = (values - lse.unsqueeze(-1)).exp_()  # the sent probabilities; NaN rows compare False below
+    mass = p[..., 0] + p[..., 1] if k == 2 else p.sum(dim=-1)  # (a sum over a last dim of 2 is slow)
+    # Values rounded to a wire dtype (unit roundoff u; bf16's, the coarsest, since they may have
+    # been cast back up since) move log(mass) up by at most u·(|lse| + log K) (convexity of
+    # logsumexp); lse carries fp32 rounding.
+    u = 2.0 ** -8
+    too_much = mass > lse.abs().mul_(u + 2.0 ** -17).add_(u * (math.log(k) + 1) + 2.0 ** -17).exp_()
+    lo, hi, repeated, bad = torch.stack([lo, hi, repeated, too_much.any()]).tolist()
+    if v is not None and (lo < 0 or hi >= v):
+        raise ValueError(f"teacher.indices must lie in [0, {v}), got values in [{lo}, {hi}]")
+    if repeated:
+        raise ValueError("teacher.indices must hold K distinct classes in every row, got a class sent twice "
+                         "in some row")
+    if bad:
+        row = int(too_much.flatten().nonzero()[0])
+        raise ValueError(f"teacher.lse must be at least the logsumexp of teacher.values in every row (the sent "
+                         f"probabilities sum to at most 1), got lse {float(lse.flatten()[row]):.6g} and sent "
+                         f"probabilities exp(values − lse) summing to {float(mass.flatten()[row]):.6g} "
+                         f"(flat row {row})")

@@ -72,10 +72,11 @@ def select_teachers(teacher_logits, adj: Tensor, *, tau: float = 1.0, include_se
     [N, H1, B]; adj [N, N] bool, adj[i, j] = client i hears client j
     -> (idx [N, H1−1, B] int64, −1 where the client has no candidate; has [N] bool).
     """
-    device = (teacher_logits.values if isinstance(teacher_logits, TopKLogits) else teacher_logits).device
-    check_teacher(teacher_logits, None, device)
+    first = teacher_logits.values if isinstance(teacher_logits, TopKLogits) else teacher_logits
+    device = first.device
+    check_teacher(teacher_logits, None, device, heads=first.shape[1] - 1 if first.dim() == 4 else None)
     tau = check_tau(tau)
-    rows = (teacher_logits.values if isinstance(teacher_logits, TopKLogits) else teacher_logits).shape
+    rows = first.shape
     if rows[1] < 2:
         raise ValueError(f"teacher_logits must have H1 >= 2 heads (main + aux), got H1 = {rows[1]}")
     check_adj(adj, rows[0], device)
