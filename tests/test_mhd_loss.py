@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -603,6 +604,24 @@ def test_bad_input_raises_value_error_naming_the_argument(backend, make_call, ar
     z, t, adj = make_case(torch.float32, 6, "ring", n=3, backend=backend)
     with pytest.raises(ValueError, match=argument.replace(".", r"\.")):
         make_call(z, t, adj, backend)
+
+
+def test_tau_is_any_finite_real_number(backend):
+    """τ may be a numpy scalar (np.float32 from a config or a sweep grid, np.int64): the same
+    loss as the Python float; a tensor is refused with a hint (reading it would sync the host)."""
+    z, t, adj = make_case(torch.float32, 10, "ring", n=4, backend=backend)
+    packet = _packet(t, 3, 2.0)
+    want = mhd_fast.mhd_loss(z, t, adj, tau=2.0, backend=backend)
+    for tau in (np.float32(2.0), np.float64(2.0), np.int64(2), 2):
+        assert torch.equal(mhd_fast.mhd_loss(z, t, adj, tau=tau, backend=backend), want)
+        mhd_fast.mhd_loss(z, packet, adj, tau=tau, backend=backend)
+        mhd_fast.select_teachers(t, adj, tau=tau, backend=backend)
+        mhd_fast.topk_compress(t, 3, tau=tau, backend=backend)
+    for tau in (np.float32("nan"), np.float64("inf"), np.float32(0.0), np.bool_(True), torch.tensor(2.0), "2"):
+        with pytest.raises(ValueError, match="tau must be"):
+            mhd_fast.mhd_loss(z, t, adj, tau=tau, backend=backend)
+    with pytest.raises(ValueError, match=r"pass float\(tau\)"):
+        mhd_fast.topk_compress(t, 3, tau=torch.tensor(2.0), backend=backend)
 
 
 @pytest.mark.parametrize("fault", ["repeated class", "lse too low"])

@@ -6,6 +6,7 @@ names the argument, what was given and what was expected. The backends' launcher
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -31,8 +32,11 @@ class TopKLogits(NamedTuple):
 
 
 def check_tau(tau) -> float:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    """τ as a float: any finite real number > 0, a Python or a numpy scalar. Tensors are refused
+    rather than read: that would be a host sync, and a graph break under torch.compile."""
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < float(tau) < math.inf:
+        hint = " (a tensor: pass float(tau))" if isinstance(tau, Tensor) else ""
+        raise ValueError(f"tau must be a finite real number > 0, got {tau!r}{hint}")
     return float(tau)
 
 
