@@ -56,7 +56,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import in_func_transform, launchers, resolve_backend
-from .inputs import (LOGIT_DTYPE_SET, TopKLogits, check_adj, check_choice, check_logits, check_tau,
+from .inputs import (LOGIT_DTYPE_SET, MAX_TAU, TopKLogits, check_adj, check_choice, check_logits, check_tau,
                      check_teacher)
 from .pool import POOL
 from .reference import AGGREGATES, acc_dtype, reduce_loss
@@ -72,7 +72,7 @@ _REDUCTION_SET = frozenset(REDUCTIONS)
 
 def _well_formed_dense(student_logits, teacher, adj, tau, aggregate, reduction) -> bool:
     """The common call, accepted by one expression of cheap tests: plain CPU tensors, a dense
-    teacher of the student's shape, a bool [N, N] graph, known options and a finite τ > 0 (a
+    teacher of the student's shape, a bool [N, N] graph, known options and a τ in (0, MAX_TAU] (a
     float or int, not a bool). It accepts nothing that _check_loss_args rejects, and leaves
     everything else to it (whose dozen helper calls cost a training step's cold call
     microseconds each)."""
@@ -82,7 +82,7 @@ def _well_formed_dense(student_logits, teacher, adj, tau, aggregate, reduction) 
     return (len(shape) == 4 and 0 not in shape and teacher.shape == shape and adj.shape == (shape[0], shape[0])
             and student_logits.is_cpu and teacher.is_cpu and adj.is_cpu
             and student_logits.dtype in LOGIT_DTYPE_SET and teacher.dtype in LOGIT_DTYPE_SET
-            and adj.dtype == torch.bool and (type(tau) is float or type(tau) is int) and 0 < tau < math.inf
+            and adj.dtype == torch.bool and (type(tau) is float or type(tau) is int) and 0 < tau <= MAX_TAU
             and type(aggregate) is str and aggregate in _AGGREGATE_SET
             and type(reduction) is str and reduction in _REDUCTION_SET)
 
@@ -408,7 +408,7 @@ def distill_loss(student_logits: Tensor, teacher, adj: Tensor, *, tau: float = 1
     Student group g of client i learns from group g of its candidate teachers, aggregated by
     ``aggregate``. student_logits [N, G, B, V] (fp32/fp16/bf16/fp64, any strides); teacher
     [N, G, B, V] dense logits or a TopKLogits packet with leading dims [N, G, B]; adj [N, N]
-    bool. Returns fp32 (fp64 for fp64 input): "none" -> [N, G, B],
+    bool; τ in (0, MAX_TAU]. Returns fp32 (fp64 for fp64 input): "none" -> [N, G, B],
     "sum" -> scalar, "mean" -> sum / (N·G·B). Clients with no candidate get 0 and gradient 0.
     The teacher gets no gradient. Rows whose logits hold NaN or +inf give NaN; −inf logits are
     masked classes.
