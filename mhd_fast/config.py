@@ -204,7 +204,7 @@ def validate(cfg: Config) -> None:
     from . import models  # noqa: PLC0415  (models imports torch; keep config light to import)
     from .data import DATASETS
     from .exchange import WIRE_DTYPES
-    from .ops import BACKENDS
+    from .ops import BACKENDS, MAX_TAU
     from .ops.reference import AGGREGATES
     from .partition import PARTITIONS
     from .topology import GRAPHS, check_options
@@ -242,7 +242,8 @@ def validate(cfg: Config) -> None:
     _need(cfg.method != "mhd" or cfg.heads >= 1, f"--heads must be >= 1 for method mhd, got {cfg.heads}")
     for name in ("nu_aux", "nu_main", "nu_emb", "weight_decay"):
         _need(getattr(cfg, name) >= 0, f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
-    _need(cfg.tau > 0, f"--tau must be > 0, got {cfg.tau}")
+    _need(0 < cfg.tau <= MAX_TAU, f"--tau must be in (0, {MAX_TAU:g}] (where the fp32 loss is "
+          f"accurate), got {cfg.tau}")
     _need(cfg.aggregate in AGGREGATES, f"--aggregate must be one of {', '.join(AGGREGATES)}, got {cfg.aggregate!r}")
     _need(cfg.topk >= 0, f"--topk must be 0 (dense) or >= 1, got {cfg.topk}")
     _need(cfg.wire_dtype in WIRE_DTYPES, f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)}, got {cfg.wire_dtype!r}")

@@ -71,7 +71,7 @@ def test_a_partition_option_picks_its_partition():
 @pytest.mark.parametrize("key,value,flag", [
     ("clients", 0, "--clients"), ("method", "fedprox", "--method"), ("dataset", "imagenet", "--dataset"),
     ("graph", "hypercube", "--graph"), ("skew", 1.5, "--skew"), ("dirichlet", 0.0, "--dirichlet"),
-    ("tau", 0.0, "--tau"), ("topk", -1, "--topk"), ("wire_dtype", "int8", "--wire-dtype"),
+    ("tau", 0.0, "--tau"), ("tau", 101.0, "--tau"), ("topk", -1, "--topk"), ("wire_dtype", "int8", "--wire-dtype"),
     ("aggregate", "median", "--aggregate"), ("model", ["transformer"], "--model"),
     ("public_fraction", 1.0, "--public-fraction"), ("device", "tpu", "--device"),
     ("exchange_every", 0, "--exchange-every"), ("lr", 0.0, "--lr"), ("name", "a/b", "--name"),
