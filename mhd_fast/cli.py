@@ -168,6 +168,11 @@ def keep_freed_memory() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that spin while they wait take the cores from every other process of a
+    # small shared machine (rounds ~10x slower under load); sleeping waits cost little here.
+    # OpenMP reads it when torch loads it, so this module imports torch only below; a user's
+    # own setting wins. The command's choice, not the library's: importing mhd_fast sets nothing.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
