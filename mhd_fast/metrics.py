@@ -43,12 +43,17 @@ def by_head(values: Tensor) -> dict[str, float]:
 
 
 def round_record(r: int, time_s: float, bytes_sent: int, private: Tensor, shared: Tensor,
-                 bytes_dense: int, bytes_cross_rank: int = 0) -> dict:
-    """One entry of metrics.json's "rounds": per-head means over clients. bytes_cross_rank:
-    what the processes of a sharded run sent each other (0 in one process)."""
+                 bytes_dense: int, bytes_cross_rank: int = 0,
+                 loss_sum: dict[str, float] | None = None) -> dict:
+    """One entry of metrics.json's "rounds": per-head means over clients and worst-10 %.
+    bytes_cross_rank: what the processes of a sharded run sent each other (0 in one process).
+    loss_sum: the round's loss terms by name, each summed over its steps and the clients."""
     return {"round": r, "time_s": time_s, "bytes_sent": bytes_sent, "bytes_dense": bytes_dense,
             "bytes_cross_rank": bytes_cross_rank,
-            "private_acc": by_head(private.mean(0)), "shared_acc": by_head(shared.mean(0))}
+            "private_acc": by_head(private.mean(0)), "shared_acc": by_head(shared.mean(0)),
+            "worst10_private_acc": by_head(worst_fraction(private)),
+            "worst10_shared_acc": by_head(worst_fraction(shared)),
+            "loss_sum": dict(loss_sum or {})}
 
 
 def final_record(private: Tensor, shared: Tensor, ensemble: float, bytes_sent: int,

@@ -75,7 +75,8 @@ class Simulation:
     received: Received | None = None     # the latest exchange (stale between refreshes)
     public_batch: Tensor | None = None   # [B] the public rows of that exchange
     bytes_cross_rank: int = 0     # bytes this process sent to other processes, over the run
-    loss_sum: Tensor | None = None  # the steps' losses since the last ``nonfinite`` check (device)
+    loss_sum: Tensor | None = None  # [n, T] fp64 (device): each client's ``loss_terms`` summed
+                                    # over the steps since the last ``nonfinite`` check
 
     @property
     def distills(self) -> bool:
@@ -338,7 +339,9 @@ def local_step(sim: Simulation, adj: Tensor, cut: D.Cut | None = None) -> Receiv
     logits, emb = models.forward_groups(sim.groups, x, shared=False, num_heads=sim.num_heads)
     v = logits.shape[-1]
     ce = F.cross_entropy(logits[:, 0, :bp].reshape(-1, v), y.reshape(-1), reduction="none")
-    loss = ce.view(-1, bp).mean(dim=1).sum()  # sum over clients of each client's mean CE
+    ce = ce.view(-1, bp).mean(dim=1)                                     # [n] each client's mean
+    loss = ce.sum()
+    terms = [ce.unsqueeze(1)]  # [n, *] per client, before the weights nu (``loss_terms``)
 
     fresh = None
     if sim.distills:
@@ -358,19 +361,27 @@ def local_step(sim: Simulation, adj: Tensor, cut: D.Cut | None = None) -> Receiv
                     backend=cfg.backend)
         if cfg.nu_aux > 0 and sim.num_heads > 1:
             aux = mhd_fast.mhd_loss(zc, got.teacher, got.adj, **opts)[got.rows]  # [n, H, B]
-            loss = loss + cfg.nu_aux * aux.mean(dim=-1).sum()
+            aux = aux.mean(dim=-1)
+            loss = loss + cfg.nu_aux * aux.sum()
+            terms.append(aux)
         if cfg.nu_main > 0:
             main = mhd_fast.distill_loss(zc[:, :1], _head_slice(got.teacher, slice(0, 1)),
                                          got.adj, **opts)[got.rows]      # [n, 1, B]
-            loss = loss + cfg.nu_main * main.mean(dim=-1).sum()
+            main = main.mean(dim=-1)
+            loss = loss + cfg.nu_main * main.sum()
+            terms.append(main)
         if cfg.nu_emb > 0:
             target, has = neighbour_mean(got.emb, got.adj, include_self=cfg.include_self)
             target, has = target[got.rows], has[got.rows]
             mse = (emb_pub - target).square().mean(dim=(1, 2))
-            loss = loss + cfg.nu_emb * torch.where(has, mse, torch.zeros_like(mse)).sum()
+            mse = torch.where(has, mse, torch.zeros_like(mse))
+            loss = loss + cfg.nu_emb * mse.sum()
+            terms.append(mse.unsqueeze(1))
 
-    # summed on the device, checked once a round by ``nonfinite``: no host sync per step
-    sim.loss_sum = loss.detach() if sim.loss_sum is None else sim.loss_sum + loss.detach()
+    # Summed on the device, read once a round (``nonfinite`` and the round's record): no host
+    # sync per step. Per client in fp64, so that the sums do not depend on the sharding.
+    terms = torch.cat(terms, dim=1).detach().double()
+    sim.loss_sum = terms if sim.loss_sum is None else sim.loss_sum + terms
     sim.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     for group in sim.optimizer.param_groups:
@@ -401,13 +412,28 @@ def train_round(sim: Simulation, r: int) -> tuple[Tensor, Tensor]:
     return sent, dense
 
 
+def loss_terms(sim: Simulation) -> dict[str, float]:
+    """The columns of ``sim.loss_sum`` in order, each with its weight in the loss: "ce" (head
+    0 on the private rows), "aux_head1" .. "aux_headH" (the aux heads' distillation), "main"
+    (head 0's distillation) and "emb" (the embedding MSE), the ones this run has."""
+    cfg, terms = sim.cfg, {"ce": 1.0}
+    if sim.distills:
+        if cfg.nu_aux > 0 and sim.num_heads > 1:
+            terms.update({f"aux_head{h}": cfg.nu_aux for h in range(1, sim.num_heads)})
+        if cfg.nu_main > 0:
+            terms["main"] = cfg.nu_main
+        if cfg.nu_emb > 0:
+            terms["emb"] = cfg.nu_emb
+    return terms
+
+
 def nonfinite(sim: Simulation) -> Tensor:
     """[2] int64 on the device: whether the steps' loss since the last call was not finite,
     and how many weight tensors of this process hold a NaN or inf. Starts a new loss sum."""
     loss = sim.loss_sum if sim.loss_sum is not None else torch.zeros((), device=sim.device)
     sim.loss_sum = None
     weights = torch.stack([p.isfinite().all() for p in models.parameters(sim.groups)])
-    return torch.stack([~loss.isfinite(), (~weights).sum()]).long()
+    return torch.stack([~loss.isfinite().all(), (~weights).sum()]).long()
 
 
 # ---- evaluation ----------------------------------------------------------------------------
@@ -509,6 +535,7 @@ def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict) -> d
         t0 = time.perf_counter()
         cross_before = sim.bytes_cross_rank
         edge_sent, edge_dense = train_round(sim, r)
+        losses = sim.loss_sum.sum(dim=0)  # [T] over this process's clients
         counts = torch.cat([torch.stack([edge_sent.sum(), edge_dense.sum(),
                                          edge_sent.new_tensor(sim.bytes_cross_rank - cross_before)]),
                             nonfinite(sim)])
@@ -519,12 +546,14 @@ def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict) -> d
             diverged = {"round": r, "loss": bool(bad_loss), "weights": bool(bad_weights)}
             break
         time_s = time.perf_counter() - t0
+        losses = D.all_sum(losses, sim.shard, "the loss sums").tolist()
         totals["edge_bytes"] += edge_sent.cpu()
         totals["bytes_dense"] += dense
         private, shared, ensemble = evaluate(sim)
         evaluated = True
         if lead:
-            rec = M.round_record(r, time_s, sent, private, shared, dense, bytes_cross_rank=cross)
+            rec = M.round_record(r, time_s, sent, private, shared, dense, bytes_cross_rank=cross,
+                                 loss_sum=_loss_record(sim, losses))
             history.append(rec)
             bar.set_postfix(_postfix(rec))
         if cfg.checkpoint:
@@ -553,6 +582,14 @@ def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict) -> d
                                        total / max(1, used), bytes_cross_rank=cross)}
     M.write_outputs(cfg.out, metrics, private, shared, describe(sim.schedule))
     return metrics
+
+
+def _loss_record(sim: Simulation, sums: list[float]) -> dict[str, float]:
+    """A round's loss sums by name: "total" (the objective, each term times its weight nu),
+    then each of ``loss_terms``."""
+    terms = loss_terms(sim)
+    total = sum(nu * x for nu, x in zip(terms.values(), sums))
+    return {"total": total, **dict(zip(terms, sums))}
 
 
 def _postfix(rec: dict) -> dict:

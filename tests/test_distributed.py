@@ -54,7 +54,10 @@ def _assert_same_metrics(got: dict, want: dict) -> None:
     for x, y in zip(a["rounds"] + [a["final"]], b["rounds"] + [b["final"]]):
         assert x.keys() == y.keys()
         for key, value in x.items():
-            if isinstance(value, dict):
+            if key == "loss_sum":  # fp32 losses: a process's forward over fewer clients (other
+                # matmul blocking) rounds differently in the last bits; accuracies do not move
+                assert value == pytest.approx(y[key], rel=1e-6), key
+            elif isinstance(value, dict):
                 assert value == pytest.approx(y[key], abs=1e-9), key
             else:
                 assert value == pytest.approx(y[key], rel=1e-12), key

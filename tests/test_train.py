@@ -253,8 +253,12 @@ def test_a_non_finite_loss_is_found_without_a_sync_per_step(monkeypatch):
     train.train_round(sim, 0)
     monkeypatch.undo()
     assert reads == [] and sim.loss_sum is not None
+    # per client and term: ce and the two aux heads' distillation, summed over the 4 steps
+    assert list(train.loss_terms(sim)) == ["ce", "aux_head1", "aux_head2"]
+    assert sim.loss_sum.shape == (6, 3) and sim.loss_sum.dtype == torch.float64
     assert train.nonfinite(sim).tolist() == [0, 0] and sim.loss_sum is None
-    sim.loss_sum = torch.tensor(float("inf"))
+    sim.loss_sum = torch.zeros(6, 3, dtype=torch.float64)
+    sim.loss_sum[4, 2] = float("inf")
     assert train.nonfinite(sim).tolist() == [1, 0]
 
 
