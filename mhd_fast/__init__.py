@@ -7,6 +7,7 @@ The public API (docs/method.md §7)::
                       aggregate="max_confidence", reduction="none", backend="auto")
     mhd_fast.distill_loss(student_logits, teacher, adj, **same_options)
     mhd_fast.topk_compress(logits, k, *, tau=1.0, value_dtype=None)
+    mhd_fast.simulate(*, out=None, resume=False, on_round=None, **options) -> metrics dict
 
 Importing the package loads nothing heavy and changes no process-wide state (environment,
 threads, RNG): the names load their modules on first use (PEP 562), so a program that sets
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 _LAZY = {name: "ops" for name in ("AGGREGATES", "BACKENDS", "REDUCTIONS", "TopKLogits",
                                   "backend_available", "distill_loss", "mhd_loss",
                                   "resolve_backend", "select_teachers", "topk_compress")}
+_LAZY["simulate"] = "api"
 
 __all__ = [*_LAZY, "__version__"]
 

@@ -163,13 +163,14 @@ def merge(cfg: Config, overrides: dict, source: str) -> Config:
     return dataclasses.replace(cfg, **values)
 
 
-def load(path: str | None = None, flags: dict | None = None) -> Config:
-    """Defaults, then the file at ``path``, then ``flags``; validated and resolved."""
+def load(path: str | None = None, flags: dict | None = None, source: str = "the flags") -> Config:
+    """Defaults, then the file at ``path``, then ``flags`` (named ``source`` in errors);
+    validated and resolved."""
     cfg = Config()
     if path is not None:
         cfg = merge(cfg, read_file(path), f"--config {path!r}")
     if flags:
-        cfg = merge(cfg, flags, "the flags")
+        cfg = merge(cfg, flags, source)
     validate(cfg)
     return resolve(cfg)
 

@@ -108,13 +108,13 @@ def clients_csv(private: Tensor, shared: Tensor) -> str:
 def plot(metrics: dict, out: str) -> list[str]:
     """accuracy.png (mean private and shared accuracy per head vs round) and bytes.png
     (cumulative bytes sent vs round, dense fp32 for comparison). Returns the file names."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display: files only
-    import matplotlib.pyplot as plt
+    # Figures without pyplot: files only, and the caller's matplotlib backend stays theirs.
+    from matplotlib.figure import Figure
 
     rounds = [rec["round"] for rec in metrics["rounds"]]
     heads = list(metrics["rounds"][0]["shared_acc"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, key, title in ((axes[0], "private_acc", "private accuracy"),
                            (axes[1], "shared_acc", "shared accuracy")):
         for head in heads:
@@ -127,9 +127,9 @@ def plot(metrics: dict, out: str) -> list[str]:
     fig.suptitle(metrics["config"]["name"])
     fig.tight_layout()
     _save(fig, os.path.join(out, "accuracy.png"))
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
     sent, dense, total_sent, total_dense = [], [], 0, 0
     for rec in metrics["rounds"]:
         total_sent += rec["bytes_sent"]
@@ -144,7 +144,6 @@ def plot(metrics: dict, out: str) -> list[str]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, os.path.join(out, "bytes.png"))
-    plt.close(fig)
     return ["accuracy.png", "bytes.png"]
 
 

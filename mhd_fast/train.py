@@ -31,6 +31,7 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -472,17 +473,22 @@ def evaluate(sim: Simulation, chunk: int | None = None) -> tuple[Tensor | None, 
 
 # ---- the run -------------------------------------------------------------------------------
 
-def run(cfg: Config, *, resume: bool = False) -> dict | None:
+def run(cfg: Config, *, resume: bool = False,
+        on_round: Callable[[int, dict], object] | None = None) -> dict | None:
     """Train for cfg.rounds rounds, checkpointing after each; write the outputs to cfg.out.
     Returns the metrics dict (the content of metrics.json): ``status`` "finished", or
     "diverged" when a round's loss or weights were not finite (the run stops there; its
     checkpoint is the last finite state). Under torchrun the run is sharded over the ranks,
     rank 0 writes and returns the metrics, the others return None. While it runs it holds
-    cfg.out (``outdir.claim``): another run on the same folder raises ValueError."""
+    cfg.out (``outdir.claim``): another run on the same folder raises ValueError.
+    cfg.out None: no file at all (no lock, checkpoint, report or plots).
+    on_round(r, record): called on rank 0 after round r with its entry of metrics["rounds"]."""
+    if cfg.out is None and resume:
+        raise ValueError("--resume needs --out, the folder of the checkpoint to resume from")
     owned = D.init(resolve_device(cfg.device), cfg.dist_timeout)
     clean = False
     try:
-        out = _run(cfg, resume)
+        out = _run(cfg, resume, on_round)
         clean = True
         return out
     finally:
@@ -505,7 +511,7 @@ def _claim(out: str, shard: D.Shard) -> outdir.Claim | None:
     return held
 
 
-def _run(cfg: Config, resume: bool) -> dict | None:
+def _run(cfg: Config, resume: bool, on_round) -> dict | None:
     sim = setup(cfg)
     history: list[dict] = []
     totals = {"edge_bytes": torch.zeros(sim.shard.size, cfg.clients, dtype=torch.int64),
@@ -513,20 +519,21 @@ def _run(cfg: Config, resume: bool) -> dict | None:
     start = 0
     if resume:
         start, history, totals = ckpt.restore(os.path.join(cfg.out, ckpt.FILENAME), sim)
-    held = _claim(cfg.out, sim.shard)
+    held = _claim(cfg.out, sim.shard) if cfg.out is not None else None
     try:
-        return _rounds(sim, start, history, totals)
+        return _rounds(sim, start, history, totals, on_round)
     finally:
         if held is not None:
             held.release()
 
 
-def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict) -> dict | None:
+def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict,
+            on_round) -> dict | None:
     """Rounds start .. cfg.rounds − 1, then the outputs (rank 0's metrics, None elsewhere)."""
     from tqdm import tqdm
 
     cfg, lead = sim.cfg, sim.shard.lead
-    path = os.path.join(cfg.out, ckpt.FILENAME)
+    writes = cfg.out is not None
     bar = tqdm(range(start, cfg.rounds), initial=start, total=cfg.rounds, desc=cfg.name,
                unit="round", disable=not (cfg.progress and lead), dynamic_ncols=True)
     evaluated = False
@@ -556,15 +563,18 @@ def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict) -> d
                                  loss_sum=_loss_record(sim, losses))
             history.append(rec)
             bar.set_postfix(_postfix(rec))
-        if cfg.checkpoint:
-            ckpt.save(path, sim, r + 1, history, totals)
+        if cfg.checkpoint and writes:
+            ckpt.save(os.path.join(cfg.out, ckpt.FILENAME), sim, r + 1, history, totals)
+        if lead and on_round is not None:  # after the checkpoint: if it raises, round r is kept
+            on_round(r, rec)
     bar.close()
     if diverged is not None:
         if not lead:
             return None
         metrics = {"status": "diverged", "config": to_dict(cfg), "world_size": sim.shard.world,
                    "rounds": history, "diverged": diverged}
-        M.write_outputs(cfg.out, metrics, None, None, describe(sim.schedule))
+        if writes:
+            M.write_outputs(cfg.out, metrics, None, None, describe(sim.schedule))
         return metrics
     if not evaluated:  # resumed a run that had already finished: measure the final state
         private, shared, ensemble = evaluate(sim)
@@ -580,7 +590,8 @@ def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict) -> d
                "rounds": history,
                "final": M.final_record(private, shared, ensemble, total, totals["bytes_dense"],
                                        total / max(1, used), bytes_cross_rank=cross)}
-    M.write_outputs(cfg.out, metrics, private, shared, describe(sim.schedule))
+    if writes:
+        M.write_outputs(cfg.out, metrics, private, shared, describe(sim.schedule))
     return metrics
 
 

@@ -1,9 +1,128 @@
-"""Importing mhd_fast changes nothing process-wide (environment, threads, RNG); the mhd-fast
-command alone chooses OpenMP's waits."""
+"""The Python API: ``mhd_fast.simulate`` gives the command's metrics for the same options, calls
+back after every round, writes nothing without ``out``, names the option of bad input, reports a
+diverged run and leaves the caller's global state alone;
+``import mhd_fast`` changes nothing process-wide."""
+import json
 import os
+import random
 import subprocess
 import sys
+import tempfile
 
+import numpy as np
+import pytest
+import torch
+
+import mhd_fast
+from mhd_fast import cli, train
+
+SMALL = dict(clients=6, rounds=3, steps_per_round=4, model="mlp:32x16", heads=2, lr=1e-2,
+             progress=False)
+FLAGS = ["--clients", "6", "--rounds", "3", "--steps-per-round", "4", "--model", "mlp:32x16",
+         "--heads", "2", "--lr", "1e-2", "--no-progress"]
+
+
+def _comparable(metrics: dict, *config_keys: str) -> dict:
+    """metrics without the times and the given config keys (JSON types, as metrics.json)."""
+    m = json.loads(json.dumps(metrics))
+    for rec in m["rounds"]:
+        rec.pop("time_s")
+    for key in config_keys:
+        m["config"].pop(key)
+    return m
+
+
+def test_simulate_gives_the_metrics_of_the_command(tmp_path):
+    assert cli.main(["run", *FLAGS, "--out", str(tmp_path / "cli")]) == 0
+    want = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+
+    with_out = mhd_fast.simulate(**SMALL, out=tmp_path / "api")
+    assert json.loads((tmp_path / "api" / "metrics.json").read_text()) == json.loads(json.dumps(with_out))
+    assert (tmp_path / "api" / "checkpoint.pt").exists() and (tmp_path / "api" / "report.md").exists()
+    assert _comparable(with_out, "out") == _comparable(want, "out")
+
+    bare = mhd_fast.simulate(**SMALL)
+    assert bare["config"]["out"] is None and bare["config"]["checkpoint"] is False
+    assert _comparable(bare, "out", "checkpoint") == _comparable(want, "out", "checkpoint")
+    assert bare["status"] == "finished" and bare["final"]["private_acc"]["head0"] > 0.5
+
+
+def test_the_round_records_hold_worst10_and_the_loss_terms():
+    m = mhd_fast.simulate(**SMALL, nu_main=0.5)
+    for rec in m["rounds"]:
+        assert set(rec["worst10_shared_acc"]) == {"head0", "head1", "head2"}
+        assert all(rec["worst10_shared_acc"][h] <= rec["shared_acc"][h] for h in rec["shared_acc"])
+        loss = rec["loss_sum"]
+        assert list(loss) == ["total", "ce", "aux_head1", "aux_head2", "main"]
+        assert all(v > 0 for v in loss.values())
+        assert loss["total"] == pytest.approx(loss["ce"] + loss["aux_head1"] + loss["aux_head2"]
+                                              + 0.5 * loss["main"], rel=1e-12)
+    assert m["rounds"][-1]["loss_sum"]["ce"] < m["rounds"][0]["loss_sum"]["ce"]  # it learns
+    assert list(mhd_fast.simulate(**{**SMALL, "rounds": 1}, method="isolated")["rounds"][0]
+                ["loss_sum"]) == ["total", "ce"]
+
+
+def test_on_round_is_called_after_each_round_with_its_record():
+    calls = []
+    m = mhd_fast.simulate(**SMALL, on_round=lambda r, rec: calls.append((r, json.dumps(rec))))
+    assert [r for r, _ in calls] == [0, 1, 2]
+    assert [json.loads(rec) for _, rec in calls] == json.loads(json.dumps(m["rounds"]))
+
+
+def test_without_out_nothing_is_written(tmp_path, monkeypatch):
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir(), tmp.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    m = mhd_fast.simulate(**SMALL)
+    assert m["status"] == "finished"
+    assert os.listdir(cwd) == [] and os.listdir(tmp) == []
+
+
+@pytest.mark.parametrize("options,option", [
+    (dict(clientz=4), "'clientz'"),
+    (dict(lr=-1.0), "--lr"),
+    (dict(clients="8"), "clients"),
+    (dict(model="mlp:abc"), "--model"),
+    (dict(graph="hypercube"), "--graph"),
+    (dict(checkpoint=True), "checkpoint"),
+    (dict(resume=True), "resume"),
+    (dict(on_round=3), "on_round"),
+    (dict(out=3), "out"),
+])
+def test_bad_options_raise_value_error_naming_the_option_before_any_work(tmp_path, monkeypatch,
+                                                                          options, option):
+    monkeypatch.setattr(train, "setup", lambda *a, **k: pytest.fail("set up a run"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=option):
+        mhd_fast.simulate(**{**SMALL, **options})
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_diverging_run_returns_status_diverged():
+    m = mhd_fast.simulate(rounds=2, steps_per_round=5, optimizer="sgd", lr=1e6, progress=False)
+    assert m["status"] == "diverged" and m["rounds"] == [] and "final" not in m
+    assert m["diverged"] == {"round": 0, "loss": True, "weights": True}
+
+
+def test_simulate_leaves_the_callers_global_state(tmp_path):
+    import matplotlib
+
+    torch.manual_seed(1234)
+    rng, np_rng, py_rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    env, threads = dict(os.environ), torch.get_num_threads()
+    dtype, grad, backend = torch.get_default_dtype(), torch.is_grad_enabled(), matplotlib.get_backend()
+    m = mhd_fast.simulate(**SMALL, out=tmp_path / "o")  # out: the plots and the checkpoint too
+    assert m["status"] == "finished" and (tmp_path / "o" / "accuracy.png").exists()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert str(np.random.get_state()) == str(np_rng) and random.getstate() == py_rng
+    assert dict(os.environ) == env and torch.get_num_threads() == threads
+    assert (torch.get_default_dtype(), torch.is_grad_enabled()) == (dtype, grad)
+    assert matplotlib.get_backend() == backend
+
+
+# ---- importing ------------------------------------------------------------------------------
 
 def _python(code: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -23,12 +142,12 @@ def test_import_changes_no_process_wide_state():
     _python("import os, torch\n"
             "env, threads, rng = dict(os.environ), torch.get_num_threads(), torch.get_rng_state()\n"
             "import mhd_fast\n"
-            "mhd_fast.mhd_loss, mhd_fast.TopKLogits\n"
+            "mhd_fast.mhd_loss, mhd_fast.simulate, mhd_fast.TopKLogits\n"
             "import mhd_fast.train, mhd_fast.cli, mhd_fast.sweep\n"
             "assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items())\n"
             "assert torch.get_num_threads() == threads\n"
             "assert torch.equal(torch.get_rng_state(), rng)\n"
-            "assert 'mhd_loss' in dir(mhd_fast) and 'mhd_loss' in mhd_fast.__all__\n")
+            "assert 'simulate' in dir(mhd_fast) and 'simulate' in mhd_fast.__all__\n")
 
 
 def test_the_command_sets_passive_openmp_waits_unless_the_user_chose():
