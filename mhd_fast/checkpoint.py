@@ -30,7 +30,7 @@ FILENAME = "checkpoint.pt"
 VERSION = 2
 # Options that may change between a run and its resumption: they do not change the numbers
 # (device and backend agree up to rounding). ``rounds`` may not: it sets the lr schedule.
-RESUMABLE_CHANGES = ("progress", "checkpoint", "device", "backend", "dist_timeout")
+RESUMABLE_CHANGES = ("progress", "checkpoint", "device", "backend", "dist_timeout", "tensorboard")
 
 
 # ---- this process's part -------------------------------------------------------------------

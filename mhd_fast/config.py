@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import inspect
 import math
 import os
@@ -75,6 +76,7 @@ class Config:
     out: str | None = None           # output folder; None = runs/NAME
     progress: bool = True            # tqdm bar per round
     checkpoint: bool = True          # write OUT/checkpoint.pt atomically after every round
+    tensorboard: str | None = None   # folder of TensorBoard logs, a subfolder per run NAME (needs the tensorboard package); None = none
     dist_timeout: float = 300.0      # seconds a process of a torchrun launch waits for the others before it stops with an error
 
 
@@ -269,6 +271,12 @@ def validate(cfg: Config) -> None:
     _need(cfg.name is None or (cfg.name and "/" not in cfg.name and cfg.name not in (".", "..")
                                and _utf8(cfg.name)),
           f"--name must be a plain folder name in UTF-8, got {cfg.name!r}")
+    if cfg.tensorboard is not None:
+        _need(cfg.tensorboard != "" and _utf8(cfg.tensorboard),
+              f"--tensorboard must be a folder path in UTF-8, got {cfg.tensorboard!r}")
+        _need(importlib.util.find_spec("tensorboard") is not None, "--tensorboard needs the "
+              "tensorboard package, which is not installed (the extra: pip install -e "
+              "'.[tensorboard]', or pip install tensorboard)")
     if cfg.method == "fedavg":
         _need(len(cfg.model) == 1, "--method fedavg averages weights, so all clients need one "
               f"architecture; got --model {' '.join(cfg.model)}")

@@ -153,6 +153,36 @@ def _save(fig, path: str) -> None:
     atomic_write(path, buf.getvalue())
 
 
+def tensorboard(folder: str, name: str, first_round: int):
+    """A TensorBoard writer for run ``name`` in folder/name. Its first event drops what an
+    earlier run of that name, or the part of this run a resume repeats, logged from round
+    ``first_round`` on: every round keeps one point."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ValueError(f"--tensorboard: cannot load tensorboard: {e}") from None
+    try:
+        return SummaryWriter(os.path.join(folder, name), purge_step=first_round)
+    except OSError as e:
+        raise ValueError(f"--tensorboard: cannot write to {folder!r}: {e.strerror or e}") from None
+
+
+def log_round(writer, rec: dict) -> None:
+    """One round's record as scalars at step = round: accuracy/{private,shared,worst10_private,
+    worst10_shared}/headH, loss/NAME (the round's sums), bytes/{sent,dense,cross_rank} and
+    time/round_s. Flushed, so a killed run keeps every round it logged."""
+    step = rec["round"]
+    for kind in ("private", "shared", "worst10_private", "worst10_shared"):
+        for head, acc in rec[f"{kind}_acc"].items():
+            writer.add_scalar(f"accuracy/{kind}/{head}", acc, step)
+    for term, value in rec["loss_sum"].items():
+        writer.add_scalar(f"loss/{term}", value, step)
+    for kind in ("sent", "dense", "cross_rank"):
+        writer.add_scalar(f"bytes/{kind}", rec[f"bytes_{kind}"], step)
+    writer.add_scalar("time/round_s", rec["time_s"], step)
+    writer.flush()
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":

@@ -520,16 +520,22 @@ def _run(cfg: Config, resume: bool, on_round) -> dict | None:
     if resume:
         start, history, totals = ckpt.restore(os.path.join(cfg.out, ckpt.FILENAME), sim)
     held = _claim(cfg.out, sim.shard) if cfg.out is not None else None
+    board = None
     try:
-        return _rounds(sim, start, history, totals, on_round)
+        if cfg.tensorboard is not None and sim.shard.lead:
+            board = M.tensorboard(cfg.tensorboard, cfg.name, start)
+        return _rounds(sim, start, history, totals, on_round, board)
     finally:
+        if board is not None:
+            board.close()
         if held is not None:
             held.release()
 
 
 def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict,
-            on_round) -> dict | None:
-    """Rounds start .. cfg.rounds − 1, then the outputs (rank 0's metrics, None elsewhere)."""
+            on_round, board) -> dict | None:
+    """Rounds start .. cfg.rounds − 1, then the outputs (rank 0's metrics, None elsewhere).
+    board: rank 0's TensorBoard writer, or None."""
     from tqdm import tqdm
 
     cfg, lead = sim.cfg, sim.shard.lead
@@ -563,6 +569,8 @@ def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict,
                                  loss_sum=_loss_record(sim, losses))
             history.append(rec)
             bar.set_postfix(_postfix(rec))
+            if board is not None:  # before the checkpoint: a resume re-logs, never skips, a round
+                M.log_round(board, rec)
         if cfg.checkpoint and writes:
             ckpt.save(os.path.join(cfg.out, ckpt.FILENAME), sim, r + 1, history, totals)
         if lead and on_round is not None:  # after the checkpoint: if it raises, round r is kept

@@ -1,6 +1,6 @@
 """The Python API: ``mhd_fast.simulate`` gives the command's metrics for the same options, calls
 back after every round, writes nothing without ``out``, names the option of bad input, reports a
-diverged run and leaves the caller's global state alone;
+diverged run and leaves the caller's global state alone; ``--tensorboard`` logs every round once;
 ``import mhd_fast`` changes nothing process-wide."""
 import json
 import os
@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import mhd_fast
+from mhd_fast import checkpoint as ckpt
 from mhd_fast import cli, train
+from mhd_fast.outdir import OutputError
 
 SMALL = dict(clients=6, rounds=3, steps_per_round=4, model="mlp:32x16", heads=2, lr=1e-2,
              progress=False)
@@ -120,6 +122,78 @@ def test_simulate_leaves_the_callers_global_state(tmp_path):
     assert dict(os.environ) == env and torch.get_num_threads() == threads
     assert (torch.get_default_dtype(), torch.is_grad_enabled()) == (dtype, grad)
     assert matplotlib.get_backend() == backend
+
+
+# ---- TensorBoard ----------------------------------------------------------------------------
+
+def _scalars(folder) -> dict:
+    """{tag: [(step, value), ...]} of the TensorBoard logs in ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_every_round_once_and_a_resume_adds_no_step(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    board = tmp_path / "tb"
+    opts = dict(SMALL, rounds=4, name="tiny", tensorboard=str(board))
+    real_save = ckpt.save
+
+    def dies_saving_round_2(path, sim, rounds_done, *rest):  # after round 2 was logged
+        if rounds_done == 3:
+            raise OutputError("disk full")
+        real_save(path, sim, rounds_done, *rest)
+
+    monkeypatch.setattr(ckpt, "save", dies_saving_round_2)
+    with pytest.raises(OutputError):
+        mhd_fast.simulate(**opts, out=tmp_path / "o")
+    monkeypatch.setattr(ckpt, "save", real_save)
+    assert [s for s, _ in _scalars(board / "tiny")["loss/ce"]] == [0, 1, 2]
+    m = mhd_fast.simulate(**opts, out=tmp_path / "o", resume=True)
+
+    logged = _scalars(board / "tiny")
+    heads = ("head0", "head1", "head2")
+    want = {f"accuracy/{kind}/{h}" for kind in ("private", "shared", "worst10_private",
+                                                "worst10_shared") for h in heads}
+    want |= {"loss/total", "loss/ce", "loss/aux_head1", "loss/aux_head2", "bytes/sent",
+             "bytes/dense", "bytes/cross_rank", "time/round_s"}
+    assert set(logged) == want
+    for tag, points in logged.items():
+        assert [s for s, _ in points] == [0, 1, 2, 3], tag
+    for rec in m["rounds"]:
+        r = rec["round"]
+        assert logged["accuracy/shared/head1"][r][1] == pytest.approx(rec["shared_acc"]["head1"])
+        assert logged["accuracy/worst10_private/head0"][r][1] == pytest.approx(
+            rec["worst10_private_acc"]["head0"])
+        assert logged["loss/aux_head2"][r][1] == pytest.approx(rec["loss_sum"]["aux_head2"])
+        assert logged["bytes/sent"][r][1] == pytest.approx(rec["bytes_sent"])
+
+    mhd_fast.simulate(**{**opts, "rounds": 2})  # a new run of that name replaces the old curves
+    assert [s for s, _ in _scalars(board / "tiny")["loss/ce"]] == [0, 1]
+
+
+def test_tensorboard_from_the_command(tmp_path):
+    pytest.importorskip("tensorboard")
+    assert cli.main(["run", *FLAGS, "--rounds", "2", "--name", "cmd", "--out", str(tmp_path / "o"),
+                     "--tensorboard", str(tmp_path / "tb")]) == 0
+    assert [s for s, _ in _scalars(tmp_path / "tb" / "cmd")["accuracy/private/head0"]] == [0, 1]
+
+
+def test_tensorboard_without_the_package_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", *FLAGS, "--out", str(tmp_path / "o"), "--tensorboard", str(tmp_path / "tb")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mhd-fast: error: --tensorboard needs"), err
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="--tensorboard"):
+        mhd_fast.simulate(**SMALL, tensorboard=str(tmp_path / "tb"))
 
 
 # ---- importing ------------------------------------------------------------------------------
