@@ -47,7 +47,9 @@ def _comparable(metrics: dict) -> dict:
     return m
 
 
-def _assert_same_metrics(got: dict, want: dict) -> None:
+def _assert_same_metrics(got: dict, want: dict, acc_abs: float = 1e-9) -> None:
+    """acc_abs: the accuracies' tolerance. Bit-identical weights give identical accuracies;
+    a run trained for many rounds on another number of processes may flip a test row."""
     a, b = _comparable(got), _comparable(want)
     assert a.keys() == b.keys() and len(a["rounds"]) == len(b["rounds"])
     assert a["config"] == b["config"]
@@ -58,7 +60,7 @@ def _assert_same_metrics(got: dict, want: dict) -> None:
                 # matmul blocking) rounds differently in the last bits; accuracies do not move
                 assert value == pytest.approx(y[key], rel=1e-6), key
             elif isinstance(value, dict):
-                assert value == pytest.approx(y[key], abs=1e-9), key
+                assert value == pytest.approx(y[key], abs=acc_abs), key
             else:
                 assert value == pytest.approx(y[key], rel=1e-12), key
 
@@ -292,7 +294,10 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_in_one_process(tmp_pa
                                     "exchange_every": 2, "out": str(tmp_path / "whole")}))
     resumed = json.loads((out / "metrics.json").read_text())
     resumed["config"]["dist_timeout"] = whole["config"]["dist_timeout"]
-    _assert_same_metrics(resumed, whole)
+    # The rounds before the kill ran on 2 processes, whose matmuls over fewer clients round
+    # differently in the last bits; how many rounds that is depends on the machine's load, and
+    # over 40 rounds those bits can flip a test row (seen: 4e-5 in one head's mean accuracy).
+    _assert_same_metrics(resumed, whole, acc_abs=2e-3)
 
 
 def test_a_hung_rank_stops_the_other_after_the_timeout(tmp_path):
