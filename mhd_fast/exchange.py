@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 import mhd_fast
-from mhd_fast.ops import TopKLogits
+from mhd_fast.ops import TopKLogits, map_teacher, teacher_fields
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -152,8 +152,7 @@ def exchange(logits: Tensor, emb: Tensor | None, adj: Tensor, *, heads: list[int
 def wire_rows(teacher: Tensor | TopKLogits, emb: Tensor | None, heads: list[int]) -> list[Tensor]:
     """What crosses for each of n clients, as tensors [n, ...]: its heads that somebody reads
     (dense logits, or packet values, indices and lse) and its embeddings."""
-    parts = list(teacher) if isinstance(teacher, TopKLogits) else [teacher]
-    parts = [p[:, heads] for p in parts]
+    parts = list(teacher_fields(map_teacher(lambda x: x[:, heads], teacher)))
     return parts + [emb] if emb is not None else parts
 
 
@@ -166,22 +165,19 @@ def place(teacher: Tensor | TopKLogits, emb: Tensor | None, received: list[Tenso
     others = torch.cat([torch.arange(rows.start, device=device),
                         torch.arange(rows.stop, m, device=device)])
     h = torch.tensor(heads, dtype=torch.int64, device=device)
+    got = iter(received)  # in the order of wire_rows: the teacher's fields, then emb
 
-    def put(own: Tensor, got: Tensor, by_head: bool) -> Tensor:
+    def put(own: Tensor, by_head: bool) -> Tensor:
         out = own.new_zeros(m, *own.shape[1:])
         out[rows] = own
         if by_head:
-            out[others[:, None], h[None, :]] = got
+            out[others[:, None], h[None, :]] = next(got)
         else:
-            out[others] = got
+            out[others] = next(got)
         return out
 
-    parts = list(teacher) if isinstance(teacher, TopKLogits) else [teacher]
-    placed = [put(own, got, True) for own, got in zip(parts, received)]
-    teacher = TopKLogits(*placed) if isinstance(teacher, TopKLogits) else placed[0]
-    if emb is not None:
-        emb = put(emb, received[len(parts)], False)
-    return teacher, emb
+    teacher = map_teacher(lambda own: put(own, True), teacher)
+    return teacher, put(emb, False) if emb is not None else None
 
 
 def students(z: Tensor, got: Received) -> Tensor:

@@ -47,7 +47,7 @@ from . import outdir
 from .config import Config, to_dict
 from .data import Dataset, load_dataset, split_public, synthetic_bytes
 from .exchange import WIRE_DTYPES, Received, edges_into, heads_sent, neighbour_mean, students
-from .ops import TopKLogits
+from .ops import map_teacher
 from .partition import label_distribution, partition
 from .topology import describe, make_schedule
 
@@ -279,12 +279,6 @@ def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
 
 # ---- one round -----------------------------------------------------------------------------
 
-def _head_slice(teacher: Tensor | TopKLogits, heads: slice) -> Tensor | TopKLogits:
-    if isinstance(teacher, TopKLogits):
-        return TopKLogits(*(t[:, heads] for t in teacher))
-    return teacher[:, heads]
-
-
 def _sample_private(sim: Simulation) -> Tensor:
     """[n_model, B] training rows: each client draws uniformly (with replacement) from its own.
     The draw covers all N_model clients and keeps this process's rows."""
@@ -366,7 +360,7 @@ def local_step(sim: Simulation, adj: Tensor, cut: D.Cut | None = None) -> Receiv
             loss = loss + cfg.nu_aux * aux.sum()
             terms.append(aux)
         if cfg.nu_main > 0:
-            main = mhd_fast.distill_loss(zc[:, :1], _head_slice(got.teacher, slice(0, 1)),
+            main = mhd_fast.distill_loss(zc[:, :1], map_teacher(lambda t: t[:, :1], got.teacher),
                                          got.adj, **opts)[got.rows]      # [n, 1, B]
             main = main.mean(dim=-1)
             loss = loss + cfg.nu_main * main.sum()

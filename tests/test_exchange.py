@@ -5,7 +5,7 @@ import torch
 
 import mhd_fast
 from mhd_fast.exchange import Received, exchange, heads_sent, neighbour_mean, packet_row_bytes
-from mhd_fast.ops import TopKLogits
+from mhd_fast.ops import TopKLogits, map_teacher, teacher_fields
 
 from cases import make_graph, make_logits
 
@@ -119,3 +119,14 @@ def test_neighbour_mean_matches_a_loop(graph, include_self):
 def test_received_is_plain_data():
     got = exchange(make_logits((N, H1, B, V)), None, make_graph("ring", N), heads=[0])
     assert isinstance(got, Received) and got.emb is None
+
+
+def test_map_applies_to_every_field_of_a_packet_and_to_dense_logits():
+    z = make_logits((N, H1, B, V))
+    packet = mhd_fast.topk_compress(z, 3, backend="torch")
+    picked = packet.map(lambda x: x[1:3, :1])
+    assert isinstance(picked, TopKLogits)
+    for got, field in zip(picked, packet):
+        assert torch.equal(got, field[1:3, :1])
+    assert torch.equal(map_teacher(lambda x: x[1:3, :1], z), z[1:3, :1])
+    assert teacher_fields(packet) == tuple(packet) and teacher_fields(z) == (z,)

@@ -4,10 +4,11 @@ defines them; ``cpp`` and ``triton`` launch the compiled kernels; ``backends`` p
 ``inputs`` holds the packet type and the argument checks."""
 from .backends import BACKENDS, backend_available, resolve_backend
 from .distill import REDUCTIONS, distill_loss, mhd_loss
-from .inputs import MAX_TAU, TopKLogits
+from .inputs import MAX_TAU, TopKLogits, map_teacher, teacher_fields
 from .reference import AGGREGATES
 from .select import select_teachers
 from .topk import topk_compress
 
 __all__ = ["AGGREGATES", "BACKENDS", "MAX_TAU", "REDUCTIONS", "TopKLogits", "backend_available",
-           "distill_loss", "mhd_loss", "resolve_backend", "select_teachers", "topk_compress"]
+           "distill_loss", "map_teacher", "mhd_loss", "resolve_backend", "select_teachers",
+           "teacher_fields", "topk_compress"]

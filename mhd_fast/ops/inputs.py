@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -34,6 +35,22 @@ class TopKLogits(NamedTuple):
     values: Tensor
     indices: Tensor
     lse: Tensor
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> TopKLogits:
+        """The packet of fn(values), fn(indices), fn(lse): what picks rows or heads, or moves a
+        packet, does the same to its three fields (fn must keep their leading dims aligned)."""
+        return TopKLogits(fn(self.values), fn(self.indices), fn(self.lse))
+
+
+def map_teacher(fn: Callable[[Tensor], Tensor], teacher: Tensor | TopKLogits) -> Tensor | TopKLogits:
+    """fn applied to a teacher in either wire form: dense logits [N, H1, B, V] -> fn(logits), a
+    packet -> ``packet.map(fn)``. For row and head picks that read alike on both forms."""
+    return teacher.map(fn) if isinstance(teacher, TopKLogits) else fn(teacher)
+
+
+def teacher_fields(teacher: Tensor | TopKLogits) -> tuple[Tensor, ...]:
+    """The tensors of a teacher: (logits,) or (values, indices, lse), the order ``map`` takes."""
+    return tuple(teacher) if isinstance(teacher, TopKLogits) else (teacher,)
 
 
 def check_tau(tau) -> float:

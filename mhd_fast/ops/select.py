@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import launchers, resolve_backend
-from .inputs import TopKLogits, check_adj, check_tau, check_teacher
+from .inputs import TopKLogits, check_adj, check_tau, check_teacher, map_teacher
 from .reference import acc_dtype
 
 
@@ -49,9 +49,7 @@ def _(logconf, adj, include_self, backend):
 
 def shift_teacher(teacher):
     """Heads 0..H1−2 of the teacher: what aux heads 1..H1−1 learn from (views)."""
-    if isinstance(teacher, TopKLogits):
-        return TopKLogits(teacher.values[:, :-1], teacher.indices[:, :-1], teacher.lse[:, :-1])
-    return teacher[:, :-1]
+    return map_teacher(lambda x: x[:, :-1], teacher)
 
 
 def row_stats(teacher, tau: float, backend: str) -> tuple[Tensor, Tensor]:
