@@ -24,16 +24,7 @@ import os
 import sys
 
 from . import config as C
-
-PROG = "mhd-fast"
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: 'mhd-fast: error: ...' and exit status 2, no usage dump."""
-
-    def error(self, message: str):  # noqa: D401  (argparse's hook)
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        raise SystemExit(2)
+from .cmdline import PROG, Parser
 
 
 def _parse_option(text: str) -> tuple[str, object]:

@@ -61,8 +61,7 @@ import tomllib
 from dataclasses import dataclass
 
 from . import config as C
-
-PROG = "mhd-fast"
+from .cmdline import PROG, Parser
 SUMMARY_JSON = "summary.json"
 SUMMARY_CSV = "summary.csv"
 _TOP_KEYS = ("seeds", "base", "variants", "grid", "quick")
@@ -637,8 +636,6 @@ def sweep_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import Parser
-
     parser = Parser(prog=PROG)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_subcommand(sub)
