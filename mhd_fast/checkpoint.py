@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import distributed as D
+from . import exchange as ex
 from .config import Config, to_dict
 from .ops import TopKLogits
 from .outdir import atomic_write
@@ -214,6 +215,5 @@ def restore(path: str, sim) -> tuple[int, list[dict], dict]:
                    if isinstance(teacher, dict) else teacher.to(sim.device))
         emb = got["emb"].to(sim.device) if got["emb"] is not None else None
         graph = got["graph"].to(sim.device)
-        sim.received = D.route(teacher, emb, graph, D.make_cut(graph, shard), shard,
-                               sim.heads_sent)
+        sim.received = ex.deliver(teacher, emb, ex.route(graph, shard), sim.heads_sent)
     return piece["rounds_done"], piece["history"], piece["totals"]

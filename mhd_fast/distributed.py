@@ -11,14 +11,11 @@ rows and optimizer state. The numbers do not depend on the number of ranks: ever
 the run's random streams (weights, batches) for all clients and keeps its clients' rows, and a
 client's loss reads only the rows it receives.
 
-The exchange follows the graph's cut (``make_cut``). The *candidates* of a rank are its own
+What crosses follows the graph's cut (``make_cut``). The *candidates* of a rank are its own
 clients and every client one of them hears, in ascending client order. Rank s sends rank r, in
-one all_to_all, the wire rows (dense logits or top-k packets of the heads somebody reads, and
-the embeddings for nu_emb) of its clients that r needs, each once however many of r's clients
-hear it. The fused loss then runs once over the M candidates with the graph restricted to
-them: rows of other ranks' clients are empty (no candidate: loss 0), and since candidates keep
-the client order, ties still go to the lowest client index. Bytes are counted per directed
-client edge (as in one process) and per rank (what this rank sent to other ranks).
+one all_to_all (``send_rows``), the rows of its clients that r needs, each once however many
+of r's clients hear it. What the rows are (predictions, FedAvg's weights), where they land
+and what they cost is the exchange's business (``exchange.route``).
 
 Faults: every collective runs under the process group's timeout (``--dist-timeout``); a peer
 that died (its connection closes) or hangs (nothing arrives in time) makes it raise
@@ -34,14 +31,12 @@ import os
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import exchange as ex
-from .ops import TopKLogits
 
 
 class PeerFailure(RuntimeError):
@@ -292,38 +287,7 @@ def send_rows(parts: list[Tensor], cut: Cut, shard: Shard, what: str) -> tuple[l
     return received, sum(send_sizes)
 
 
-# ---- the exchange and FedAvg over the cut ---------------------------------------------------
-
-def route(teacher: Tensor | TopKLogits, emb: Tensor | None, graph: Tensor, cut: Cut,
-          shard: Shard, heads: list[int]) -> ex.Received:
-    """This rank's clients' wire rows [n_local, ...] -> what its students receive: the rows of
-    its candidates (no byte counts; ``exchange`` adds them)."""
-    if shard.world == 1:
-        return ex.Received(teacher, emb, graph, None, None)
-    got, sent = send_rows(ex.wire_rows(teacher, emb, heads), cut, shard, "the exchange")
-    teacher, emb = ex.place(teacher, emb, got, heads, cut.rows, cut.adj.shape[0])
-    return ex.Received(teacher, emb, cut.adj, None, None, rows=cut.rows, graph=graph,
-                       cross_rank_bytes=sent)
-
-
-def exchange(logits: Tensor, emb: Tensor | None, graph: Tensor, cut: Cut, shard: Shard, *,
-             heads: list[int], topk: int = 0, wire_dtype: torch.dtype = torch.float32,
-             tau: float = 1.0, backend: str = "auto") -> ex.Received:
-    """``exchange.exchange`` for this rank's clients: logits [n_local, H1, B, V], emb
-    [n_local, B, E] or None, graph [N, N] the round's graph, cut = make_cut(graph, shard).
-    Edge bytes are the rows of this rank's clients [n_local, N]."""
-    if shard.world == 1:
-        return ex.exchange(logits, emb, graph, heads=heads, topk=topk, wire_dtype=wire_dtype,
-                           tau=tau, backend=backend)
-    teacher, emb = ex.encode(logits, emb, topk=topk, wire_dtype=wire_dtype, tau=tau,
-                             backend=backend)
-    got = route(teacher, emb, graph, cut, shard, heads)
-    per_edge, dense = ex.edge_costs(logits.shape[-1], logits.shape[2], len(heads), topk=topk,
-                                    wire_dtype=wire_dtype,
-                                    emb_dim=emb.shape[2] if emb is not None else None)
-    edges = ex.edges_into(graph[shard.start:shard.stop], shard.start)
-    return replace(got, edge_bytes=edges * per_edge, dense_edge_bytes=edges * dense)
-
+# ---- FedAvg over the cut ------------------------------------------------------------------
 
 def average_weights(params: list[Tensor], graph: Tensor, cut: Cut, shard: Shard) -> int:
     """FedAvg's averaging, in place: each client's weights <- the mean over itself and the

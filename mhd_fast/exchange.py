@@ -1,12 +1,21 @@
-"""What crosses the graph: predictions on the public batch -> what each client receives, and
-how many bytes every directed edge carried.
+"""What crosses the graph: predictions on the public batch (and FedAvg's weights) -> what each
+client receives, and how many bytes every directed edge carried.
 
-In one process "receiving" means: the predictions of all clients in their wire form (dense
-logits cast to the wire dtype, or top-k packets, SPEC §3), together with the adjacency that says
-who hears whom; ``mhd_loss`` then reads, for client i, only the rows of the clients j with
-adj[i, j]. A sharded run (``distributed.exchange``) sends the same wire rows over the graph's
-cut (``wire_rows`` -> bytes -> ``place``), so that a process holds the rows of its own clients
-and of the clients they hear: its *candidates*, in ascending client order.
+One path for one process and for many: ``exchange`` encodes this process's clients'
+predictions into their wire form (dense logits cast to the wire dtype, or top-k packets),
+routes them, places what arrived, and counts the bytes. The ``Route`` of a round's graph says
+who this process's students hear and how their rows come:
+
+- one process holds every client: the identity route. Its candidates are all N clients, the
+  adjacency is the graph itself, and nothing is sent.
+- under torchrun a process holds a contiguous block of clients (``distributed.Shard``). Its
+  *candidates* are its own clients and every client they hear, in ascending client order;
+  the process group's all_to_all brings the wire rows of the others over the graph's cut
+  (``distributed.make_cut``), each once however many of its clients hear it, and ``place``
+  puts them at their candidate rows. Rows of clients held elsewhere hear nobody.
+
+``mhd_loss`` then reads, for candidate i, only the rows of the candidates j with adj[i, j];
+since candidates keep the client order, ties still go to the lowest client index.
 
 Byte accounting (per directed edge j -> i, i.e. adj[i, j], self-loops never sent):
     rows  = heads_sent · B                                     (prediction rows per exchange)
@@ -14,9 +23,11 @@ Byte accounting (per directed edge j -> i, i.e. adj[i, j], self-loops never sent
     topk  = rows · (K · bytes(wire_dtype) + K · bytes(index) + 4)   (values, indices, fp32 lse)
     + B · E · bytes(wire_dtype) when embeddings are exchanged (nu_emb > 0).
 ``dense_edge_bytes`` is always the fp32 dense cost, the baseline a packet is compared with.
+Bytes are counted per directed client edge, and per process: what it sent to other processes.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +36,51 @@ from torch import Tensor
 import mhd_fast
 from mhd_fast.ops import TopKLogits, map_teacher, teacher_fields
 
+from . import distributed as D
+
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Route:
+    """A round's graph seen from one process: whom its students hear, and how their rows come.
+
+    graph    [N, N] bool, the round's graph (graph[i, j]: i hears j)
+    clients  the clients this process holds (n of them)
+    adj      [M, M] bool, the graph among its M candidates; rows of clients held elsewhere
+             are empty
+    rows     the candidates that are this process's clients
+    send     (parts, what) -> (received, bytes): parts() gives tensors [n, ...] of this
+             process's clients (built only when something crosses); received, the same
+             parts [M − n, ...] of the other candidates in candidate order; bytes, what this
+             process sent to other processes. ``what`` names the transfer in a PeerFailure.
+    """
+
+    graph: Tensor
+    clients: range
+    adj: Tensor
+    rows: slice
+    send: Callable[[Callable[[], list[Tensor]], str], tuple[list[Tensor], int]]
+
+
+def route(adj: Tensor, shard: D.Shard | None = None) -> Route:
+    """The route of graph ``adj`` [N, N] bool for the process that holds ``shard`` (None:
+    every client, as a process without a process group holds them). One process: the
+    identity route. Several: the process group's all_to_all over the graph's cut (host syncs:
+    the cut's sizes)."""
+    if adj.dim() != 2 or adj.shape[0] != adj.shape[1] or adj.dtype != torch.bool:
+        raise ValueError(f"adj must be a bool [N, N] tensor, got {adj.dtype} {tuple(adj.shape)}")
+    n = adj.shape[0]
+    if shard is None or shard.world == 1:
+        return Route(adj, range(n), adj, slice(0, n), _identity)
+    cut = D.make_cut(adj, shard)
+    return Route(adj, shard.clients, cut.adj, cut.rows,
+                 lambda parts, what: D.send_rows(parts(), cut, shard, what))
+
+
+def _identity(parts, what: str) -> tuple[list[Tensor], int]:
+    """One process: every candidate is its own, nothing crosses."""
+    return [], 0
 
 
 @dataclass
@@ -37,29 +92,23 @@ class Received:
     emb         [M, B, E] embeddings in the wire dtype, or None when not exchanged
     adj         [M, M] bool, the graph among the candidates (adj[i, j]: i heard j); rows of
                 clients held elsewhere are empty
+    rows        the candidates that are this process's clients (the students)
+    graph       [N, N] bool, the whole graph of the exchange
+    cross_rank_bytes  bytes this process sent to other processes (0 in one process)
     edge_bytes  [n, N] int64, bytes that went over each directed edge j -> i into this process's
                 n clients (0 off the graph); None for an exchange restored from a checkpoint
                 (its bytes were counted when it ran)
     dense_edge_bytes [n, N] int64, what dense fp32 logits would have cost on the same edges
-    rows        the candidates that are this process's clients (the students); None = all M
-    graph       [N, N] bool, the whole graph of the exchange; None = adj (one process)
-    cross_rank_bytes  bytes this process sent to other processes (0 in one process)
     """
 
     teacher: Tensor | TopKLogits
     emb: Tensor | None
     adj: Tensor
-    edge_bytes: Tensor | None
-    dense_edge_bytes: Tensor | None
-    rows: slice | None = None
-    graph: Tensor | None = None
+    rows: slice
+    graph: Tensor
     cross_rank_bytes: int = 0
-
-    def __post_init__(self):
-        if self.rows is None:
-            self.rows = slice(0, self.adj.shape[0])
-        if self.graph is None:
-            self.graph = self.adj
+    edge_bytes: Tensor | None = None
+    dense_edge_bytes: Tensor | None = None
 
     @property
     def bytes_sent(self) -> int:
@@ -128,25 +177,39 @@ def edges_into(adj_rows: Tensor, first: int) -> Tensor:
     return edges.to(torch.int64)
 
 
-def exchange(logits: Tensor, emb: Tensor | None, adj: Tensor, *, heads: list[int], topk: int = 0,
+def exchange(logits: Tensor, emb: Tensor | None, route: Route, *, heads: list[int], topk: int = 0,
              wire_dtype: torch.dtype = torch.float32, tau: float = 1.0,
              backend: str = "auto") -> Received:
-    """Send every client's predictions to the clients that hear it (all clients in one process).
+    """Send this process's clients' predictions to the clients that hear them: encode, route,
+    place, count the bytes.
 
-    logits [N, H1, B, V] (any float dtype; detached here: nothing received carries gradient),
-    emb [N, B, E] or None, adj [N, N] bool, heads: the head indices that are sent (for the
-    byte count; ``heads_sent``), topk: 0 = dense logits, else K-class packets compressed at
-    temperature ``tau`` (the same τ the loss uses), wire_dtype: fp32 / fp16 / bf16.
+    logits [n, H1, B, V] (any float dtype; detached here: nothing received carries gradient),
+    emb [n, B, E] or None, for the n clients of ``route`` (one process: all N,
+    ``route(adj)``); heads: the head indices that are sent (``heads_sent``); topk: 0 = dense
+    logits, else K-class packets compressed at temperature ``tau`` (the same τ the loss
+    uses); wire_dtype: fp32 / fp16 / bf16. Edge bytes are the rows of the n clients [n, N].
     """
-    n, h1, b, v = logits.shape
-    if tuple(adj.shape) != (n, n) or adj.dtype != torch.bool:
-        raise ValueError(f"adj must be a bool [N, N] = [{n}, {n}] tensor, got {adj.dtype} "
-                         f"{tuple(adj.shape)}")
+    n, _, b, v = logits.shape
+    if n != len(route.clients):
+        raise ValueError(f"logits must hold the {len(route.clients)} clients of the route "
+                         f"(clients {route.clients.start}..{route.clients.stop - 1}), got {n}")
     teacher, emb = encode(logits, emb, topk=topk, wire_dtype=wire_dtype, tau=tau, backend=backend)
+    got = deliver(teacher, emb, route, heads)
     per_edge, dense = edge_costs(v, b, len(heads), topk=topk, wire_dtype=wire_dtype,
                                  emb_dim=emb.shape[2] if emb is not None else None)
-    edges = edges_into(adj, 0)
-    return Received(teacher, emb, adj, edges * per_edge, edges * dense)
+    edges = edges_into(route.graph[route.clients.start:route.clients.stop], route.clients.start)
+    got.edge_bytes, got.dense_edge_bytes = edges * per_edge, edges * dense
+    return got
+
+
+def deliver(teacher: Tensor | TopKLogits, emb: Tensor | None, route: Route,
+            heads: list[int]) -> Received:
+    """Wire rows of the route's n clients (``encode``d, all heads) -> what its students
+    receive: the rows of its M candidates, without byte counts (``exchange`` adds them; an
+    exchange restored from a checkpoint was counted when it ran)."""
+    got, sent = route.send(lambda: wire_rows(teacher, emb, heads), "the exchange")
+    teacher, emb = place(teacher, emb, got, heads, route)
+    return Received(teacher, emb, route.adj, route.rows, route.graph, cross_rank_bytes=sent)
 
 
 def wire_rows(teacher: Tensor | TopKLogits, emb: Tensor | None, heads: list[int]) -> list[Tensor]:
@@ -157,10 +220,14 @@ def wire_rows(teacher: Tensor | TopKLogits, emb: Tensor | None, heads: list[int]
 
 
 def place(teacher: Tensor | TopKLogits, emb: Tensor | None, received: list[Tensor],
-          heads: list[int], rows: slice, m: int) -> tuple[Tensor | TopKLogits, Tensor | None]:
-    """The [M] candidate rows: this process's own wire rows (all heads) at ``rows``, the rows
-    received (``wire_rows`` of other clients, in candidate order) at the others. Heads that
-    were not sent stay zero: no loss reads them."""
+          heads: list[int], route: Route) -> tuple[Tensor | TopKLogits, Tensor | None]:
+    """The [M] candidate rows: this process's own wire rows (all heads) at ``route.rows``, the
+    rows received (``wire_rows`` of the other candidates, in candidate order) at the others.
+    Heads that were not sent stay zero: no loss reads them. A process whose candidates are
+    all its own (one process) keeps its rows as they are."""
+    rows, m = route.rows, route.adj.shape[0]
+    if rows.stop - rows.start == m:
+        return teacher, emb
     device = received[0].device
     others = torch.cat([torch.arange(rows.start, device=device),
                         torch.arange(rows.stop, m, device=device)])

@@ -46,6 +46,7 @@ from . import models
 from . import outdir
 from .config import Config, to_dict
 from .data import Dataset, load_dataset, split_public, synthetic_bytes
+from . import exchange as ex
 from .exchange import WIRE_DTYPES, Received, edges_into, heads_sent, neighbour_mean, students
 from .ops import map_teacher
 from .partition import label_distribution, partition
@@ -319,9 +320,9 @@ def sample_batches(sim: Simulation) -> tuple[Tensor, bool]:
     return rows, refresh
 
 
-def local_step(sim: Simulation, adj: Tensor, cut: D.Cut | None = None) -> Received | None:
+def local_step(sim: Simulation, adj: Tensor, route: ex.Route | None = None) -> Received | None:
     """One step for every client of this process; returns the exchange it refreshed, if any.
-    adj: the round's graph [N, N]; cut: its ``distributed.make_cut`` (made here if None)."""
+    adj: the round's graph [N, N]; route: its ``exchange.route`` (made here if None)."""
     cfg, d = sim.cfg, sim.data
     rows, refresh = sample_batches(sim)                                  # [N, Bp]
     x, y = d.x_train[rows], d.y_train[rows]
@@ -343,11 +344,11 @@ def local_step(sim: Simulation, adj: Tensor, cut: D.Cut | None = None) -> Receiv
         z = logits[:, :, bp:]                                            # [N, H1, B, V]
         emb_pub = emb[:, bp:] if emb is not None else None
         if refresh:
-            cut = cut if cut is not None else D.make_cut(adj, sim.shard)
-            sim.received = fresh = D.exchange(z, emb_pub if cfg.nu_emb > 0 else None, adj, cut,
-                                              sim.shard, heads=sim.heads_sent, topk=cfg.topk,
-                                              wire_dtype=WIRE_DTYPES[cfg.wire_dtype],
-                                              tau=cfg.tau, backend=cfg.backend)
+            route = route if route is not None else ex.route(adj, sim.shard)
+            sim.received = fresh = ex.exchange(z, emb_pub if cfg.nu_emb > 0 else None, route,
+                                               heads=sim.heads_sent, topk=cfg.topk,
+                                               wire_dtype=WIRE_DTYPES[cfg.wire_dtype],
+                                               tau=cfg.tau, backend=cfg.backend)
         got = sim.received
         # One call covers every student of this process: the loss runs over the M candidates
         # of the exchange (this process's clients at got.rows, the teachers they heard around).
@@ -391,17 +392,17 @@ def train_round(sim: Simulation, r: int) -> tuple[Tensor, Tensor]:
     Returns the bytes of the round per directed edge into this process's clients [n, N]
     int64: (sent, dense fp32); the bytes sent to other processes add to sim.bytes_cross_rank."""
     adj = sim.schedule(r).to(sim.device)  # the graph of this round (time-varying schedules)
-    cut = D.make_cut(adj, sim.shard)
+    route = ex.route(adj, sim.shard)
     sent = torch.zeros(sim.shard.size, adj.shape[1], dtype=torch.int64, device=sim.device)
     dense = torch.zeros_like(sent)
     for _ in range(sim.cfg.steps_per_round):
-        got = local_step(sim, adj, cut)
+        got = local_step(sim, adj, route)
         if got is not None:
             sent += got.edge_bytes
             dense += got.dense_edge_bytes
             sim.bytes_cross_rank += got.cross_rank_bytes
     if sim.cfg.method == "fedavg":
-        weights = _fedavg(sim, adj, cut)
+        weights = _fedavg(sim, adj, D.make_cut(adj, sim.shard))
         sent += weights
         dense += weights
     return sent, dense
