@@ -46,7 +46,7 @@ class Route:
     """A round's graph seen from one process: whom its students hear, and how their rows come.
 
     graph    [N, N] bool, the round's graph (graph[i, j]: i hears j)
-    clients  the clients this process holds (n of them)
+    shard    the clients this process holds (n of them; one process: all N)
     adj      [M, M] bool, the graph among its M candidates; rows of clients held elsewhere
              are empty
     rows     the candidates that are this process's clients
@@ -57,10 +57,27 @@ class Route:
     """
 
     graph: Tensor
-    clients: range
+    shard: D.Shard
     adj: Tensor
     rows: slice
     send: Callable[[Callable[[], list[Tensor]], str], tuple[list[Tensor], int]]
+
+    @property
+    def clients(self) -> range:
+        return self.shard.clients
+
+    @property
+    def self_contained(self) -> bool:
+        """Every candidate is this process's own, so nothing arrives (always in one process)."""
+        return self.adj.shape[0] == self.shard.size
+
+    def edges(self) -> Tensor:
+        """[n, N] int64, 1 on the directed edges into this process's clients that carry
+        something: self-loops are never sent."""
+        own = torch.arange(self.shard.size, device=self.graph.device)
+        edges = self.graph[self.shard.start:self.shard.stop].clone()
+        edges[own, own + self.shard.start] = False
+        return edges.to(torch.int64)
 
 
 def route(adj: Tensor, shard: D.Shard | None = None) -> Route:
@@ -71,10 +88,11 @@ def route(adj: Tensor, shard: D.Shard | None = None) -> Route:
     if adj.dim() != 2 or adj.shape[0] != adj.shape[1] or adj.dtype != torch.bool:
         raise ValueError(f"adj must be a bool [N, N] tensor, got {adj.dtype} {tuple(adj.shape)}")
     n = adj.shape[0]
-    if shard is None or shard.world == 1:
-        return Route(adj, range(n), adj, slice(0, n), _identity)
+    shard = shard if shard is not None else D.make_shard(n)
+    if shard.world == 1:
+        return Route(adj, shard, adj, slice(0, n), _identity)
     cut = D.make_cut(adj, shard)
-    return Route(adj, shard.clients, cut.adj, cut.rows,
+    return Route(adj, shard, cut.adj, cut.rows,
                  lambda parts, what: D.send_rows(parts(), cut, shard, what))
 
 
@@ -167,16 +185,6 @@ def edge_costs(v: int, b: int, num_heads: int, *, topk: int, wire_dtype: torch.d
     return per_edge, dense
 
 
-def edges_into(adj_rows: Tensor, first: int) -> Tensor:
-    """adj_rows [n, N] bool (the graph rows of clients first .. first + n − 1) -> [n, N] int64,
-    1 on the directed edges that carry something: self-loops are never sent."""
-    n = adj_rows.shape[0]
-    own = torch.arange(n, device=adj_rows.device)
-    edges = adj_rows.clone()
-    edges[own, own + first] = False
-    return edges.to(torch.int64)
-
-
 def exchange(logits: Tensor, emb: Tensor | None, route: Route, *, heads: list[int], topk: int = 0,
              wire_dtype: torch.dtype = torch.float32, tau: float = 1.0,
              backend: str = "auto") -> Received:
@@ -197,7 +205,7 @@ def exchange(logits: Tensor, emb: Tensor | None, route: Route, *, heads: list[in
     got = deliver(teacher, emb, route, heads)
     per_edge, dense = edge_costs(v, b, len(heads), topk=topk, wire_dtype=wire_dtype,
                                  emb_dim=emb.shape[2] if emb is not None else None)
-    edges = edges_into(route.graph[route.clients.start:route.clients.stop], route.clients.start)
+    edges = route.edges()
     got.edge_bytes, got.dense_edge_bytes = edges * per_edge, edges * dense
     return got
 
@@ -223,28 +231,29 @@ def place(teacher: Tensor | TopKLogits, emb: Tensor | None, received: list[Tenso
           heads: list[int], route: Route) -> tuple[Tensor | TopKLogits, Tensor | None]:
     """The [M] candidate rows: this process's own wire rows (all heads) at ``route.rows``, the
     rows received (``wire_rows`` of the other candidates, in candidate order) at the others.
-    Heads that were not sent stay zero: no loss reads them. A process whose candidates are
-    all its own (one process) keeps its rows as they are."""
-    rows, m = route.rows, route.adj.shape[0]
-    if rows.stop - rows.start == m:
+    Heads that were not sent stay zero: no loss reads them. A self-contained process (one
+    process) keeps its rows as they are."""
+    if route.self_contained:
         return teacher, emb
-    device = received[0].device
-    others = torch.cat([torch.arange(rows.start, device=device),
-                        torch.arange(rows.stop, m, device=device)])
-    h = torch.tensor(heads, dtype=torch.int64, device=device)
     got = iter(received)  # in the order of wire_rows: the teacher's fields, then emb
+    teacher = map_teacher(lambda own: _at_candidates(own, next(got), route, heads), teacher)
+    return teacher, _at_candidates(emb, next(got), route) if emb is not None else None
 
-    def put(own: Tensor, by_head: bool) -> Tensor:
-        out = own.new_zeros(m, *own.shape[1:])
-        out[rows] = own
-        if by_head:
-            out[others[:, None], h[None, :]] = next(got)
-        else:
-            out[others] = next(got)
-        return out
 
-    teacher = map_teacher(lambda own: put(own, True), teacher)
-    return teacher, put(emb, False) if emb is not None else None
+def _at_candidates(own: Tensor, got: Tensor, route: Route, heads: list[int] | None = None) -> Tensor:
+    """[M, ...]: own [n, ...] at the route's rows, got at the other candidates (at dim-1
+    indices ``heads`` only when given, zero elsewhere)."""
+    rows, m = route.rows, route.adj.shape[0]
+    others = torch.cat([torch.arange(rows.start, device=own.device),
+                        torch.arange(rows.stop, m, device=own.device)])
+    out = own.new_zeros(m, *own.shape[1:])
+    out[rows] = own
+    if heads is None:
+        out[others] = got
+    else:
+        h = torch.tensor(heads, dtype=torch.int64, device=own.device)
+        out[others[:, None], h[None, :]] = got
+    return out
 
 
 def students(z: Tensor, got: Received) -> Tensor:
@@ -271,3 +280,41 @@ def neighbour_mean(x: Tensor, adj: Tensor, *, include_self: bool) -> tuple[Tenso
     w = w / torch.where(has, count, torch.ones_like(count)).unsqueeze(1)
     mean = torch.einsum("ij,j...->i...", w, x.to(torch.float32))
     return mean, has
+
+
+# ---- FedAvg: weights over the same route ---------------------------------------------------
+
+def average_weights(params: list[Tensor], route: Route) -> tuple[Tensor, int]:
+    """FedAvg's averaging, in place: each client's weights <- the mean over itself and the
+    clients it hears. params: this process's stacked weights [n, ...] (one architecture).
+
+    A complete graph (everybody hears everybody) is the plain mean over all N: one all_reduce
+    of the processes' sums (nothing to reduce in one process). Any other graph sends the
+    weights over the route like predictions. Returns (the bytes per directed edge into this
+    process's clients [n, N] int64: every weight over every edge, the bytes this process sent
+    to other processes); an all_reduce is counted as a ring's 2 (P − 1) / P of its buffer
+    per process (gloo and NCCL pick their own algorithm)."""
+    shard, graph = route.shard, route.graph
+    n_local, n = shard.size, shard.num_clients
+    edge_bytes = route.edges() * sum(p[0].numel() * p.element_size() for p in params)
+    heard = int(graph.sum()) - int(graph.diagonal().sum())  # sync: directed edges, no self-loops
+    with torch.no_grad():
+        if heard == n * (n - 1):
+            total = D.all_sum(torch.cat([p.sum(dim=0).reshape(-1) for p in params]), shard,
+                              "FedAvg's all_reduce")
+            mean = total / n
+            for p, m in zip(params, mean.split([p[0].numel() for p in params])):
+                p.copy_(m.view(p.shape[1:]).expand_as(p))
+            return edge_bytes, (2 * (shard.world - 1) * mean.numel() * mean.element_size()
+                                // shard.world)
+        own = torch.cat([p.reshape(n_local, -1) for p in params], dim=1)  # [n, P]
+        got, sent = route.send(lambda: [own], "FedAvg's weight exchange")
+        weights = own if route.self_contained else _at_candidates(own, got[0], route)  # [M, P]
+        local = torch.arange(n_local, device=graph.device)
+        mix = route.adj[route.rows].clone()
+        mix[local, local + route.rows.start] = True       # a client keeps its own weights too
+        mix = mix.to(own.dtype)
+        new = (mix / mix.sum(dim=1, keepdim=True)) @ weights  # [n, P]
+        for p, w in zip(params, new.split([p[0].numel() for p in params], dim=1)):
+            p.copy_(w.view(p.shape))
+        return edge_bytes, sent

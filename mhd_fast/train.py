@@ -47,7 +47,7 @@ from . import outdir
 from .config import Config, to_dict
 from .data import Dataset, load_dataset, split_public, synthetic_bytes
 from . import exchange as ex
-from .exchange import WIRE_DTYPES, Received, edges_into, heads_sent, neighbour_mean, students
+from .exchange import WIRE_DTYPES, Received, heads_sent, neighbour_mean, students
 from .ops import map_teacher
 from .partition import label_distribution, partition
 from .topology import describe, make_schedule
@@ -289,13 +289,12 @@ def _sample_private(sim: Simulation) -> Tensor:
     return sim.private_rows.gather(1, pos.to(sim.device))
 
 
-def _fedavg(sim: Simulation, adj: Tensor, cut: D.Cut) -> Tensor:
-    """Each client's weights <- the mean over itself and the clients it hears (complete graph:
-    FedAvg with equal client weights). Returns the bytes per directed edge into this process's
-    clients [n, N] (all fp32 weights over every edge)."""
-    sim.bytes_cross_rank += D.average_weights(models.parameters(sim.groups), adj, cut, sim.shard)
-    edges = edges_into(adj[sim.shard.start:sim.shard.stop], sim.shard.start)
-    return edges * (sum(models.num_params_per_client(sim.groups)) * 4)
+def _fedavg(sim: Simulation, route: ex.Route) -> Tensor:
+    """FedAvg's averaging over the round's route (``exchange.average_weights``). Returns the
+    bytes per directed edge into this process's clients [n, N] (all weights over every edge)."""
+    edge_bytes, sent = ex.average_weights(models.parameters(sim.groups), route)
+    sim.bytes_cross_rank += sent
+    return edge_bytes
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -402,7 +401,7 @@ def train_round(sim: Simulation, r: int) -> tuple[Tensor, Tensor]:
             dense += got.dense_edge_bytes
             sim.bytes_cross_rank += got.cross_rank_bytes
     if sim.cfg.method == "fedavg":
-        weights = _fedavg(sim, adj, D.make_cut(adj, sim.shard))
+        weights = _fedavg(sim, route)
         sent += weights
         dense += weights
     return sent, dense

@@ -162,7 +162,7 @@ def test_a_shard_receives_the_rows_of_its_candidates(topk, emb_dim):
         assert [p.shape[0] for p in parts()] == [shard.size] * len(whole)
         return [w[others] for w in whole], 123
 
-    shard_route = Route(adj, shard.clients, cut.adj, cut.rows, send)
+    shard_route = Route(adj, shard, cut.adj, cut.rows, send)
     got = exchange(z[shard.start:shard.stop], emb[shard.start:shard.stop] if emb_dim else None,
                    shard_route, heads=heads, topk=topk, tau=2.0)
     one = exchange(z, emb, route(adj), heads=heads, topk=topk, tau=2.0)
