@@ -1,4 +1,5 @@
-"""Past one process: the clients of a run sharded over torch.distributed ranks.
+"""Past one process, the process-group plumbing: the shards of a run's clients, joining the
+group, the collectives and their failures.
 
     torchrun --standalone --nproc-per-node P -m mhd_fast run ...            one node
     torchrun --nnodes M --node-rank R --nproc-per-node P --rdzv-backend c10d \\
@@ -238,12 +239,10 @@ class Cut:
 
 def make_cut(graph: Tensor, shard: Shard) -> Cut:
     """The cut of ``graph`` for ``shard`` (every rank computes every other rank's needs from
-    the same graph, so nothing is negotiated). One process: the graph itself."""
-    n = graph.shape[0]
+    the same graph, so nothing is negotiated). One process needs none: its route is the
+    identity (``exchange.route``)."""
     a, b = shard.start, shard.stop
     none = graph.new_zeros(0, dtype=torch.int64)
-    if shard.world == 1:
-        return Cut(graph, slice(0, n), [none], [0])
     own = graph[a:b]                                   # [n_local, N]: whom my clients hear
     need = own.any(dim=0)
     need[a:b] = True

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from mhd_fast import config as C
 from mhd_fast import distributed as D
+from mhd_fast import exchange as ex
 from mhd_fast import models, train
 
 from cases import make_graph, run_killed_in_round
@@ -105,10 +106,13 @@ def test_the_cut_sends_each_rank_exactly_the_rows_it_needs(graph, world):
             assert torch.equal(sent, want) and len(sent) == (cut.recv[s] if s != r else 0)
 
 
-def test_one_process_cut_is_the_graph_itself():
+def test_one_process_is_the_identity_route():
     adj = make_graph("ring", 5)
-    cut = D.make_cut(adj, D.make_shard(5))
-    assert cut.adj is adj and cut.rows == slice(0, 5)
+    for shard in (None, D.make_shard(5)):
+        route = ex.route(adj, shard)
+        assert route.adj is adj and route.rows == slice(0, 5) and route.clients == range(5)
+        assert route.self_contained
+        assert route.send(lambda: pytest.fail("nothing crosses in one process"), "x") == ([], 0)
 
 
 def test_init_rows_are_the_rows_of_the_full_draw(monkeypatch):
