@@ -89,6 +89,9 @@ def route(adj: Tensor, shard: D.Shard | None = None) -> Route:
         raise ValueError(f"adj must be a bool [N, N] tensor, got {adj.dtype} {tuple(adj.shape)}")
     n = adj.shape[0]
     shard = shard if shard is not None else D.make_shard(n)
+    if shard.num_clients != n:
+        raise ValueError(f"adj must be [N, N] for the shard's N = {shard.num_clients} clients, "
+                         f"got {tuple(adj.shape)}")
     if shard.world == 1:
         return Route(adj, shard, adj, slice(0, n), _identity)
     cut = D.make_cut(adj, shard)

@@ -106,6 +106,8 @@ def test_bad_adjacency():
         route(torch.ones(N, N))
     with pytest.raises(ValueError, match="adj must be a bool"):
         route(torch.ones(N, N + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="adj must be \\[N, N\\] for the shard's N = 6"):
+        route(make_graph("ring", N), D.make_shard(N + 1, 0, 2))
     with pytest.raises(ValueError, match="logits must hold the 6 clients of the route"):
         exchange(make_logits((N, H1, B, V)), None, route(make_graph("ring", N + 1)), heads=[0])
 
