@@ -7,8 +7,12 @@ import glob
 import os
 import sys
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
+
+# The translation units (one per ISA build, and the bindings) compile in parallel, one job per
+# core unless MHD_FAST_BUILD_JOBS says how many.
+ParallelCompile("MHD_FAST_BUILD_JOBS", default=0).install()
 
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 headers = sorted(glob.glob(os.path.join("csrc", "*.h")))  # a changed header rebuilds too
