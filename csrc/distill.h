@@ -92,58 +92,9 @@ void distill(const DistillArgs& a, const DistillOut& out, bool gather, bool back
       const TIn* t = row<TIn>(a.t, j, g, b, V, gather, tbuf);
       finish(LogitTeacher<A, TIn>{t, sc, at<A>(a.lse_t, j, g, b)});
     } else {
-      const int64_t K = a.values.size[3];
-      const bool rest = K < V;
-      if (rest) mark_sent(a, j, g, b, bits, in_block, true);
-      A lse_z, log_q_rest = 0, q_rest = 0;
-      if (!backward) {
-        A m;
-        const SentRow sent{bits, in_block};
-        row_lse(z, V, sc, m, lse_z, rest ? &sent : nullptr, &log_q_rest);
-      } else {
-        // q_v into pbuf, and q_rest summed over the unsent classes in the same sweep; as in
-        // row_lse, only blocks that hold a sent class read the bitmap (log q <= 0 up to
-        // rounding, so 2^y needs no clamp from above).
-        lse_z = at<A>(a.lse_z, n, g, b);
-        const typename L::V log2e = L::splat(A(kLog2e));
-        typename L::V acc = L::splat(0);
-        for (int64_t blk = 0; blk < V; blk += kBlock) {
-          const int64_t end = min64(V, blk + kBlock);
-          const auto sweep = [&](auto weighted) {
-            for_vectors<L::W>(blk, end, [&](int64_t v, auto w) MHD_INLINE_BODY {
-              const auto q = L::exp2_nonpos((sc(L::load(z + v, w, -kInf)) - lse_z) * log2e);
-              L::store(pbuf + v, q, L::W);
-              if constexpr (decltype(weighted)::value) acc = L::add_unsent(acc, q, sent_bits<L::W>(bits, v));
-              else acc += q;
-            });
-          };
-          if (rest && in_block[blk / kBlock] != 0) sweep(Flag<true>{});
-          else sweep(Flag<false>{});
-        }
-        q_rest = L::sum(acc);
-      }
-      if (rest) mark_sent(a, j, g, b, bits, in_block, false);
-      double P, S;
-      packet_sums(a, j, g, b, z, sc, lse_z, pbuf + vpad, P, S);
-      const double p_rest = clamp0(1.0 - P);
-      if (!backward) {
-        if (rest && p_rest != 0) S += p_rest * (rest_log<A>(p_rest) - (double)log_q_rest);
-        loss[r] = (A)((double)tau * tau * S);
-        lse_out[r] = lse_z;
-      } else {
-        const A gs = at<A>(a.grad, n, g, b) * tau;
-        const A unsent = gs * (rest && p_rest != 0 ? A(1 - p_rest / q_rest) : A(1));
-        for_vectors<L::W>(0, V, [&](int64_t v, auto w) MHD_INLINE_BODY {
-          store_grad<A>(dz_row, a.z.dtype, v, unsent * L::load(pbuf + v, w, 0), w, stream);
-        });
-        if (stream) fence();  // the sent classes below overwrite streamed lines: after them
-        const int32_t* ind = static_cast<const int32_t*>(a.indices.data) + offset(a.indices, j, g, b);
-        const A* p = pbuf + vpad + 2 * kpad;  // packet_sums's p_k = e^(value_k − lse_t)
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t v = ind[k * a.indices.stride[3]];
-          store_one<A>(dz_row, a.z.dtype, v, gs * (pbuf[v] - p[k]));
-        }
-      }
+      PacketRow<A, ZIn> packet{a, sc, z, n, g, b, j, bits, in_block, pbuf, vpad, kpad};
+      if (backward) packet.backward(at<A>(a.grad, n, g, b) * tau, dz_row, stream);
+      else packet.forward(tau, loss[r], lse_out[r]);
     }
   };
   if constexpr (IsF32<A>::value && IsF32<ZIn>::value) {
