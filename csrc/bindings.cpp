@@ -205,45 +205,6 @@ DistillArgs distill_args(const TensorArg& z, const std::optional<TensorArg>& t,
 
 void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
-// Element (n, g, b, k) of an integer View (int16, int32 or int64).
-int64_t index_at(const View& v, int64_t n, int64_t g, int64_t b, int64_t k) {
-  const int64_t off = n * v.stride[0] + g * v.stride[1] + b * v.stride[2] + k * v.stride[3];
-  switch (v.dtype) {
-    case I16: return static_cast<const int16_t*>(v.data)[off];
-    case I32: return static_cast<const int32_t*>(v.data)[off];
-    default: return static_cast<const int64_t*>(v.data)[off];
-  }
-}
-
-// The per-row part of a packet teacher as the kernels take it, from the packet as it arrives:
-// its indices as int32 [N, G, B, K] (checked to lie in [0, V)), lse_t in A and the log
-// confidence logconf_t = value_0 − lse_t in A ([N, G, B], contiguous), the arithmetic of
-// reference.packet_stats.
-template <class A>
-void packet_rows(const View& values, const View& indices, const View& lse, int64_t V, int32_t* ind_out, A* lse_out,
-                 A* logconf_out) {
-  const int64_t N = values.size[0], G = values.size[1], B = values.size[2], K = values.size[3];
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t r = (n * G + g) * B + b;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t x = index_at(indices, n, g, b, k);
-          if (x < 0 || x >= V)
-            throw py::value_error("teacher.indices must lie in [0, " + std::to_string(V) + "), got " +
-                                  std::to_string(x));
-          ind_out[r * K + k] = static_cast<int32_t>(x);
-        }
-        const int64_t lo = n * lse.stride[0] + g * lse.stride[1] + b * lse.stride[2];
-        const A l = lse.dtype == F64 ? (A) static_cast<const double*>(lse.data)[lo]
-                                     : (A) static_cast<const float*>(lse.data)[lo];
-        const A v0 = static_cast<const A*>(values.data)[n * values.stride[0] + g * values.stride[1] +
-                                                        b * values.stride[2]];
-        lse_out[r] = l;
-        logconf_out[r] = v0 - l;
-      }
-}
-
 // A contiguous View of rows [N, G, B] (or [N, G, B, K]) at data.
 View rows_view(void* data, int dtype, const View& like, int ndim, int64_t k = 1) {
   View v;
@@ -259,241 +220,217 @@ View rows_view(void* data, int dtype, const View& like, int ndim, int64_t k = 1)
 }
 
 }  // namespace
+
+// The functions of the module: each checks its arguments, releases the GIL and calls one kernel.
+namespace api {
+
+std::string isa() { return kernels().isa; }
+
+std::vector<std::string> isa_names() {
+  std::vector<std::string> names;
+  for (const KernelTable* t : isas()) names.push_back(t->isa);
+  return names;
+}
+
+void set_isa(const std::string& name) {
+  for (const KernelTable* t : isas())
+    if (name == t->isa) return active.store(t);
+  throw py::value_error("isa must be one this CPU supports (see isas()), got '" + name + "'");
+}
+
+void teacher_stats(const TensorArg& teacher, double tau, int acc, uintptr_t lse, uintptr_t logconf, int threads) {
+  expect_acc_code(acc);
+  const View t = view(teacher, "teacher", 4);
+  expect_float(t, "teacher");
+  if (t.size[3] < 1) throw py::value_error("teacher must have V >= 1 classes");
+  if (!(tau > 0)) throw py::value_error("tau must be > 0, got " + std::to_string(tau));
+  py::gil_scoped_release nogil;
+  kernels().teacher_stats(t, tau, acc, ptr(lse), ptr(logconf), threads);
+}
+
+void select(const TensorArg& logconf, const TensorArg& adj, bool include_self, uintptr_t idx, uintptr_t has,
+            int threads) {
+  const View lc = view(logconf, "logconf", 3);
+  const View a = view(adj, "adj", 2);
+  expect_dtype(lc, "logconf", {F32, F64}, "float32 or float64");
+  expect_dtype(a, "adj", {BOOL}, "bool");
+  if (a.size[0] != lc.size[0] || a.size[1] != lc.size[0])
+    throw py::value_error("adj must have shape [N, N] with N = " + std::to_string(lc.size[0]) + ", got " +
+                          dims(a, 2));
+  py::gil_scoped_release nogil;
+  kernels().select(lc, a, include_self, static_cast<int64_t*>(ptr(idx)), static_cast<bool*>(ptr(has)), threads);
+}
+
+void distill_fwd(const TensorArg& z, const std::optional<TensorArg>& t, const std::optional<TensorArg>& values,
+                 const std::optional<TensorArg>& indices, const TensorArg& lse_t, const TensorArg& logconf_t,
+                 const TensorArg& idx, const TensorArg& adj, double tau, bool include_self, int aggregate, int acc,
+                 uintptr_t loss, uintptr_t lse_z, int threads) {
+  const DistillArgs a =
+      distill_args(z, t, values, indices, lse_t, logconf_t, idx, adj, tau, include_self, aggregate, acc, threads);
+  DistillOut out;
+  out.loss = ptr(loss);
+  out.lse_z = ptr(lse_z);
+  py::gil_scoped_release nogil;
+  kernels().distill_fwd(a, acc, out);
+}
+
+void distill_topk_packets(const TensorArg& z, const TensorArg& values, const TensorArg& indices, const TensorArg& lse,
+                          const TensorArg& adj, double tau, bool include_self, int aggregate, int acc,
+                          uintptr_t indices_out, uintptr_t lse_t, uintptr_t logconf_t, uintptr_t idx, uintptr_t loss,
+                          uintptr_t lse_z, int threads) {
+  DistillArgs a;
+  student_arg(a, z, acc);
+  packet_values_arg(a, values, "teacher.values", acc);
+  const int64_t V = a.z.size[3], K = a.values.size[3];
+  const View ind = view(indices, "teacher.indices", 4);
+  expect_dtype(ind, "teacher.indices", {I16, I32, I64}, "int16, int32 or int64");
+  expect_rows(ind, "teacher.indices", a.values, 4);
+  const View l = view(lse, "teacher.lse", 3);
+  expect_dtype(l, "teacher.lse", {F32, F64}, "float32 or float64");
+  expect_rows(l, "teacher.lse", a.z, 3);
+  graph_args(a, adj, tau, include_self, aggregate, threads);
+  int64_t bad;
+  if (!kernels().packet_rows(a.values, ind, l, V, acc, static_cast<int32_t*>(ptr(indices_out)), ptr(lse_t),
+                             ptr(logconf_t), &bad))
+    throw py::value_error("teacher.indices must lie in [0, " + std::to_string(V) + "), got " + std::to_string(bad));
+  a.indices = rows_view(ptr(indices_out), I32, a.z, 4, K);
+  a.lse_t = rows_view(ptr(lse_t), acc, a.z, 3);
+  a.logconf_t = rows_view(ptr(logconf_t), acc, a.z, 3);
+  a.idx = rows_view(ptr(idx), I64, a.z, 3);
+  std::unique_ptr<bool[]> has(new bool[a.z.size[0]]);
+  DistillOut out;
+  out.loss = ptr(loss);
+  out.lse_z = ptr(lse_z);
+  py::gil_scoped_release nogil;
+  kernels().select(a.logconf_t, a.adj, include_self, static_cast<int64_t*>(ptr(idx)), has.get(), threads);
+  kernels().distill_fwd(a, acc, out);
+}
+
+void distill_bwd(const TensorArg& grad, const TensorArg& z, const std::optional<TensorArg>& t,
+                 const std::optional<TensorArg>& values, const std::optional<TensorArg>& indices,
+                 const TensorArg& lse_t, const TensorArg& logconf_t, const TensorArg& idx, const TensorArg& adj,
+                 const TensorArg& lse_z, double tau, bool include_self, int aggregate, int acc, uintptr_t dz,
+                 const std::vector<int64_t>& dz_strides, int threads) {
+  DistillArgs a =
+      distill_args(z, t, values, indices, lse_t, logconf_t, idx, adj, tau, include_self, aggregate, acc, threads);
+  a.grad = view(grad, "grad", 3);
+  a.lse_z = view(lse_z, "lse_z", 3);
+  expect_acc(a.grad, "grad", acc);
+  expect_acc(a.lse_z, "lse_z", acc);
+  expect_rows(a.grad, "grad", a.z, 3);
+  expect_rows(a.lse_z, "lse_z", a.z, 3);
+  DistillOut out;
+  out.dz = ptr(dz);
+  if (dz_strides.size() != 3) throw py::value_error("dz_strides must hold 3 element strides (n, g, b)");
+  for (int d = 0; d < 3; ++d) out.dz_stride[d] = dz_strides[d];
+  py::gil_scoped_release nogil;
+  kernels().distill_bwd(a, acc, out);
+}
+
+void distill_dense(const TensorArg& z, const TensorArg& t, const TensorArg& adj, double tau, bool include_self,
+                   int aggregate, int acc, uintptr_t lse_t, uintptr_t logconf_t, uintptr_t idx, uintptr_t loss,
+                   uintptr_t lse_z, uintptr_t grad, const std::vector<int64_t>& grad_strides, int64_t heads,
+                   int64_t head_offset, int threads, uintptr_t loss_sum, int64_t sum_divisor) {
+  DistillArgs a;
+  student_arg(a, z, acc);
+  dense_teacher_arg(a, t);
+  graph_args(a, adj, tau, include_self, aggregate, threads);
+  FusedOut out;
+  out.lse_t = ptr(lse_t);
+  out.logconf_t = ptr(logconf_t);
+  out.idx = static_cast<int64_t*>(ptr(idx));
+  out.loss = ptr(loss);
+  out.lse_z = ptr(lse_z);
+  out.grad = ptr(grad);
+  out.grad_dtype = acc;
+  if (grad != 0) {
+    if (grad_strides.size() != 3) throw py::value_error("grad_strides must hold 3 element strides (n, h, b)");
+    if (head_offset < 0 || head_offset + a.z.size[1] > heads)
+      throw py::value_error("head_offset + G must lie within the gradient's " + std::to_string(heads) + " heads");
+    for (int d = 0; d < 3; ++d) out.grad_stride[d] = grad_strides[d];
+    out.heads = heads;
+    out.head_offset = head_offset;
+  }
+  if (loss_sum != 0 && sum_divisor < 1) throw py::value_error("sum_divisor must be >= 1");
+  out.loss_sum = ptr(loss_sum);
+  out.sum_divisor = sum_divisor;
+  py::gil_scoped_release nogil;
+  kernels().distill_dense(a, acc, out);
+}
+
+void topk_compress(const TensorArg& logits, int64_t k, double tau, int acc, uintptr_t values, uintptr_t indices,
+                   uintptr_t lse, int threads) {
+  expect_acc_code(acc);
+  const View x2 = view(logits, "logits", 2);
+  expect_float(x2, "logits");
+  if (k < 1 || k > x2.size[1])
+    throw py::value_error("k must lie in [1, V = " + std::to_string(x2.size[1]) + "], got " + std::to_string(k));
+  if (x2.size[1] > INT32_MAX) throw py::value_error("logits must have V < 2^31 (int32 indices)");
+  if (!(tau > 0)) throw py::value_error("tau must be > 0, got " + std::to_string(tau));
+  View x;  // [R, V] seen as [1, 1, R, V]: the kernels' row space
+  x.data = x2.data;
+  x.dtype = x2.dtype;
+  x.size[2] = x2.size[0];
+  x.size[3] = x2.size[1];
+  x.stride[2] = x2.stride[0];
+  x.stride[3] = x2.stride[1];
+  py::gil_scoped_release nogil;
+  kernels().topk_compress(x, k, tau, acc, ptr(values), static_cast<int32_t*>(ptr(indices)), ptr(lse), threads);
+}
+
+void zero_rows(const TensorArg& x, int threads) {
+  const View v = view(x, "x", 4);
+  if (v.size[3] > 1 && v.stride[3] != 1) throw py::value_error("x must have a contiguous last dim");
+  py::gil_scoped_release nogil;
+  kernels().zero_rows(v, threads);
+}
+
+bool advise_huge_pages(uintptr_t address, int64_t nbytes) {
+  if (address % 4096 != 0 || nbytes < 0 || nbytes % 4096 != 0)
+    throw py::value_error("advise_huge_pages takes a page-aligned address and a whole number of pages");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  return madvise(reinterpret_cast<void*>(address), static_cast<size_t>(nbytes), MADV_HUGEPAGE) == 0;
+#else
+  return false;
+#endif
+}
+
+}  // namespace api
 }  // namespace mhd
 
 PYBIND11_MODULE(_C, m) {
-  using namespace mhd;
+  namespace api = mhd::api;
+  using py::arg;
   m.doc() = "Fused C++ kernels of mhd_fast (raw buffers in, raw buffers out; see mhd_fast/ops/cpp.py).";
-
-  m.def("isa", [] { return std::string(kernels().isa); }, "The ISA build the kernels run on now.");
-  m.def(
-      "isas",
-      [] {
-        std::vector<std::string> names;
-        for (const KernelTable* t : isas()) names.push_back(t->isa);
-        return names;
-      },
-      "The ISA builds this CPU can run, the widest last.");
-  m.def(
-      "set_isa",
-      [](const std::string& name) {
-        for (const KernelTable* t : isas())
-          if (name == t->isa) return active.store(t);
-        throw py::value_error("isa must be one this CPU supports (see isas()), got '" + name + "'");
-      },
-      py::arg("name"), "Run the kernels on another ISA build (tests and benchmarks of the fallback).");
-
-  m.def(
-      "teacher_stats",
-      [](const TensorArg& teacher, double tau, int acc, uintptr_t lse, uintptr_t logconf, int threads) {
-        expect_acc_code(acc);
-        const View t = view(teacher, "teacher", 4);
-        expect_float(t, "teacher");
-        if (t.size[3] < 1) throw py::value_error("teacher must have V >= 1 classes");
-        if (!(tau > 0)) throw py::value_error("tau must be > 0, got " + std::to_string(tau));
-        py::gil_scoped_release nogil;
-        kernels().teacher_stats(t, tau, acc, ptr(lse), ptr(logconf), threads);
-      },
-      py::arg("teacher"), py::arg("tau"), py::arg("acc"), py::arg("lse"), py::arg("logconf"), py::arg("threads"));
-
-  m.def(
-      "select",
-      [](const TensorArg& logconf, const TensorArg& adj, bool include_self, uintptr_t idx, uintptr_t has,
-         int threads) {
-        const View lc = view(logconf, "logconf", 3);
-        const View a = view(adj, "adj", 2);
-        expect_dtype(lc, "logconf", {F32, F64}, "float32 or float64");
-        expect_dtype(a, "adj", {BOOL}, "bool");
-        if (a.size[0] != lc.size[0] || a.size[1] != lc.size[0])
-          throw py::value_error("adj must have shape [N, N] with N = " + std::to_string(lc.size[0]) + ", got " +
-                                dims(a, 2));
-        py::gil_scoped_release nogil;
-        kernels().select(lc, a, include_self, static_cast<int64_t*>(ptr(idx)), static_cast<bool*>(ptr(has)), threads);
-      },
-      py::arg("logconf"), py::arg("adj"), py::arg("include_self"), py::arg("idx"), py::arg("has"), py::arg("threads"));
-
-  m.def(
-      "distill_fwd",
-      [](const TensorArg& z, const std::optional<TensorArg>& t, const std::optional<TensorArg>& values,
-         const std::optional<TensorArg>& indices, const TensorArg& lse_t, const TensorArg& logconf_t,
-         const TensorArg& idx, const TensorArg& adj, double tau, bool include_self, int aggregate, int acc,
-         uintptr_t loss, uintptr_t lse_z, int threads) {
-        const DistillArgs a = distill_args(z, t, values, indices, lse_t, logconf_t, idx, adj, tau, include_self,
-                                           aggregate, acc, threads);
-        DistillOut out;
-        out.loss = ptr(loss);
-        out.lse_z = ptr(lse_z);
-        py::gil_scoped_release nogil;
-        kernels().distill_fwd(a, acc, out);
-      },
-      py::arg("student"), py::arg("teacher"), py::arg("values"), py::arg("indices"), py::arg("lse_t"),
-      py::arg("logconf_t"), py::arg("idx"), py::arg("adj"), py::arg("tau"), py::arg("include_self"),
-      py::arg("aggregate"), py::arg("acc"), py::arg("loss"), py::arg("lse_z"), py::arg("threads"));
-
-  m.def(
-      "distill_topk_packets",
-      [](const TensorArg& z, const TensorArg& values, const TensorArg& indices, const TensorArg& lse,
-         const TensorArg& adj, double tau, bool include_self, int aggregate, int acc, uintptr_t indices_out,
-         uintptr_t lse_t, uintptr_t logconf_t, uintptr_t idx, uintptr_t loss, uintptr_t lse_z, int threads) {
-        DistillArgs a;
-        student_arg(a, z, acc);
-        packet_values_arg(a, values, "teacher.values", acc);
-        const int64_t V = a.z.size[3], K = a.values.size[3];
-        const View ind = view(indices, "teacher.indices", 4);
-        expect_dtype(ind, "teacher.indices", {I16, I32, I64}, "int16, int32 or int64");
-        expect_rows(ind, "teacher.indices", a.values, 4);
-        const View l = view(lse, "teacher.lse", 3);
-        expect_dtype(l, "teacher.lse", {F32, F64}, "float32 or float64");
-        expect_rows(l, "teacher.lse", a.z, 3);
-        graph_args(a, adj, tau, include_self, aggregate, threads);
-        if (acc == F64)
-          packet_rows<double>(a.values, ind, l, V, static_cast<int32_t*>(ptr(indices_out)),
-                              static_cast<double*>(ptr(lse_t)), static_cast<double*>(ptr(logconf_t)));
-        else
-          packet_rows<float>(a.values, ind, l, V, static_cast<int32_t*>(ptr(indices_out)),
-                             static_cast<float*>(ptr(lse_t)), static_cast<float*>(ptr(logconf_t)));
-        a.indices = rows_view(ptr(indices_out), I32, a.z, 4, K);
-        a.lse_t = rows_view(ptr(lse_t), acc, a.z, 3);
-        a.logconf_t = rows_view(ptr(logconf_t), acc, a.z, 3);
-        a.idx = rows_view(ptr(idx), I64, a.z, 3);
-        std::unique_ptr<bool[]> has(new bool[a.z.size[0]]);
-        DistillOut out;
-        out.loss = ptr(loss);
-        out.lse_z = ptr(lse_z);
-        py::gil_scoped_release nogil;
-        kernels().select(a.logconf_t, a.adj, include_self, static_cast<int64_t*>(ptr(idx)), has.get(), threads);
-        kernels().distill_fwd(a, acc, out);
-      },
-      py::arg("student"), py::arg("values"), py::arg("indices"), py::arg("lse"), py::arg("adj"), py::arg("tau"),
-      py::arg("include_self"), py::arg("aggregate"), py::arg("acc"), py::arg("indices_out"), py::arg("lse_t"),
-      py::arg("logconf_t"), py::arg("idx"), py::arg("loss"), py::arg("lse_z"), py::arg("threads"),
-      "A packet teacher's max_confidence / mean / confidence_weighted loss forward in one call: the packet's rows "
-      "(indices as int32, lse_t, logconf_t), the teacher choice (idx) and the loss rows (loss, lse_z).");
-
-  m.def(
-      "distill_bwd",
-      [](const TensorArg& grad, const TensorArg& z, const std::optional<TensorArg>& t,
-         const std::optional<TensorArg>& values, const std::optional<TensorArg>& indices, const TensorArg& lse_t,
-         const TensorArg& logconf_t, const TensorArg& idx, const TensorArg& adj, const TensorArg& lse_z, double tau,
-         bool include_self, int aggregate, int acc, uintptr_t dz, const std::vector<int64_t>& dz_strides,
-         int threads) {
-        DistillArgs a = distill_args(z, t, values, indices, lse_t, logconf_t, idx, adj, tau, include_self, aggregate,
-                                     acc, threads);
-        a.grad = view(grad, "grad", 3);
-        a.lse_z = view(lse_z, "lse_z", 3);
-        expect_acc(a.grad, "grad", acc);
-        expect_acc(a.lse_z, "lse_z", acc);
-        expect_rows(a.grad, "grad", a.z, 3);
-        expect_rows(a.lse_z, "lse_z", a.z, 3);
-        DistillOut out;
-        out.dz = ptr(dz);
-        if (dz_strides.size() != 3) throw py::value_error("dz_strides must hold 3 element strides (n, g, b)");
-        for (int d = 0; d < 3; ++d) out.dz_stride[d] = dz_strides[d];
-        py::gil_scoped_release nogil;
-        kernels().distill_bwd(a, acc, out);
-      },
-      py::arg("grad"), py::arg("student"), py::arg("teacher"), py::arg("values"), py::arg("indices"),
-      py::arg("lse_t"), py::arg("logconf_t"), py::arg("idx"), py::arg("adj"), py::arg("lse_z"), py::arg("tau"),
-      py::arg("include_self"), py::arg("aggregate"), py::arg("acc"), py::arg("dz"), py::arg("dz_strides"),
-      py::arg("threads"));
-
-  m.def(
-      "distill_dense",
-      [](const TensorArg& z, const TensorArg& t, const TensorArg& adj, double tau, bool include_self, int aggregate,
-         int acc, uintptr_t lse_t, uintptr_t logconf_t, uintptr_t idx, uintptr_t loss, uintptr_t lse_z,
-         uintptr_t grad, const std::vector<int64_t>& grad_strides, int64_t heads, int64_t head_offset, int threads,
-         uintptr_t loss_sum, int64_t sum_divisor) {
-        DistillArgs a;
-        student_arg(a, z, acc);
-        dense_teacher_arg(a, t);
-        graph_args(a, adj, tau, include_self, aggregate, threads);
-        FusedOut out;
-        out.lse_t = ptr(lse_t);
-        out.logconf_t = ptr(logconf_t);
-        out.idx = static_cast<int64_t*>(ptr(idx));
-        out.loss = ptr(loss);
-        out.lse_z = ptr(lse_z);
-        out.grad = ptr(grad);
-        out.grad_dtype = acc;
-        if (grad != 0) {
-          if (grad_strides.size() != 3) throw py::value_error("grad_strides must hold 3 element strides (n, h, b)");
-          if (head_offset < 0 || head_offset + a.z.size[1] > heads)
-            throw py::value_error("head_offset + G must lie within the gradient's " + std::to_string(heads) + " heads");
-          for (int d = 0; d < 3; ++d) out.grad_stride[d] = grad_strides[d];
-          out.heads = heads;
-          out.head_offset = head_offset;
-        }
-        if (loss_sum != 0 && sum_divisor < 1) throw py::value_error("sum_divisor must be >= 1");
-        py::gil_scoped_release nogil;
-        kernels().distill_dense(a, acc, out);
-        if (loss_sum != 0) {
-          // The reduced loss: the rows summed in row order into four double accumulators (a fixed
-          // order: the same bits for any thread count), divided once, rounded once.
-          const int64_t R = a.z.size[0] * a.z.size[1] * a.z.size[2];
-          double part[4] = {0, 0, 0, 0};
-          if (acc == F64) {
-            const double* l = static_cast<const double*>(out.loss);
-            for (int64_t r = 0; r < R; ++r) part[r & 3] += l[r];
-          } else {
-            const float* l = static_cast<const float*>(out.loss);
-            for (int64_t r = 0; r < R; ++r) part[r & 3] += l[r];
-          }
-          const double total = ((part[0] + part[1]) + (part[2] + part[3])) / (double)sum_divisor;
-          if (acc == F64) *static_cast<double*>(ptr(loss_sum)) = total;
-          else *static_cast<float*>(ptr(loss_sum)) = (float)total;
-        }
-      },
-      py::arg("student"), py::arg("teacher"), py::arg("adj"), py::arg("tau"), py::arg("include_self"),
-      py::arg("aggregate"), py::arg("acc"), py::arg("lse_t"), py::arg("logconf_t"), py::arg("idx"), py::arg("loss"),
-      py::arg("lse_z"), py::arg("grad"), py::arg("grad_strides"), py::arg("heads"), py::arg("head_offset"),
-      py::arg("threads"), py::arg("loss_sum") = 0, py::arg("sum_divisor") = 1,
-      "The dense loss in one launch; with loss_sum, also the rows' sum / sum_divisor (a scalar of the "
-      "accumulation dtype) in a fixed order.");
-
-  m.def(
-      "topk_compress",
-      [](const TensorArg& logits, int64_t k, double tau, int acc, uintptr_t values, uintptr_t indices,
-         uintptr_t lse, int threads) {
-        expect_acc_code(acc);
-        const View x2 = view(logits, "logits", 2);
-        expect_float(x2, "logits");
-        if (k < 1 || k > x2.size[1])
-          throw py::value_error("k must lie in [1, V = " + std::to_string(x2.size[1]) + "], got " + std::to_string(k));
-        if (x2.size[1] > INT32_MAX) throw py::value_error("logits must have V < 2^31 (int32 indices)");
-        if (!(tau > 0)) throw py::value_error("tau must be > 0, got " + std::to_string(tau));
-        View x;  // [R, V] seen as [1, 1, R, V]: the kernels' row space
-        x.data = x2.data;
-        x.dtype = x2.dtype;
-        x.size[2] = x2.size[0];
-        x.size[3] = x2.size[1];
-        x.stride[2] = x2.stride[0];
-        x.stride[3] = x2.stride[1];
-        py::gil_scoped_release nogil;
-        kernels().topk_compress(x, k, tau, acc, ptr(values), static_cast<int32_t*>(ptr(indices)), ptr(lse), threads);
-      },
-      py::arg("logits"), py::arg("k"), py::arg("tau"), py::arg("acc"), py::arg("values"), py::arg("indices"),
-      py::arg("lse"), py::arg("threads"));
-  m.def(
-      "zero_rows",
-      [](const TensorArg& x, int threads) {
-        const View v = view(x, "x", 4);
-        if (v.size[3] > 1 && v.stride[3] != 1) throw py::value_error("x must have a contiguous last dim");
-        py::gil_scoped_release nogil;
-        kernels().zero_rows(v, threads);
-      },
-      py::arg("x"), py::arg("threads"), "Zeros every row of x [N, H, B, V] in place (the heads of a gradient that do not learn).");
-  m.def(
-      "advise_huge_pages",
-      [](uintptr_t address, int64_t nbytes) {
-        if (address % 4096 != 0 || nbytes < 0 || nbytes % 4096 != 0)
-          throw py::value_error("advise_huge_pages takes a page-aligned address and a whole number of pages");
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-        return madvise(reinterpret_cast<void*>(address), static_cast<size_t>(nbytes), MADV_HUGEPAGE) == 0;
-#else
-        return false;
-#endif
-      },
-      py::arg("address"), py::arg("nbytes"),
-      "Asks the kernel for transparent huge pages on [address, address + nbytes) (memory not yet touched gets "
-      "them when first written); whether it agreed. A hint: false where the system has none.");
+  m.def("isa", &api::isa, "The ISA build the kernels run on now.");
+  m.def("isas", &api::isa_names, "The ISA builds this CPU can run, the widest last.");
+  m.def("set_isa", &api::set_isa, arg("name"), "Run the kernels on another ISA build (tests and benchmarks of the fallback).");
+  m.def("teacher_stats", &api::teacher_stats, arg("teacher"), arg("tau"), arg("acc"), arg("lse"), arg("logconf"),
+        arg("threads"));
+  m.def("select", &api::select, arg("logconf"), arg("adj"), arg("include_self"), arg("idx"), arg("has"),
+        arg("threads"));
+  m.def("distill_fwd", &api::distill_fwd, arg("student"), arg("teacher"), arg("values"), arg("indices"),
+        arg("lse_t"), arg("logconf_t"), arg("idx"), arg("adj"), arg("tau"), arg("include_self"), arg("aggregate"),
+        arg("acc"), arg("loss"), arg("lse_z"), arg("threads"));
+  m.def("distill_topk_packets", &api::distill_topk_packets, arg("student"), arg("values"), arg("indices"), arg("lse"),
+        arg("adj"), arg("tau"), arg("include_self"), arg("aggregate"), arg("acc"), arg("indices_out"), arg("lse_t"),
+        arg("logconf_t"), arg("idx"), arg("loss"), arg("lse_z"), arg("threads"),
+        "A packet teacher's max_confidence / mean / confidence_weighted loss forward in one call: the packet's rows "
+        "(indices as int32, lse_t, logconf_t), the teacher choice (idx) and the loss rows (loss, lse_z).");
+  m.def("distill_bwd", &api::distill_bwd, arg("grad"), arg("student"), arg("teacher"), arg("values"), arg("indices"),
+        arg("lse_t"), arg("logconf_t"), arg("idx"), arg("adj"), arg("lse_z"), arg("tau"), arg("include_self"),
+        arg("aggregate"), arg("acc"), arg("dz"), arg("dz_strides"), arg("threads"));
+  m.def("distill_dense", &api::distill_dense, arg("student"), arg("teacher"), arg("adj"), arg("tau"),
+        arg("include_self"), arg("aggregate"), arg("acc"), arg("lse_t"), arg("logconf_t"), arg("idx"), arg("loss"),
+        arg("lse_z"), arg("grad"), arg("grad_strides"), arg("heads"), arg("head_offset"), arg("threads"),
+        arg("loss_sum") = 0, arg("sum_divisor") = 1,
+        "The dense loss in one launch; with loss_sum, also the rows' sum / sum_divisor (a scalar of the "
+        "accumulation dtype) in a fixed order.");
+  m.def("topk_compress", &api::topk_compress, arg("logits"), arg("k"), arg("tau"), arg("acc"), arg("values"),
+        arg("indices"), arg("lse"), arg("threads"));
+  m.def("zero_rows", &api::zero_rows, arg("x"), arg("threads"),
+        "Zeros every row of x [N, H, B, V] in place (the heads of a gradient that do not learn).");
+  m.def("advise_huge_pages", &api::advise_huge_pages, arg("address"), arg("nbytes"),
+        "Asks the kernel for transparent huge pages on [address, address + nbytes) (memory not yet touched gets "
+        "them when first written); whether it agreed. A hint: false where the system has none.");
 }

@@ -53,7 +53,8 @@ struct DistillOut {
 // choice, loss and lse_z of every row ([N, G, B], contiguous; idx int64, the rest in the
 // accumulation dtype) and, when grad is set, the unit gradient τ(q − p̄) of the full student
 // [N, heads, B, V] (grad_dtype, rows of V contiguous elements at element strides grad_stride);
-// student group g is head head_offset + g, the other heads get zeros.
+// student group g is head head_offset + g, the other heads get zeros. When loss_sum is set, also
+// the rows' sum / sum_divisor into it (a scalar of the accumulation dtype).
 struct FusedOut {
   void* lse_t = nullptr;
   void* logconf_t = nullptr;
@@ -64,6 +65,8 @@ struct FusedOut {
   int grad_dtype = F32;
   int64_t grad_stride[3] = {0, 0, 0};
   int64_t heads = 0, head_offset = 0;
+  void* loss_sum = nullptr;
+  int64_t sum_divisor = 1;
 };
 
 // One ISA build of the kernels (kernels_generic.cpp, kernels_avx2.cpp, kernels_avx512.cpp).
@@ -83,6 +86,12 @@ struct KernelTable {
                         int32_t* indices, void* lse, int threads);
   // X [N, H, B, V] (class dim contiguous) <- 0.
   void (*zero_rows)(const View& x, int threads);
+  // Packets as they arrive (values [N, G, B, K] in acc, indices int16 / int32 / int64, lse
+  // [N, G, B] float32 / float64) -> the packet rows the distillation kernels take: indices
+  // int32 [N, G, B, K], lse_t and logconf_t = value_0 − lse_t [N, G, B] in acc (contiguous).
+  // False, with *bad the first index (row-major) outside [0, V), when there is one.
+  bool (*packet_rows)(const View& values, const View& indices, const View& lse, int64_t V, int acc,
+                      int32_t* indices_out, void* lse_t, void* logconf_t, int64_t* bad);
 };
 
 const KernelTable& kernels_generic();

@@ -466,10 +466,28 @@ void distill_dense(const DistillArgs& a, const FusedOut& out, bool gather) {
   DenseLaunch<4, false, A, ZIn, TIn>(a, out, gather).run();
 }
 
+// The reduced loss: the R rows summed in row order into four double accumulators (a fixed
+// order: the same bits for any thread count), divided once, rounded once.
+template <class A>
+void sum_rows(const void* loss, int64_t R, int64_t divisor, void* total) {
+  const A* l = static_cast<const A*>(loss);
+  double part[4] = {0, 0, 0, 0};
+  for (int64_t r = 0; r < R; ++r) part[r & 3] += l[r];
+  *static_cast<A*>(total) = (A)(((part[0] + part[1]) + (part[2] + part[3])) / (double)divisor);
+}
+
 inline void distill_dense_entry(const DistillArgs& a, int acc, const FusedOut& out) {
-  if (acc == F64) return distill_dense<double, double, double>(a, out, true);
-  if (a.z.stride[3] != 1 || a.t.stride[3] != 1) return distill_dense<float, float, float>(a, out, true);
-  with_stored_type(a.z.dtype, [&](auto z_tag) {
-    with_stored_type(a.t.dtype, [&](auto t_tag) { distill_dense<float, decltype(z_tag), decltype(t_tag)>(a, out, false); });
-  });
+  if (acc == F64) {
+    distill_dense<double, double, double>(a, out, true);
+  } else if (a.z.stride[3] != 1 || a.t.stride[3] != 1) {
+    distill_dense<float, float, float>(a, out, true);
+  } else {
+    with_stored_type(a.z.dtype, [&](auto z_tag) {
+      with_stored_type(a.t.dtype, [&](auto t_tag) { distill_dense<float, decltype(z_tag), decltype(t_tag)>(a, out, false); });
+    });
+  }
+  if (out.loss_sum == nullptr) return;
+  const int64_t R = a.z.size[0] * a.z.size[1] * a.z.size[2];
+  if (acc == F64) sum_rows<double>(out.loss, R, out.sum_divisor, out.loss_sum);
+  else sum_rows<float>(out.loss, R, out.sum_divisor, out.loss_sum);
 }

@@ -5,6 +5,53 @@
 #include "aggregate.h"
 #include "lanes.h"
 
+// Element (n, g, b, k) of an integer View (int16, int32 or int64).
+MHD_INLINE int64_t index_at(const View& v, int64_t n, int64_t g, int64_t b, int64_t k) {
+  const int64_t off = n * v.stride[0] + g * v.stride[1] + b * v.stride[2] + k * v.stride[3];
+  switch (v.dtype) {
+    case I16: return static_cast<const int16_t*>(v.data)[off];
+    case I32: return static_cast<const int32_t*>(v.data)[off];
+    default: return static_cast<const int64_t*>(v.data)[off];
+  }
+}
+
+// The per-row part of a packet teacher as the kernels take it, from the packet as it arrives:
+// its indices as int32 [N, G, B, K] (checked to lie in [0, V): false, with *bad the first that
+// does not), lse_t in A and the log confidence logconf_t = value_0 − lse_t in A ([N, G, B],
+// contiguous), the arithmetic of reference.packet_stats.
+template <class A>
+bool packet_rows(const View& values, const View& indices, const View& lse, int64_t V, int32_t* ind_out, A* lse_out,
+                 A* logconf_out, int64_t* bad) {
+  const int64_t N = values.size[0], G = values.size[1], B = values.size[2], K = values.size[3];
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t r = (n * G + g) * B + b;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t x = index_at(indices, n, g, b, k);
+          if (x < 0 || x >= V) {
+            *bad = x;
+            return false;
+          }
+          ind_out[r * K + k] = static_cast<int32_t>(x);
+        }
+        const int64_t lo = offset(lse, n, g, b);
+        const A l = lse.dtype == F64 ? (A) static_cast<const double*>(lse.data)[lo]
+                                     : (A) static_cast<const float*>(lse.data)[lo];
+        const A v0 = static_cast<const A*>(values.data)[offset(values, n, g, b)];
+        lse_out[r] = l;
+        logconf_out[r] = v0 - l;
+      }
+  return true;
+}
+
+inline bool packet_rows_entry(const View& values, const View& indices, const View& lse, int64_t V, int acc,
+                              int32_t* indices_out, void* lse_t, void* logconf_t, int64_t* bad) {
+  if (acc == F64)
+    return packet_rows<double>(values, indices, lse, V, indices_out, (double*)lse_t, (double*)logconf_t, bad);
+  return packet_rows<float>(values, indices, lse, V, indices_out, (float*)lse_t, (float*)logconf_t, bad);
+}
+
 // One packet (the K sent buckets of teacher row j) against a student row with known lse_z:
 // P = Σ p_k and S = Σ_{p≠0} p_k (log p_k − log q_k), log p_k = value_k − lse_t and
 // log q_k = z_k/τ − lse_z in A (as the torch reference takes them), p_k = e^(log p_k) in

@@ -33,8 +33,8 @@
 #include "zero_rows.h"
 
 inline const KernelTable& table() {
-  static const KernelTable t{MHD_ISA_NAME,         teacher_stats_entry, select_entry,
-                             distill_fwd_entry,    distill_bwd_entry,   distill_dense_entry,
-                             topk_compress_entry,  zero_rows_entry};
+  static const KernelTable t{MHD_ISA_NAME,        teacher_stats_entry, select_entry,      distill_fwd_entry,
+                             distill_bwd_entry,   distill_dense_entry, topk_compress_entry, zero_rows_entry,
+                             packet_rows_entry};
   return t;
 }
