@@ -378,6 +378,25 @@ void topk_compress(const TensorArg& logits, int64_t k, double tau, int acc, uint
   kernels().topk_compress(x, k, tau, acc, ptr(values), static_cast<int32_t*>(ptr(indices)), ptr(lse), threads);
 }
 
+py::tuple check_packets(const TensorArg& values, const TensorArg& indices, const TensorArg& lse, int threads) {
+  const View v = view(values, "teacher.values", 4);
+  const View i = view(indices, "teacher.indices", 4);
+  const View l = view(lse, "teacher.lse", 3);
+  expect_float(v, "teacher.values");
+  expect_dtype(i, "teacher.indices", {I16, I32, I64}, "int16, int32 or int64");
+  expect_dtype(l, "teacher.lse", {F32, F64}, "float32 or float64");
+  expect_rows(i, "teacher.indices", v, 4);
+  expect_rows(l, "teacher.lse", v, 3);
+  if (v.size[0] * v.size[1] * v.size[2] * v.size[3] == 0)
+    throw py::value_error("teacher.values must hold at least one row of K >= 1 values");
+  PacketCheck c;
+  {
+    py::gil_scoped_release nogil;
+    kernels().check_packets(v, i, l, &c, threads);
+  }
+  return py::make_tuple(c.lo, c.hi, c.repeated, c.bad_row, c.bad_lse, c.bad_mass);
+}
+
 void zero_rows(const TensorArg& x, int threads) {
   const View v = view(x, "x", 4);
   if (v.size[3] > 1 && v.stride[3] != 1) throw py::value_error("x must have a contiguous last dim");
@@ -428,6 +447,10 @@ PYBIND11_MODULE(_C, m) {
         "accumulation dtype) in a fixed order.");
   m.def("topk_compress", &api::topk_compress, arg("logits"), arg("k"), arg("tau"), arg("acc"), arg("values"),
         arg("indices"), arg("lse"), arg("threads"));
+  m.def("check_packets", &api::check_packets, arg("values"), arg("indices"), arg("lse"), arg("threads"),
+        "Top-k packets values / indices [R0, R1, R2, K], lse [R0, R1, R2] -> (the smallest index, the largest, "
+        "whether a row sends a class twice, the first flat row whose sent probabilities exp(values - lse) sum past "
+        "1 beyond rounding or -1, that row's lse, its sum).");
   m.def("zero_rows", &api::zero_rows, arg("x"), arg("threads"),
         "Zeros every row of x [N, H, B, V] in place (the heads of a gradient that do not learn).");
   m.def("advise_huge_pages", &api::advise_huge_pages, arg("address"), arg("nbytes"),

@@ -69,6 +69,14 @@ struct FusedOut {
   int64_t sum_divisor = 1;
 };
 
+// What check_packets finds in top-k packets (see check_packets.h).
+struct PacketCheck {
+  int64_t lo = 0, hi = 0;            // the smallest and the largest index
+  bool repeated = false;             // some row sends a class twice
+  int64_t bad_row = -1;              // the first row (flat) whose sent probabilities sum past 1, or −1
+  double bad_lse = 0, bad_mass = 0;  // that row's lse and the sum of its sent probabilities
+};
+
 // One ISA build of the kernels (kernels_generic.cpp, kernels_avx2.cpp, kernels_avx512.cpp).
 struct KernelTable {
   const char* isa;
@@ -92,6 +100,9 @@ struct KernelTable {
   // False, with *bad the first index (row-major) outside [0, V), when there is one.
   bool (*packet_rows)(const View& values, const View& indices, const View& lse, int64_t V, int acc,
                       int32_t* indices_out, void* lse_t, void* logconf_t, int64_t* bad);
+  // Packets values / indices [R0, R1, R2, K], lse [R0, R1, R2] -> what is wrong with them.
+  void (*check_packets)(const View& values, const View& indices, const View& lse, PacketCheck* out,
+                        int threads);
 };
 
 const KernelTable& kernels_generic();

@@ -25,6 +25,7 @@
 // candidates and aggregation of teachers (aggregate.h). This file holds the table of entry
 // points one ISA build provides.
 
+#include "check_packets.h"
 #include "distill.h"
 #include "distill_dense.h"
 #include "select.h"
@@ -35,6 +36,6 @@
 inline const KernelTable& table() {
   static const KernelTable t{MHD_ISA_NAME,        teacher_stats_entry, select_entry,      distill_fwd_entry,
                              distill_bwd_entry,   distill_dense_entry, topk_compress_entry, zero_rows_entry,
-                             packet_rows_entry};
+                             packet_rows_entry,   check_packets_entry};
   return t;
 }

@@ -389,6 +389,55 @@ def test_topk_packets_in_one_call_check_their_arguments():
         cpp.distill_topk_packets(groups, p.values, p.indices, p.lse, adj[:3, :3], 1.0, False, "mean")
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 20])
+@pytest.mark.parametrize("value_dtype,lse_dtype,index_dtype", [
+    (torch.float32, torch.float32, torch.int32), (torch.bfloat16, torch.float32, torch.int16),
+    (torch.float16, torch.float64, torch.int64), (torch.float64, torch.float32, torch.int32)], ids=str)
+def test_packet_check_in_the_extension_finds_what_the_torch_check_finds(isa, k, value_dtype, lse_dtype,
+                                                                        index_dtype):
+    """The one-pass packet check of the extension (CPU tensors) against the torch check of the
+    other devices: the same index range, repeated class and first bad row with its lse and sum,
+    on packets with rows of NaN, ±inf lse, a class sent twice and sums past 1, read through the
+    strides of a slice of heads; threads take shares of the rows."""
+    from mhd_fast.ops.inputs import _packet_faults
+    n, h1, b, v = 5, 3, 300, 40
+    t = make_logits((n, h1, b, v), seed=k) * 3
+    values, indices, lse = mhd_fast.topk_compress(t, k, backend="torch")
+    values, lse, indices = values.to(value_dtype), lse.to(lse_dtype), indices.to(index_dtype)
+    cases = [(values, indices, lse)]
+    bad_lse = lse.clone()
+    bad_lse[3, 1, 200] -= 0.5  # sums past 1
+    bad_lse[4, 0, 7] -= 0.01 if k > 1 else 0.5
+    bad_lse[0, 0, 0] = float("nan")
+    bad_lse[0, 0, 1] = float("-inf")
+    bad_lse[0, 0, 2] = float("inf")
+    cases.append((values, indices, bad_lse))
+    nan_values = values.clone()
+    nan_values[1, 1, 5] = float("nan")
+    cases.append((nan_values, indices, bad_lse))
+    if k > 1:
+        twice = indices.clone()
+        twice[2, 0, 9, -1] = twice[2, 0, 9, 0]
+        cases.append((values, twice, lse))
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            for vals, ind, l in cases:
+                for heads in (slice(None), slice(0, 2)):
+                    packet = (vals[:, heads], ind[:, heads], l[:, heads])
+                    got = cpp.check_packets(*packet)
+                    want = _packet_faults(*packet)
+                    assert got[:4] == want[:4]
+                    if want[3] >= 0:
+                        assert got[4] == want[4] or (got[4] != got[4] and want[4] != want[4])
+                        assert got[5] == pytest.approx(want[5], rel=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+    assert cpp.check_packets(values, indices, bad_lse)[3] == (3 * h1 + 1) * b + 200  # NaN and ±inf lse pass
+    assert cpp.check_packets(values[:, :2], indices[:, :2], bad_lse[:, :2])[3] == (3 * 2 + 1) * b + 200
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_fused_dense_reduces_in_the_extension(reduction, dtype):

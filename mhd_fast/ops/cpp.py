@@ -213,6 +213,20 @@ def zero_(x: Tensor) -> Tensor:
     return x
 
 
+def check_packets(values: Tensor, indices: Tensor, lse: Tensor) -> tuple[int, int, bool, int, float, float]:
+    """The contents of packets values / indices [..., K], lse [...] (CPU, non-empty) in one pass:
+    (the smallest index, the largest, whether a row sends a class twice, the first flat row whose
+    sent probabilities sum past 1 beyond the rounding of a wire dtype or −1, its lse, its sum)."""
+    dims = lse.dim()
+    if dims < 3:  # the kernel reads [R0, R1, R2, K]
+        lead = (None,) * (3 - dims)
+        values, indices, lse = values[lead], indices[lead], lse[lead]
+    elif dims > 3:
+        values, indices, lse = values.flatten(0, dims - 3), indices.flatten(0, dims - 3), lse.flatten(0, dims - 3)
+    return _C.check_packets(_arg("teacher.values", values), _arg("teacher.indices", indices),
+                            _arg("teacher.lse", lse), _threads())
+
+
 def topk_compress(logits: Tensor, k: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
     """X [R, V] -> (values [R, k] of X/τ descending, accumulation dtype; indices [R, k] int32;
     lse [R] of X/τ). Ties -> lower index first; NaN ranks above every number."""

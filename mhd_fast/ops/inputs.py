@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .backends import backend_available, in_func_transform, launchers
+
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
@@ -139,15 +141,41 @@ def _check_packet(teacher: TopKLogits, rows: tuple, v: int | None, device: torch
         raise ValueError(f"teacher packets must have K <= V = {v}, got K = {k}")
     if heads is not None:
         values, indices, lse = values[:, :heads], indices[:, :heads], lse[:, :heads]
-    if not torch.compiler.is_compiling() and indices.numel():  # a host sync: skipped under compile
+    if indices.numel() and not _capturing(values):
         _check_packet_contents(values, indices, lse, v)
+
+
+def _capturing(x: Tensor) -> bool:
+    """Under torch.compile or a CUDA graph capture, where the contents of a packet cannot be
+    read back to the host: their checks are skipped."""
+    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _check_packet_contents(values: Tensor, indices: Tensor, lse: Tensor, v: int | None) -> None:
     """Indices in [0, V), K distinct classes a row, and sent probabilities exp(values − lse)
     that sum to at most 1 up to the rounding of values to a wire dtype: a packet that breaks
-    these has no distribution behind it, and each backend would read it differently. A few ops
-    on the [..., K] packet and one host read for all three."""
+    these has no distribution behind it, and each backend would read it differently. CPU
+    tensors in one pass of the C++ extension, others by a few torch ops."""
+    if values.is_cpu and backend_available("cpp") is None and not in_func_transform():
+        lo, hi, repeated, row, row_lse, mass = launchers("cpp").check_packets(values, indices, lse)
+    else:
+        lo, hi, repeated, row, row_lse, mass = _packet_faults(values, indices, lse)
+    if v is not None and (lo < 0 or hi >= v):
+        raise ValueError(f"teacher.indices must lie in [0, {v}), got values in [{lo}, {hi}]")
+    if repeated:
+        raise ValueError("teacher.indices must hold K distinct classes in every row, got a class sent twice "
+                         "in some row")
+    if row >= 0:
+        raise ValueError(f"teacher.lse must be at least the logsumexp of teacher.values in every row (the sent "
+                         f"probabilities sum to at most 1), got lse {row_lse:.6g} and sent "
+                         f"probabilities exp(values − lse) summing to {mass:.6g} (flat row {row})")
+
+
+def _packet_faults(values: Tensor, indices: Tensor, lse: Tensor) -> tuple[int, int, bool, int, float, float]:
+    """What the C++ extension's check_packets finds, by a few torch ops on the [..., K] packet and
+    one host read (two more for a bad row): (the smallest index, the largest, whether a row
+    sends a class twice, the first flat row whose sent probabilities sum past 1 beyond rounding
+    or −1, its lse, its sum)."""
     k = values.shape[-1]
     lo, hi = torch.aminmax(indices)
     if k == 1:
@@ -165,14 +193,7 @@ def _check_packet_contents(values: Tensor, indices: Tensor, lse: Tensor, v: int 
     u = 2.0 ** -8
     too_much = mass > lse.abs().mul_(u + 2.0 ** -17).add_(u * (math.log(k) + 1) + 2.0 ** -17).exp_()
     lo, hi, repeated, bad = torch.stack([lo, hi, repeated, too_much.any()]).tolist()
-    if v is not None and (lo < 0 or hi >= v):
-        raise ValueError(f"teacher.indices must lie in [0, {v}), got values in [{lo}, {hi}]")
-    if repeated:
-        raise ValueError("teacher.indices must hold K distinct classes in every row, got a class sent twice "
-                         "in some row")
-    if bad:
-        row = int(too_much.flatten().nonzero()[0])
-        raise ValueError(f"teacher.lse must be at least the logsumexp of teacher.values in every row (the sent "
-                         f"probabilities sum to at most 1), got lse {float(lse.flatten()[row]):.6g} and sent "
-                         f"probabilities exp(values − lse) summing to {float(mass.flatten()[row]):.6g} "
-                         f"(flat row {row})")
+    if not bad:
+        return lo, hi, bool(repeated), -1, 0.0, 0.0
+    row = int(too_much.flatten().nonzero()[0])
+    return lo, hi, bool(repeated), row, float(lse.flatten()[row]), float(mass.flatten()[row])
