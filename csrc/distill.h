@@ -8,7 +8,7 @@
 // Per student row (i, g, b), teacher rows (j, g, b):
 //   max_confidence, dense:   one sweep (kl_row / grad_row) over the student row and the row of
 //                            the selected teacher j = idx[i, g, b].
-//   max_confidence, packets: KL over K + 1 buckets (SPEC §3): the K sent buckets and the rest
+//   max_confidence, packets: KL over K + 1 buckets (docs/method.md §3): the K sent buckets and the rest
 //                            bucket p_rest = max(0, 1 − Σ p_k), q_rest = 1 − Σ q_k (none when
 //                            K = V). q_rest is summed over the unsent classes in the student
 //                            sweep (row_lse with weights), which is the same number without the

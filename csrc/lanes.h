@@ -11,10 +11,7 @@
 // of a vector holds row l of W consecutive rows of one client and vector v holds class v
 // (gathered), so that a reduction is lane-wise operations for W rows at once and one vector
 // log serves W rows. Past W + kLaneExtra classes the gathers cost more than the reductions
-// they save: S2's kernel with V classes, warm, row path -> by lanes (ms): AVX-512 V = 10
-// 1.04 -> 0.68, 17 1.49 -> 1.18, 20 1.37 -> 1.13, 24 1.46 -> 1.53, 32 1.27 -> 1.91; AVX2
-// V = 10 1.28 -> 0.86, 12 1.34 -> 0.97, 16 1.20 -> 1.15; portable (4 lanes) V = 5
-// 3.93 -> 1.02, 8 1.68 -> 1.19.
+// they save (on the AVX-512, AVX2 and portable builds alike).
 constexpr int kLaneExtra = 4;
 
 // The row path's reduction of one row, for W rows held as class vectors x[0, V): its running
@@ -42,8 +39,7 @@ MHD_INLINE typename L::V lane_tree(const typename L::V* x, int64_t V, typename L
 
 // A tile's blocks of W rows lie a client apart (G·B·V floats): no stream for the hardware's
 // prefetchers, and the gathers then wait on every line of a block. So the block kAhead clients
-// ahead is asked for first (S2, A/B in one process, warm / right after the naive loop:
-// 0.836 / 1.411 -> 0.709 / 0.840 ms; two, four and eight ahead alike).
+// ahead is asked for first (two, four and eight ahead do alike).
 constexpr int64_t kAhead = 4;
 // Every line of the n floats from p toward the caches.
 MHD_INLINE void prefetch_block(const float* p, int64_t n) {

@@ -7,9 +7,7 @@
 
 constexpr int64_t kBlock = 512;  // logits per block of the online softmax: both sweeps hit L1
 // How far ahead of its exp sweep row_lse asks for a long row's logits: four blocks (8 KiB of
-// fp32). One block ahead left the row's stream from memory waiting on each block's compute:
-// S3's forward (65.5 MB of student logits) 2.19 -> 1.96 ms in the benchmark's rotation, the
-// statistics sweep alone 1.36-1.57 -> 1.14-1.27 ms warm.
+// fp32). One block ahead left the row's stream from memory waiting on each block's compute.
 constexpr int64_t kPrefetch = 4 * kBlock;
 
 // The temperature: t = x/τ bit for bit as torch divides (a multiply when 1/τ is exact, τ a
@@ -62,9 +60,8 @@ MHD_INLINE typename L::V sweep_max(const In* x, int64_t begin, int64_t end, cons
 // The classes of a teacher's packet in a student sweep: bits, a bitmap of V bits (bit v set =
 // class v sent; bit v is bit v % 8 of byte v / 8, padded with zero bytes), and in_block, the
 // number of sent classes in each block of kBlock classes. A block without one has unsent
-// mass = its whole mass, so only blocks holding sent classes read the bitmap: about 25 of
-// S3's 63 blocks. A bitmap, not a row of 0/1 weights: 4 KB at V = 32000 stays in L1, where
-// the weights (128 KB, from L2) had cost S3's forward 0.2-0.4 ms of 1.5-1.9.
+// mass = its whole mass, so only blocks holding sent classes read the bitmap. A bitmap, not a
+// row of 0/1 weights: 4 KB at V = 32000 stays in L1, where the weights (128 KB) come from L2.
 struct SentRow {
   const uint8_t* bits;
   const int32_t* in_block;

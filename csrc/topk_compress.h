@@ -199,11 +199,9 @@ MHD_INLINE void topk_row(const In* x, int64_t V, int64_t K, const Scale<A>& sc, 
 // the row's keys in vector compares, rank_i = #{j : key_j > key_i, or key_j = key_i and
 // j < i}, and each class goes to the slot of its rank: no branch on the data and no heap.
 // That costs V²/W compares where the offers cost about V + (offers that pass)·log k + a sort
-// of the k kept keys. Measured on rows of 20 to 200 classes, 20,480 rows: with AVX-512 (a
-// compare gives a lane mask to count directly) the ranks win from k ≈ V²/2048 on (V = 100:
-// k >= 5; V = 200: k >= 20; V <= 45 always; k = 32 of V = 100: 4.5 ms against 11.4 ms); with
-// AVX2 from k ≈ V²/600 (k = 32 of V = 100: 7.6 against 11.9 ms). The portable build (4 lanes,
-// no unsigned compare in SSE2) keeps the ranks for V <= 16 only: k = 32 of V = 100 took 89 ms.
+// of the k kept keys. On rows of 20 to 200 classes, with AVX-512 (a compare gives a lane mask
+// to count directly) the ranks win from k ≈ V²/2048 on, with AVX2 from k ≈ V²/600. The
+// portable build (4 lanes, no unsigned compare in SSE2) keeps the ranks for V <= 16 only.
 constexpr int64_t kRankMaxV = 256;
 
 MHD_INLINE bool rank_path(int64_t V, int64_t K, int W) {
