@@ -14,12 +14,14 @@ buckets and one rest bucket, the others expand each packet over V first (referen
 
 The ``torch`` backend is reference.py under autograd. The compiled backends run custom ops,
 one path for eager mode, torch.compile and opcheck alike:
-  dense teacher, cpp      distill_dense: statistics, choice, loss and the unit gradient
-                          τ(q − p̄) in one launch; the backward scales that gradient
-  dense teacher, triton   teacher_stats and select (select.py), distill_fwd; the backward
-                          distill_bwd recomputes q and p̄ (memory-bound on a GPU)
-  packet teacher          distill_topk: the packet's rows, choice and loss; the backward
-                          distill_topk_bwd
+  dense teacher           distill_dense: statistics, choice, loss and the unit gradient
+                          in one launch; the backward scales that gradient (cpp: τ(q − p̄) in
+                          the accumulation dtype; triton: the gradient of the op's output,
+                          mean included, in the student's dtype, scaled on the device)
+  packet teacher          distill_topk: the packet's rows, choice and loss in one launch; the
+                          backward distill_topk_bwd
+distill_fwd / distill_bwd, the dense loss in separate kernels after teacher_stats and select,
+are the kernel contract the packet backward of mean / confidence_weighted builds on.
 The ops take the FULL student logits [N, H, B, V] and a head offset: student group g is head
 head_offset + g, so that the backward writes the whole gradient at once (zeros in the other
 heads) instead of autograd zero-filling a full tensor and copying a slice into it.
@@ -40,12 +42,13 @@ never written):
   distill_topk_bwd(grad, Z, values, indices, lse_t, logconf_t, idx, adj, statistic, tau,
                    include_self, aggregate, out) -> out, the bucket formula (reference.py)
 
-and, for the backends in FUSED_DENSE (cpp):
+and, for the backends in FUSED_DENSE (all):
 
   distill_dense(Z_full, T [N, ≥ G, B, V], adj, head_offset, tau, include_self, aggregate,
                 need_grad, groups, reduction)
       -> (loss, lse_z, unit [N, H, B, V] or empty, lse_t, logconf_t, idx); loss is the rows'
-      sum (or mean), summed in fp64 in a fixed order, for reduction "sum" ("mean")
+      sum (or mean) for reduction "sum" ("mean"), in a fixed order
+  scale_unit(unit, grad, idx, head_offset) -> unit · grad in place (UNIT_OF_OUTPUT only)
 """
 from __future__ import annotations
 
@@ -63,7 +66,10 @@ from .reference import AGGREGATES, acc_dtype, reduce_loss
 from .select import select, teacher_stats
 
 REDUCTIONS = ("none", "mean", "sum")
-FUSED_DENSE = frozenset({"cpp"})  # backends with the one-launch dense loss (a constant: dynamo reads it)
+FUSED_DENSE = frozenset({"cpp", "triton"})  # backends with the one-launch dense loss (a constant: dynamo reads it)
+# Backends whose unit gradient is that of the op's output in the student's dtype, scaled by
+# scale_unit on the device: no host read in the backward (the cpp path reads a scalar gradient).
+UNIT_OF_OUTPUT = frozenset({"triton"})
 _AGGREGATE_SET = frozenset(AGGREGATES)
 _REDUCTION_SET = frozenset(REDUCTIONS)
 
@@ -156,7 +162,8 @@ def _(student, teacher, adj, head_offset, tau, include_self, aggregate, need_gra
     dt = acc_dtype(student, teacher)
     g = student.shape[1] - head_offset
     loss = student.new_empty((), dtype=dt) if reduction != "none" else _fake_rows(student, g, dt)
-    unit = student.new_empty(student.shape if need_grad else (0,), dtype=dt)
+    unit = student.new_empty(student.shape if need_grad else (0,),
+                             dtype=student.dtype if backend in UNIT_OF_OUTPUT else dt)
     lse_z, lse_t, logconf_t = (_fake_rows(student, g, dt) for _ in range(3))
     return loss, lse_z, unit, lse_t, logconf_t, _fake_rows(student, g, torch.int64)
 
@@ -202,7 +209,7 @@ def _unit_times_grad(unit: Tensor, grad: Tensor, idx: Tensor, head_offset: int) 
         unit[:, head_offset:head_offset + g].mul_(grad.unsqueeze(-1))
         return unit
     n, h, b, _ = unit.shape
-    g_full = unit.new_zeros((n, h, b, 1))
+    g_full = unit.new_zeros((n, h, b, 1), dtype=grad.dtype)
     g_full[:, head_offset:head_offset + g, :, 0] = grad
     has = (idx[:, :1, :1] >= 0).unsqueeze(-1)  # [N, 1, 1, 1]: −1 marks a client without candidate
     return torch.where(has, unit * g_full, 0)
@@ -212,10 +219,19 @@ def _backward_dense(ctx, grad_loss, *_):
     none = (None,) * 9
     if grad_loss is None:
         return (None,) + none
+    head_offset, tau, include_self, aggregate, backend = ctx.options
+    if backend in UNIT_OF_OUTPUT and not torch.is_grad_enabled():
+        student, teacher, adj, idx, _ = ctx.saved_tensors
+        unit = ctx.unit.pop() if ctx.unit else distill_dense(
+            student.detach(), teacher.detach(), adj, head_offset, tau, include_self, aggregate, True,
+            "mean" if ctx.mean_of else "none", backend)[2]  # a second backward: the kernel again
+        if type(unit) is Tensor and type(grad_loss) is Tensor:  # eager: in place, one launch
+            launchers(backend).scale_unit(unit, grad_loss, idx, head_offset)
+            return (unit,) + none
+        return (_unit_times_grad(unit, grad_loss, idx, head_offset).to(student.dtype),) + none  # traced
     if ctx.mean_of:
         grad_loss = grad_loss / ctx.mean_of  # as autograd differentiates sum / count
     if torch.is_grad_enabled():  # create_graph=True
-        head_offset, tau, include_self, aggregate, _ = ctx.options
         student, teacher, adj, idx, _ = ctx.saved_tensors
         teacher = teacher[:, :idx.shape[1]]
         d = _differentiable_grad(grad_loss, student, head_offset, idx.shape[1], lambda z: reference.distill_dense(
@@ -228,7 +244,6 @@ def _backward_dense(ctx, grad_loss, *_):
             if d_student.dtype != ctx.student_dtype:  # (a no-op .to is still a dispatcher call)
                 d_student = d_student.to(ctx.student_dtype)
             return (d_student,) + none
-    head_offset, tau, include_self, aggregate, backend = ctx.options
     student, teacher, adj, idx, lse_z = ctx.saved_tensors
     unit = ctx.unit.pop() if ctx.unit else None
     if unit is None:  # a second backward through a retained graph: the same kernel again

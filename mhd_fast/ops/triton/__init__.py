@@ -3,15 +3,18 @@ and ``topk.py`` (one level up) on CUDA tensors, or on CPU tensors under ``TRITON
 (how the tests run without a GPU).
 
 One kernel per file: ``stats`` (teacher statistics), ``select`` (teacher choice), ``distill``
-(dense teachers), ``distill_topk`` (packet teachers), ``topk`` (compression); ``common`` holds
-what they share. Every launcher allocates fresh outputs and makes one launch over the flat row
-space of all clients × groups × rows (two for packets with mean / confidence_weighted: expand,
-then the dense kernel). The arguments were checked by the op that calls it. No launcher syncs
-with the host, so the ops run inside CUDA graphs and ``torch.compile``. Importing this package
-raises ImportError when Triton is not installed.
+(dense teachers, separate forward and backward), ``dense`` (the dense loss in one
+launch and its backward), ``distill_topk`` (packet teachers), ``topk`` (compression); ``common``
+holds what they share. Every launcher allocates fresh outputs and makes one launch (two for the
+backward of packets with mean / confidence_weighted: expand, then the dense kernel). The
+arguments were checked by the op that calls it. No launcher syncs with the host, so the ops run
+inside CUDA graphs and ``torch.compile``. Importing this package raises ImportError when Triton
+is not installed.
 
-Memory-bound on a GPU: the backward recomputes q and p̄ from Z and T (one read each) rather
-than the forward writing a unit gradient that the backward reads back.
+What mhd_loss launches per call: a dense teacher, one forward (``distill_dense``: statistics,
+choice, loss, unit gradient) and one backward that scales that gradient, or nothing at all for
+rows whose upstream gradient is 1; a packet teacher, one forward (the packet's statistics,
+choice, loss) and the packet backward.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ import torch
 import triton  # noqa: F401  (ImportError here tells backends.py that the backend is absent)
 from torch import Tensor
 
-from ..reference import acc_dtype, packet_stats
-from . import distill, distill_topk, select as select_kernel, stats, topk
+from ..reference import acc_dtype, reduce_loss
+from . import dense, distill, distill_topk, select as select_kernel, stats, topk
 
 
 def _rows(*tensors: Tensor) -> list[Tensor]:
@@ -37,6 +40,26 @@ def teacher_stats(teacher: Tensor, tau: float) -> tuple[Tensor, Tensor]:
 def select(logconf: Tensor, adj: Tensor, include_self: bool) -> tuple[Tensor, Tensor]:
     """logconf [N, G, B] -> (idx [N, G, B] int64, −1 = no candidate; has [N] bool)."""
     return select_kernel.select(logconf, adj, include_self)
+
+
+def distill_dense(student: Tensor, teacher: Tensor, adj: Tensor, head_offset: int, tau: float, include_self: bool,
+                  aggregate: str, need_grad: bool, groups: int | None = None, reduction: str = "none"):
+    """Dense teacher, one launch: statistics, teacher choice, loss and (need_grad) the unit
+    gradient of the op's output: of the rows' sum, or of their mean for reduction "mean"
+    (dense.py). student [N, H, B, V], teacher [N, ≥ G, B, V] read as teacher[:, :G]
+    (G = groups, else teacher.shape[1]) -> (loss, lse_z, unit [N, H, B, V] in the student's
+    dtype or empty, lse_t, logconf_t, idx int64), rows [N, G, B] in the accumulation dtype;
+    loss is the rows reduced by ``reduction``."""
+    g = teacher.shape[1] if groups is None else groups
+    loss, *rest = dense.distill_dense(student, teacher[:, :g], adj, head_offset, tau, bool(include_self),
+                                                     aggregate, need_grad, acc_dtype(student, teacher), reduction)
+    return (reduce_loss(loss, reduction), *rest)
+
+
+def scale_unit(unit: Tensor, grad: Tensor, idx: Tensor, head_offset: int) -> Tensor:
+    """The backward of distill_dense: unit · grad in place (grad [N, G, B] or one number), exact
+    zeros kept for clients without candidate; one launch, no host read."""
+    return dense.scale_unit(unit, grad, idx, head_offset)
 
 
 def distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, tau, include_self, aggregate):
@@ -57,16 +80,11 @@ def distill_topk_packets(student: Tensor, values: Tensor, indices: Tensor, lse: 
                          include_self: bool, aggregate: str, head_offset: int = 0) -> tuple:
     """Student heads head_offset.. of student [N, H, B, V] against the first G heads of the packet
     as it arrives -> (loss, rows [3, N, G, B] = lse_t, logconf_t, row statistic; indices int32;
-    idx): the packet's statistics, the teacher choice, then the loss kernel."""
+    idx): the packet's statistics, the teacher choice and the loss in one launch."""
     g = student.shape[1] - head_offset
-    dt = acc_dtype(student, values, lse)
-    values = values[:, :g].to(dt)
-    indices = indices[:, :g].to(torch.int32).contiguous()
-    lse_t, logconf_t = packet_stats(values, lse[:, :g])
-    idx, _ = select(logconf_t, adj, include_self)
-    loss, statistic = distill_topk.distill_topk_fwd(student[:, head_offset:], values, indices, *_rows(lse_t, logconf_t),
-                                                    idx, adj, tau, bool(include_self), aggregate, dt)
-    return loss, torch.stack([lse_t, logconf_t, statistic]), indices, idx
+    return distill_topk.distill_topk_packets(student[:, head_offset:], values[:, :g], indices[:, :g], lse[:, :g],
+                                             adj, tau, bool(include_self), aggregate,
+                                             acc_dtype(student, values, lse))
 
 
 def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj, statistic, tau, include_self,

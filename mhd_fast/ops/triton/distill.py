@@ -107,6 +107,16 @@ def teacher_tile(T, st0, st1, st2, st3, LSE_T, LOGCONF_T, ADJ, sa0, sa1, N, G, B
 
 
 @triton.jit
+def kl_step(u, p, log2p, m, s, a, p_sum):
+    """One column tile of the forward's sums: u [ROWS, BLOCK_V] the student in log2 units, p and
+    log2 p the teacher's tile -> the new (m, s, A, P) of the module docstring."""
+    m, s, base_old, base = online_lse_step(m, s, u)
+    term = tl.where(p != 0, p * (log2p - u + base[:, None]), 0.0)
+    a = a + p_sum * (base - base_old) + tl.sum(term, axis=1)
+    return m, s, a, p_sum + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _distill_fwd_kernel(
     Z, T, LSE_T, LOGCONF_T, MASS, IDX, ADJ, LOSS, LSE_Z,  # row tensors [N·G·B] contiguous
     R, N, G, B, V,
@@ -131,14 +141,10 @@ def _distill_fwd_kernel(
         cmask = cols < V
         z = tl.load(Z + zrow[:, None] + cols[None, :].to(tl.int64) * sz3,
                     mask=rmask[:, None] & cmask[None, :], other=float("-inf"))
-        u = z.to(ACC) * scale
-        m, s, base_old, base = online_lse_step(m, s, u)
         p, log2p = teacher_tile(T, st0, st1, st2, st3, LSE_T, LOGCONF_T, ADJ, sa0, sa1, N, G, B,
                                 n, g, b, jsel, has, inv_total, cols, cmask, scale, log2e,
                                 AGG, INCLUDE_SELF, ACC, ROWS, BLOCK_V)
-        term = tl.where(p != 0, p * (log2p - u + base[:, None]), 0.0)
-        a = a + p_sum * (base - base_old) + tl.sum(term, axis=1)
-        p_sum += tl.sum(p, axis=1)
+        m, s, a, p_sum = kl_step(z.to(ACC) * scale, p, log2p, m, s, a, p_sum)
     log2s = tl.log2(s)
     loss = tau * tau * ln2 * (a + p_sum * log2s)
     tl.store(LOSS + r, tl.where(has, loss, 0.0), mask=rmask)

@@ -37,20 +37,21 @@ import triton.language as tl
 from . import distill
 from .common import (acc_tl, exact_scalar, finite_base, log2_consts, online_lse_step,
                             row_coords, split_scalar, tile_shape)
+from .distill import AGG_CODES, kl_step
+from .select import choose, is_candidate
 
 
 @triton.jit
-def _packet_rows(IDX, r, rmask, g, b, G, B, sv0, sv1, sv2, si0, si1, si2):
-    """Per student row: (has a teacher, offsets of its packet's values / indices row, its row
-    number for the per-row lse)."""
-    j = tl.load(IDX + r, mask=rmask, other=-1)
+def _packet_rows(j, rmask, g, b, sv0, sv1, sv2, si0, si1, si2, sl0, sl1, sl2):
+    """Per student row whose teacher is j (−1: none): (has a teacher, offsets of its packet's
+    values / indices row and of its lse)."""
     has = (j >= 0) & rmask
     j = tl.where(has, j, 0)
-    return has, j * sv0 + g * sv1 + b * sv2, j * si0 + g * si1 + b * si2, (j * G + g) * B + b
+    return has, j * sv0 + g * sv1 + b * sv2, j * si0 + g * si1 + b * si2, j * sl0 + g * sl1 + b * sl2
 
 
 @triton.jit
-def _sent_chunk(Z, zrow, sz3, VALUES, INDICES, LSE_T, vrow, irow, trow, sv3, si3, has, k0, K,
+def _sent_chunk(Z, zrow, sz3, VALUES, INDICES, LSE_T, vrow, irow, lrow, sv3, si3, has, k0, K,
                 scale, log2e, ACC: tl.constexpr, K_BLOCK: tl.constexpr):
     """Entries [k0, k0 + K_BLOCK) of each row's packet: (sent classes [ROWS, K_BLOCK], mask,
     log2 p_k, u_k = Z[sent]·log2 e/τ); log2 p_k = u_k = −inf outside the packet."""
@@ -59,7 +60,7 @@ def _sent_chunk(Z, zrow, sz3, VALUES, INDICES, LSE_T, vrow, irow, trow, sv3, si3
     vals = tl.load(VALUES + vrow[:, None] + kk[None, :] * sv3, mask=kmask,
                    other=float("-inf")).to(ACC)
     sent = tl.load(INDICES + irow[:, None] + kk[None, :] * si3, mask=kmask, other=0).to(tl.int64)
-    lse_t = tl.load(LSE_T + trow, mask=has, other=0.0).to(ACC)
+    lse_t = tl.load(LSE_T + lrow, mask=has, other=0.0).to(ACC)
     z = tl.load(Z + zrow[:, None] + sent * sz3, mask=kmask, other=float("-inf"))
     return sent, kmask, (vals - lse_t[:, None]) * log2e, z.to(ACC) * scale
 
@@ -86,20 +87,49 @@ def _sent_words(INDICES, irow, si3, has, K, v0, ROWS: tl.constexpr, NW: tl.const
 
 
 @triton.jit
+def _packet_prologue(VALUES, INDICES, LSE, ADJ, STATS, IND32, IDX, r, rmask, n, g, b, R, N, K,
+                     sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, sa0, sa1,
+                     INCLUDE_SELF: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
+                     K_BLOCK: tl.constexpr, BLOCK_J: tl.constexpr):
+    """What the forward writes of its own rows r = (n, g, b) besides the loss: the packet's
+    statistics lse_t = lse, logconf_t = values[0] − lse (STATS[0], STATS[1]), its classes as
+    int32 (IND32 [R, K]) and the teacher choice (IDX), which it returns."""
+    own_l = n * sl0 + g * sl1 + b * sl2
+    own_v = n * sv0 + g * sv1 + b * sv2
+    own_i = n * si0 + g * si1 + b * si2
+    lse = tl.load(LSE + own_l, mask=rmask, other=0.0).to(ACC)
+    tl.store(STATS + r, lse, mask=rmask)
+    tl.store(STATS + R + r, tl.load(VALUES + own_v, mask=rmask, other=0.0).to(ACC) - lse, mask=rmask)
+    for k0 in range(0, K, K_BLOCK):
+        kk = k0 + tl.arange(0, K_BLOCK)
+        kmask = rmask[:, None] & (kk < K)[None, :]
+        cls = tl.load(INDICES + own_i[:, None] + kk[None, :] * si3, mask=kmask, other=0)
+        tl.store(IND32 + (r * K)[:, None] + kk[None, :], cls.to(tl.int32), mask=kmask)
+    j = choose(VALUES, sv0, sv1, sv2, LSE, sl0, sl1, sl2, ADJ, sa0, sa1, n, g, b, rmask, N, True,
+               INCLUDE_SELF, ACC, ROWS, BLOCK_J)
+    tl.store(IDX + r, j, mask=rmask)
+    return j
+
+
+@triton.jit
 def _distill_topk_fwd_kernel(
-    Z, VALUES, INDICES, LSE_T, IDX, LOSS, LSE_REST,  # row tensors [N·G·B] contiguous
+    Z, VALUES, INDICES, LSE, ADJ, LOSS, STATS, IND32, IDX,  # the packet as it arrives
     R, N, G, B, V, K,
-    sz0, sz1, sz2, sz3, sv0, sv1, sv2, sv3, si0, si1, si2, si3,
+    sz0, sz1, sz2, sz3, sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, sa0, sa1,
     tau_hi, tau_mid, tau_lo,
-    HAS_REST: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, NW: tl.constexpr,
-    LANES: tl.constexpr, K_BLOCK: tl.constexpr,
+    INCLUDE_SELF: tl.constexpr, HAS_REST: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
+    NW: tl.constexpr, LANES: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
+    # outputs: LOSS [N·G·B]; STATS [3, N·G·B] = lse_t, logconf_t, L_rest; IND32 [N·G·B, K]; IDX
     r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
     ln2, log2e = log2_consts(ACC)
     tau = exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
     scale = log2e / tau
     zrow = n * sz0 + g * sz1 + b * sz2
-    has, vrow, irow, trow = _packet_rows(IDX, r, rmask, g, b, G, B, sv0, sv1, sv2, si0, si1, si2)
+    j = _packet_prologue(VALUES, INDICES, LSE, ADJ, STATS, IND32, IDX, r, rmask, n, g, b, R, N, K,
+                         sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, sa0, sa1,
+                         INCLUDE_SELF, ACC, ROWS, K_BLOCK, BLOCK_J)
+    has, vrow, irow, lrow = _packet_rows(j, rmask, g, b, sv0, sv1, sv2, si0, si1, si2, sl0, sl1, sl2)
     lanes = tl.arange(0, LANES)
     m = tl.full([ROWS], float("-inf"), ACC)
     s = tl.zeros([ROWS], ACC)
@@ -126,7 +156,7 @@ def _distill_topk_fwd_kernel(
     kl2 = tl.zeros([ROWS], ACC)
     p_sum = tl.zeros([ROWS], ACC)
     for k0 in range(0, K, K_BLOCK):
-        sent, kmask, log2p, u = _sent_chunk(Z, zrow, sz3, VALUES, INDICES, LSE_T, vrow, irow, trow,
+        sent, kmask, log2p, u = _sent_chunk(Z, zrow, sz3, VALUES, INDICES, LSE, vrow, irow, lrow,
                                             sv3, si3, has, k0, K, scale, log2e, ACC, K_BLOCK)
         p = tl.exp2(log2p)
         log2q = (u - base[:, None]) - log2s[:, None]
@@ -140,7 +170,93 @@ def _distill_topk_fwd_kernel(
         l_rest = (base + tl.log2(s_rest)) * ln2
     loss = tau * tau * ln2 * kl2
     tl.store(LOSS + r, tl.where(has, loss, 0.0), mask=rmask)
-    tl.store(LSE_REST + r, l_rest, mask=rmask)
+    tl.store(STATS + 2 * R + r, l_rest, mask=rmask)
+
+
+@triton.jit
+def _packet_weight(VALUES, vrow, lse, cand, AGG: tl.constexpr, ACC: tl.constexpr):
+    """Unnormalised weight of a candidate packet: 1 (mean) or its confidence exp(values[0] − lse)."""
+    if AGG == 1:
+        w = tl.where(cand, 1.0, 0.0).to(ACC)
+    else:
+        w = tl.where(cand, tl.exp(tl.load(VALUES + vrow, mask=cand, other=0.0).to(ACC) - lse), 0.0)
+    return w
+
+
+@triton.jit
+def _mixed_packets_tile(VALUES, INDICES, LSE, ADJ, sa0, sa1, n, g, b, has, inv_total, cols, V, K,
+                        N, sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2,
+                        AGG: tl.constexpr, INCLUDE_SELF: tl.constexpr, HAS_REST: tl.constexpr,
+                        ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """p̄ of mean / confidence_weighted on one column tile [ROWS, BLOCK_V]: Σ_j w_j · the
+    expansion of candidate j's packet (p_k at its sent classes, p_rest / (V − K) elsewhere),
+    built in registers; w_j = 1 or c_j, times inv_total."""
+    p_bar = tl.zeros([ROWS, BLOCK_V], ACC)
+    for j in range(0, N):
+        cand = is_candidate(ADJ, n, j, sa0, sa1, has, INCLUDE_SELF)
+        vrow = j * sv0 + g * sv1 + b * sv2
+        irow = j * si0 + g * si1 + b * si2
+        lse = tl.load(LSE + j * sl0 + g * sl1 + b * sl2, mask=cand, other=0.0).to(ACC)
+        p_j = tl.zeros([ROWS, BLOCK_V], ACC)
+        sent = tl.zeros([ROWS, BLOCK_V], tl.int1)
+        p_sent = tl.zeros([ROWS], ACC)
+        for k in range(0, K):
+            p_k = tl.exp(tl.load(VALUES + vrow + k * sv3, mask=cand, other=float("-inf")).to(ACC) - lse)
+            hit = cols[None, :] == tl.load(INDICES + irow + k * si3, mask=cand, other=-1).to(tl.int64)[:, None]
+            p_j = tl.where(hit, p_k[:, None], p_j)
+            sent = sent | hit
+            p_sent += p_k
+        if HAS_REST:
+            rest = tl.maximum(1.0 - p_sent, 0.0) / tl.cast(V - K, ACC)
+            p_j = tl.where(sent, p_j, rest[:, None])
+        w = _packet_weight(VALUES, vrow, lse, cand, AGG, ACC) * inv_total
+        p_bar += w[:, None] * p_j
+    return p_bar
+
+
+@triton.jit
+def _distill_topk_mixed_fwd_kernel(
+    Z, VALUES, INDICES, LSE, ADJ, LOSS, STATS, IND32, IDX,  # as _distill_topk_fwd_kernel
+    R, N, G, B, V, K,
+    sz0, sz1, sz2, sz3, sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, sa0, sa1,
+    tau_hi, tau_mid, tau_lo,
+    AGG: tl.constexpr, INCLUDE_SELF: tl.constexpr, HAS_REST: tl.constexpr, ACC: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    # STATS[2] is lse_z here (the dense backward's statistic)
+    r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
+    ln2, log2e = log2_consts(ACC)
+    tau = exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
+    scale = log2e / tau
+    j = _packet_prologue(VALUES, INDICES, LSE, ADJ, STATS, IND32, IDX, r, rmask, n, g, b, R, N, K,
+                         sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, sa0, sa1,
+                         INCLUDE_SELF, ACC, ROWS, K_BLOCK, BLOCK_J)
+    has = (j >= 0) & rmask
+    total = tl.zeros([ROWS], ACC)
+    for jj in range(0, N):
+        cand = is_candidate(ADJ, n, jj, sa0, sa1, has, INCLUDE_SELF)
+        lse = tl.load(LSE + jj * sl0 + g * sl1 + b * sl2, mask=cand, other=0.0).to(ACC)
+        total += _packet_weight(VALUES, jj * sv0 + g * sv1 + b * sv2, lse, cand, AGG, ACC)
+    inv_total = 1.0 / tl.where(total > 0, total, 1.0)
+    zrow = n * sz0 + g * sz1 + b * sz2
+    m = tl.full([ROWS], float("-inf"), ACC)
+    s = tl.zeros([ROWS], ACC)
+    a = tl.zeros([ROWS], ACC)
+    p_sum = tl.zeros([ROWS], ACC)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        cmask = cols < V
+        z = tl.load(Z + zrow[:, None] + cols[None, :].to(tl.int64) * sz3,
+                    mask=rmask[:, None] & cmask[None, :], other=float("-inf"))
+        p = _mixed_packets_tile(VALUES, INDICES, LSE, ADJ, sa0, sa1, n, g, b, has, inv_total, cols,
+                                V, K, N, sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2,
+                                AGG, INCLUDE_SELF, HAS_REST, ACC, ROWS, BLOCK_V)
+        p = tl.where(cmask[None, :], p, 0.0)
+        m, s, a, p_sum = kl_step(z.to(ACC) * scale, p, tl.log2(p), m, s, a, p_sum)
+    log2s = tl.log2(s)
+    loss = tau * tau * ln2 * (a + p_sum * log2s)
+    tl.store(LOSS + r, tl.where(has, loss, 0.0), mask=rmask)
+    tl.store(STATS + 2 * R + r, (finite_base(m) + log2s) * ln2, mask=rmask)
 
 
 @triton.jit
@@ -158,14 +274,15 @@ def _distill_topk_bwd_kernel(
     scale = log2e / tau
     zrow = n * sz0 + g * sz1 + b * sz2
     drow = n * sd0 + g * sd1 + b * sd2
-    has, vrow, irow, trow = _packet_rows(IDX, r, rmask, g, b, G, B, sv0, sv1, sv2, si0, si1, si2)
+    has, vrow, irow, lrow = _packet_rows(tl.load(IDX + r, mask=rmask, other=-1), rmask, g, b, sv0,
+                                         sv1, sv2, si0, si1, si2, G * B, B, 1)
     # lse of the row in log2 units = log2(2^L_rest + Σ_k 2^u_k), online over packet chunks.
     l_rest = tl.load(LSE_REST + r, mask=rmask, other=float("-inf")).to(ACC) * log2e
     m = l_rest
     s = tl.exp2(l_rest - finite_base(l_rest))
     p_sum = tl.zeros([ROWS], ACC)
     for k0 in range(0, K, K_BLOCK):
-        _, _, log2p, u = _sent_chunk(Z, zrow, sz3, VALUES, INDICES, LSE_T, vrow, irow, trow,
+        _, _, log2p, u = _sent_chunk(Z, zrow, sz3, VALUES, INDICES, LSE_T, vrow, irow, lrow,
                                      sv3, si3, has, k0, K, scale, log2e, ACC, K_BLOCK)
         m, s, _, _ = online_lse_step(m, s, u)
         p_sum += tl.sum(tl.exp2(log2p), axis=1)
@@ -192,7 +309,7 @@ def _distill_topk_bwd_kernel(
     tl.debug_barrier()
     for k0 in range(0, K, K_BLOCK):
         sent, kmask, log2p, u = _sent_chunk(Z, zrow, sz3, VALUES, INDICES, LSE_T, vrow, irow,
-                                            trow, sv3, si3, has, k0, K, scale, log2e, ACC, K_BLOCK)
+                                            lrow, sv3, si3, has, k0, K, scale, log2e, ACC, K_BLOCK)
         q = tl.exp2((u - base[:, None]) - log2s[:, None])
         dz = coef[:, None] * (mass[:, None] * q - tl.exp2(log2p))
         tl.store(DZ + drow[:, None] + sent * sd3, dz.to(DZ.dtype.element_ty), mask=kmask)
@@ -266,26 +383,35 @@ def expand_packets(values, indices, lse_t, v, tau, acc):
     return out, mass
 
 
-def distill_topk_fwd(student, values, indices, lse_t, logconf_t, idx, adj, tau, include_self,
-                     aggregate, acc):
-    """-> (loss [N, G, B], row statistic [N, G, B]) in ``acc``. The statistic is what the
-    backward needs: L_rest (log-sum-exp of Z/τ over the unsent classes) for max_confidence,
-    lse_z for mean / confidence_weighted (see the module docstring)."""
+def distill_topk_packets(student, values, indices, lse, adj, tau, include_self, aggregate, acc):
+    """student [N, G, B, V] against the packets as they arrive (values [N, G, B, K] any float
+    dtype, indices any int dtype, lse [N, G, B]; any strides) -> (loss [N, G, B], rows
+    [3, N, G, B] = lse_t, logconf_t, the backward's statistic; indices int32; idx), in one
+    launch. The statistic is L_rest (log-sum-exp of Z/τ over the unsent classes) for
+    max_confidence, lse_z for mean / confidence_weighted (see the module docstring)."""
     n, g, b, v = student.shape
-    if aggregate != "max_confidence":
-        expanded, mass = expand_packets(values, indices, lse_t, v, tau, acc)
-        return distill.distill_fwd(student, expanded, torch.zeros_like(lse_t), logconf_t,
-                                          idx, adj, tau, include_self, aggregate, acc, mass)
     rows, k, k_block, n_rows, block_v, num_warps = _packet_launch(values, v)
-    lanes = min(32, block_v)
-    loss = torch.empty((n, g, b), dtype=acc, device=student.device)
-    l_rest = torch.empty_like(loss)
-    _distill_topk_fwd_kernel[(triton.cdiv(rows, n_rows),)](
-        student, values, indices, lse_t, idx, loss, l_rest, rows, n, g, b, v, k,
-        *student.stride(), *values.stride(), *indices.stride(), *split_scalar(tau),
-        HAS_REST=k < v, ACC=acc_tl(acc), ROWS=n_rows, NW=block_v // lanes, LANES=lanes,
-        K_BLOCK=k_block, num_warps=num_warps)
-    return loss, l_rest
+    device = student.device
+    loss = torch.empty((n, g, b), dtype=acc, device=device)
+    stats = torch.empty((3, n, g, b), dtype=acc, device=device)
+    ind32 = torch.empty((n, g, b, k), dtype=torch.int32, device=device)
+    idx = torch.empty((n, g, b), dtype=torch.int64, device=device)
+    args = (student, values, indices, lse, adj, loss, stats, ind32, idx, rows, n, g, b, v, k,
+            *student.stride(), *values.stride(), *indices.stride(), *lse.stride(), *adj.stride(),
+            *split_scalar(tau))
+    block_j = min(triton.next_power_of_2(n), 32, max(1, 4096 // n_rows))
+    grid = (triton.cdiv(rows, n_rows),)
+    if aggregate == "max_confidence":
+        lanes = min(32, block_v)
+        _distill_topk_fwd_kernel[grid](
+            *args, INCLUDE_SELF=include_self, HAS_REST=k < v, ACC=acc_tl(acc), ROWS=n_rows,
+            NW=block_v // lanes, LANES=lanes, K_BLOCK=k_block, BLOCK_J=block_j, num_warps=num_warps)
+    else:
+        _distill_topk_mixed_fwd_kernel[grid](
+            *args, AGG=AGG_CODES[aggregate], INCLUDE_SELF=include_self, HAS_REST=k < v,
+            ACC=acc_tl(acc), ROWS=n_rows, BLOCK_V=block_v, K_BLOCK=k_block, BLOCK_J=block_j,
+            num_warps=num_warps)
+    return loss, stats, ind32, idx
 
 
 def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj, row_stat, tau,

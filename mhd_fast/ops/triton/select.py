@@ -30,6 +30,44 @@ def is_candidate(ADJ, i, j, sa0, sa1, mask, INCLUDE_SELF: tl.constexpr):
 
 
 @triton.jit
+def choose_block(c, cand, j, best, best_nan, idx, AXIS: tl.constexpr):
+    """One block of candidates along AXIS of c (logconf, −inf where not a candidate), j their
+    client numbers (broadcast against c): the block's winner replaces the running one
+    (best, best_nan, idx) when strictly better, or NaN over a number, so ties keep the lowest j."""
+    is_nan = cand & (c != c)
+    nan_j = tl.min(tl.where(is_nan, j, NO_CLIENT), axis=AXIS)
+    c_max = tl.max(tl.where(is_nan, float("-inf"), c), axis=AXIS)
+    max_j = tl.min(tl.where(cand & (c == tl.expand_dims(c_max, AXIS)), j, NO_CLIENT), axis=AXIS)
+    blk_nan = nan_j < NO_CLIENT
+    blk_j = tl.where(blk_nan, nan_j, max_j)
+    take = (blk_j < NO_CLIENT) & ~best_nan & ((idx < 0) | blk_nan | (c_max > best))
+    return (tl.where(take, c_max, best), best_nan | (take & blk_nan),
+            tl.where(take, blk_j.to(tl.int64), idx))
+
+
+@triton.jit
+def choose(C, sc0, sc1, sc2, L, sl0, sl1, sl2, ADJ, sa0, sa1, i, g, b, rmask, N,
+           MINUS_L: tl.constexpr, INCLUDE_SELF: tl.constexpr, ACC: tl.constexpr,
+           ROWS: tl.constexpr, BLOCK_J: tl.constexpr):
+    """idx [ROWS] int64 of student rows (i, g, b) under rmask, inside a kernel that computes the
+    loss: the candidate j of highest logconf[j, g, b] = C[j, g, b] (minus L[j, g, b] with
+    MINUS_L: a packet's values[..., 0] − lse), BLOCK_J candidates at a time; −1 without one."""
+    best = tl.full([ROWS], float("-inf"), ACC)
+    best_nan = tl.zeros([ROWS], tl.int1)
+    idx = tl.full([ROWS], -1, tl.int64)
+    c_row = (g * sc1 + b * sc2)[:, None]
+    l_row = (g * sl1 + b * sl2)[:, None]
+    for j0 in range(0, N, BLOCK_J):
+        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)[None, :]
+        cand = is_candidate(ADJ, i[:, None], j, sa0, sa1, rmask[:, None] & (j < N), INCLUDE_SELF)
+        c = tl.load(C + j * sc0 + c_row, mask=cand, other=float("-inf")).to(ACC)
+        if MINUS_L:
+            c = c - tl.load(L + j * sl0 + l_row, mask=cand, other=0.0).to(ACC)
+        best, best_nan, idx = choose_block(c, cand, j, best, best_nan, idx, 1)
+    return idx
+
+
+@triton.jit
 def _select_kernel(
     LOGCONF, ADJ, IDX, HAS,  # LOGCONF [N, G·B] contiguous; IDX [N, G·B] int64; HAS [N] bool
     N, GB,
@@ -50,16 +88,7 @@ def _select_kernel(
         mask = cand[:, None] & cmask[None, :]
         c = tl.load(LOGCONF + j[:, None].to(tl.int64) * GB + cols[None, :], mask=mask,
                     other=float("-inf"))
-        is_nan = mask & (c != c)
-        nan_j = tl.min(tl.where(is_nan, j[:, None], NO_CLIENT), axis=0)
-        c_max = tl.max(tl.where(is_nan, float("-inf"), c), axis=0)
-        max_j = tl.min(tl.where(mask & (c == c_max[None, :]), j[:, None], NO_CLIENT), axis=0)
-        blk_nan = nan_j < NO_CLIENT
-        blk_j = tl.where(blk_nan, nan_j, max_j)
-        take = (blk_j < NO_CLIENT) & ~best_nan & ((idx < 0) | blk_nan | (c_max > best))
-        best = tl.where(take, c_max, best)
-        best_nan = best_nan | (take & blk_nan)
-        idx = tl.where(take, blk_j.to(tl.int64), idx)
+        best, best_nan, idx = choose_block(c, mask, j[:, None], best, best_nan, idx, 0)
     tl.store(IDX + i * GB + cols, idx, mask=cmask)
     tl.store(HAS + i, tl.sum(n_cand, axis=0) > 0, mask=tl.program_id(0) == 0)
 

@@ -16,17 +16,9 @@ from .common import (acc_tl, exact_scalar, finite_base, log2_consts, online_lse_
 
 
 @triton.jit
-def _teacher_stats_kernel(
-    T, LSE, LOGCONF,  # pointers: T [N, G, B, V] any strides; outputs [R] contiguous
-    R, N, G, B, V,
-    st0, st1, st2, st3,
-    tau_hi, tau_mid, tau_lo,
-    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
-    ln2, log2e = log2_consts(ACC)
-    scale = log2e / exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
-    row = n * st0 + g * st1 + b * st2
+def row_stats(T, row, rmask, V, st3, scale, ln2, ACC: tl.constexpr, ROWS: tl.constexpr,
+              BLOCK_V: tl.constexpr):
+    """(lse, logconf) [ROWS] in nats of the rows starting at offsets ``row`` of T."""
     m = tl.full([ROWS], float("-inf"), ACC)
     s = tl.zeros([ROWS], ACC)
     for v0 in range(0, V, BLOCK_V):
@@ -37,8 +29,24 @@ def _teacher_stats_kernel(
         m, s, _, _ = online_lse_step(m, s, t.to(ACC) * scale)
     base = finite_base(m)
     log2s = tl.log2(s)
-    tl.store(LSE + r, (base + log2s) * ln2, mask=rmask)
-    tl.store(LOGCONF + r, (m - base - log2s) * ln2, mask=rmask)
+    return (base + log2s) * ln2, (m - base - log2s) * ln2
+
+
+@triton.jit
+def _teacher_stats_kernel(
+    T, LSE, LOGCONF,  # pointers: T [N, G, B, V] any strides; outputs [R] contiguous
+    R, N, G, B, V,
+    st0, st1, st2, st3,
+    tau_hi, tau_mid, tau_lo,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
+    ln2, log2e = log2_consts(ACC)
+    scale = log2e / exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
+    lse, logconf = row_stats(T, n * st0 + g * st1 + b * st2, rmask, V, st3, scale, ln2, ACC, ROWS,
+                             BLOCK_V)
+    tl.store(LSE + r, lse, mask=rmask)
+    tl.store(LOGCONF + r, logconf, mask=rmask)
 
 
 def teacher_stats(teacher: torch.Tensor, tau: float,
