@@ -12,7 +12,8 @@ the runs of the implementations interleaved.
 GB/s counts the fewest bytes the op must move (read the logits once, write the outputs once),
 printed next to the measured copy bandwidth of the device (a large copy into a touched buffer,
 read + write, timed in the same interleaved runs as each row) and, on GPU, the card's peak
-memory bandwidth.
+memory bandwidth: from the data sheet for the cards in PEAK_BW, else the measured copy
+(peak_source says which).
 """
 from __future__ import annotations
 
@@ -229,6 +230,7 @@ def machine(device: str) -> str:
 
 
 def peak_bandwidth(device: str) -> float | None:
+    """The card's data-sheet peak (bytes/s), None on CPU or for a card not in PEAK_BW."""
     if device != "cuda":
         return None
     name = torch.cuda.get_device_name()
@@ -260,8 +262,9 @@ def bench(device: str, shapes: list[str], modes: list[str], impls: list[str],
                    "copy_GBps": round(copy_bw / 1e9, 2),
                    "pct_copy_bw": round(100 * gbs / copy_bw, 1) if gbs else None}
             peak = peak_bandwidth(device)
-            if peak and gbs:
-                row["pct_peak_bw"] = round(100 * gbs / peak, 1)
+            if device == "cuda" and gbs:
+                row["peak_source"] = "datasheet" if peak else "copy"
+                row["pct_peak_bw"] = round(100 * gbs / (peak or copy_bw), 1)
             rows.append(row)
         del c
     return rows, statistics.median(r["copy_GBps"] for r in rows) * 1e9
@@ -272,7 +275,7 @@ def print_table(rows: list[dict], device: str, copy_bw: float) -> None:
     cols = ["shape", "mode", "naive_ms", "eager_ms", "compile_ms", "fused_ms", "fused_vs_naive",
             "fused_vs_eager", "fused_vs_compile", "fused_GBps", "copy_GBps", "pct_copy_bw"]
     if any("pct_peak_bw" in r for r in rows):
-        cols.append("pct_peak_bw")
+        cols += ["pct_peak_bw", "peak_source"]
     head = [c.replace("fused", fused) for c in cols]
     print(f"\n{datetime.date.today()}  {machine(device)}  copy bandwidth {copy_bw / 1e9:.1f} GB/s "
           "(median of the rows; each row's own in copy_GBps)")

@@ -3,13 +3,15 @@
 
     python bench/bench_round.py                    # 64 clients, MLP, digits; then 1024 clients' memory
     python bench/bench_round.py --clients 16,64 --rounds 5 --memory-clients 256,1024
-    python bench/bench_round.py --device cuda      # the batched round on a GPU (no loop there)
+    python bench/bench_round.py --device cuda --clients 1024 --models mlp,cnn --loop-clients 1024
+    python bench/bench_round.py --device cuda --clients 16384 --dataset synthetic --num-classes 100 --no-loop
 
 Both implementations start from the same weights and draw the same batches; the ratio is
 loop / batched from one run, each figure the median over ``--rounds`` timed rounds after one
 warm-up round (training only; evaluation is not part of a round's time). The memory check
 runs one round plus the evaluation in a fresh subprocess and reads its peak resident set size
-(resource.getrusage), next to the RSS of the same process before the clients were built.
+(resource.getrusage), next to the RSS of the same process before the clients were built. On a
+GPU every timed row also gives the peak GPU memory of its setup and rounds.
 Writes a table to stdout and CSV to bench/results/round_<device>.csv (or --csv).
 """
 from __future__ import annotations
@@ -41,11 +43,18 @@ from mhd_fast import train  # noqa: E402
 # The benchmarked round: digits, an MLP with 3 aux heads, dense fp32 exchange on a complete graph.
 BASE = dict(dataset="digits", model=["mlp:128x64"], heads=3, batch_size=32, public_batch_size=64,
             steps_per_round=5, rounds=100, graph="complete", progress=False, checkpoint=False)
+# --models aliases: the architectures the figures are quoted for
+MODEL_ALIASES = {"mlp": "mlp:128x64", "cnn": "cnn:16x32-64"}
 
 
 def make_config(clients: int, device: str, **extra) -> C.Config:
     # 1024 clients need more private rows than digits' default split leaves (943)
     return C.load(None, {**BASE, "clients": clients, "device": device, "public_fraction": 0.1, **extra})
+
+
+def _peak_gpu_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _sync(device: str) -> None:
@@ -65,14 +74,17 @@ def time_rounds(fn, rounds: int, device: str) -> list[float]:
     return times
 
 
-def bench_speed(clients: int, rounds: int, device: str, with_loop: bool) -> list[dict]:
-    cfg = make_config(clients, device)
+def bench_speed(clients: int, rounds: int, device: str, with_loop: bool, **extra) -> list[dict]:
+    _peak_gpu_reset(device)
+    cfg = make_config(clients, device, **extra)
     sim = train.setup(cfg)
-    twin = copy.deepcopy(sim)
+    twin = copy.deepcopy(sim) if with_loop else None
     rows = []
     batched = time_rounds(lambda r: train.train_round(sim, r), rounds, device)
     rows.append(_row(cfg, "batched", batched))
     if with_loop:
+        del sim
+        _peak_gpu_reset(device)
         clients_state = loop_round.from_simulation(twin)
         loop = time_rounds(lambda r: loop_round.loop_round(twin, clients_state, r), rounds, device)
         rows.append(_row(cfg, "per-client loop", loop))
@@ -83,15 +95,18 @@ def bench_speed(clients: int, rounds: int, device: str, with_loop: bool) -> list
 
 def _row(cfg: C.Config, impl: str, times: list[float]) -> dict:
     med = statistics.median(times)
-    return {"clients": cfg.clients, "impl": impl, "backend": train.mhd_fast.resolve_backend(
-                cfg.backend, torch.device(cfg.device)),
-            "s_per_round": med, "ms_per_step": 1000 * med / cfg.steps_per_round,
-            "min_s": min(times), "max_s": max(times), "rounds_timed": len(times)}
+    row = {"clients": cfg.clients, "model": cfg.model[0], "dataset": cfg.dataset, "impl": impl,
+           "backend": train.mhd_fast.resolve_backend(cfg.backend, torch.device(cfg.device)),
+           "s_per_round": med, "ms_per_step": 1000 * med / cfg.steps_per_round,
+           "min_s": min(times), "max_s": max(times), "rounds_timed": len(times)}
+    if cfg.device.startswith("cuda"):
+        row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(cfg.device)
+    return row
 
 
-def memory_child(clients: int, device: str) -> None:
+def memory_child(clients: int, device: str, extra: dict) -> None:
     """In a fresh process: RSS before the clients exist, then the peak over a round + evaluation."""
-    cfg = make_config(clients, device)
+    cfg = make_config(clients, device, **extra)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     sim = train.setup(cfg)
     t0 = time.perf_counter()
@@ -105,9 +120,9 @@ def memory_child(clients: int, device: str) -> None:
                       "params": sum(p.numel() for p in train.models.parameters(sim.groups))}))
 
 
-def bench_memory(clients: int, device: str) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--memory-child", str(clients), "--device", device],
-                         capture_output=True, text=True, check=True)
+def bench_memory(clients: int, device: str, extra: dict) -> dict:
+    res = subprocess.run([sys.executable, __file__, "--memory-child", str(clients), "--device", device,
+                          "--extra", json.dumps(extra)], capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -119,30 +134,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-clients", default="1024", help="comma list for the memory check ('' = none)")
     p.add_argument("--memory-limit-gb", type=float, default=4.0)
     p.add_argument("--no-loop", action="store_true", help="time the batched round only")
+    p.add_argument("--loop-clients", default=None,
+                   help="comma list of the client counts that also time the per-client loop "
+                        "(default: every count on CPU, none on a GPU)")
+    p.add_argument("--models", default="mlp",
+                   help=f"comma list of architectures or aliases {MODEL_ALIASES} (default: mlp)")
+    p.add_argument("--dataset", default=BASE["dataset"], help="the simulator's --dataset (default: digits)")
+    p.add_argument("--num-classes", type=int, default=None, help="the simulator's --num-classes (synthetic)")
+    p.add_argument("--data-dir", default=None, help="the simulator's --data-dir")
+    p.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--csv", default=None, help="CSV path (default bench/results/round_<device>.csv)")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.memory_child is not None:
-        memory_child(a.memory_child, a.device)
+        memory_child(a.memory_child, a.device, json.loads(a.extra))
         return 0
+    data = {"dataset": a.dataset, **({"num_classes": a.num_classes} if a.num_classes else {}),
+            **({"data_dir": a.data_dir} if a.data_dir else {})}
+    archs = [MODEL_ALIASES.get(m, m) for m in a.models.split(",") if m]
+    counts = [int(x) for x in a.clients.split(",") if x]
+    loop_counts = (set() if a.no_loop else set(counts) if a.loop_clients is None and a.device == "cpu"
+                   else {int(x) for x in (a.loop_clients or "").split(",") if x})
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
           f"{OMP_WAIT}, device {a.device}")
-    print(f"# round = {BASE['steps_per_round']} steps; digits, {BASE['model'][0]}, {BASE['heads']} aux heads, "
+    print(f"# round = {BASE['steps_per_round']} steps; {a.dataset}, {BASE['heads']} aux heads, "
           f"private batch {BASE['batch_size']}, public batch {BASE['public_batch_size']}, complete graph")
     rows = []
-    with_loop = not a.no_loop and a.device == "cpu"
-    for n in [int(x) for x in a.clients.split(",") if x]:
-        rows += bench_speed(n, a.rounds, a.device, with_loop)
-    print(f"{'clients':>8} {'impl':>16} {'backend':>8} {'s/round':>9} {'ms/step':>9} {'speedup':>8}")
+    for arch in archs:
+        for n in counts:
+            rows += bench_speed(n, a.rounds, a.device, n in loop_counts, model=[arch], **data)
+    print(f"{'clients':>8} {'model':>14} {'impl':>16} {'backend':>8} {'s/round':>9} {'ms/step':>9} {'speedup':>8}"
+          f"{'  peak GPU GB' if a.device.startswith('cuda') else ''}")
     for r in rows:
-        print(f"{r['clients']:>8} {r['impl']:>16} {r['backend']:>8} {r['s_per_round']:>9.4f} "
-              f"{r['ms_per_step']:>9.2f} {r['speedup']:>7.1f}x")
+        gpu = f" {r['peak_gpu_bytes'] / 1e9:12.2f}" if "peak_gpu_bytes" in r else ""
+        print(f"{r['clients']:>8} {r['model']:>14} {r['impl']:>16} {r['backend']:>8} {r['s_per_round']:>9.4f} "
+              f"{r['ms_per_step']:>9.2f} {r['speedup']:>7.1f}x{gpu}")
 
     ok = True
     for n in [int(x) for x in a.memory_clients.split(",") if x]:
-        m = bench_memory(n, a.device)
+        m = bench_memory(n, a.device, {"model": [archs[0]], **data})
         gb = m["peak_rss_bytes"] / 1e9
         within = gb <= a.memory_limit_gb
         ok &= within
