@@ -72,6 +72,7 @@ class Config:
     train_seed: int | None = None    # batches
     device: str = "cpu"              # cpu | cuda | cuda:N
     backend: str = "auto"            # fused-op backend: auto | torch | cpp | triton
+    compile: bool = False            # torch.compile a step's forward, exchange and losses (CUDA graphs on CUDA when exchange_every = 1)
     name: str | None = None          # run name; None = DATASET-METHOD-sSEED
     out: str | None = None           # output folder; None = runs/NAME
     progress: bool = True            # tqdm bar per round

@@ -49,6 +49,7 @@ from .data import Dataset, load_dataset, split_public, synthetic_bytes
 from . import exchange as ex
 from .exchange import WIRE_DTYPES, Received, heads_sent, neighbour_mean, students
 from .ops import map_teacher
+from .ops.inputs import trusted_packets
 from .partition import label_distribution, partition
 from .topology import describe, make_schedule
 
@@ -286,7 +287,13 @@ def _sample_private(sim: Simulation) -> Tensor:
     u = torch.rand(sim.num_model, sim.cfg.batch_size, generator=sim.gen)
     u = u[sim.model_rows.start:sim.model_rows.stop]
     pos = (u * sim.private_count.unsqueeze(1)).long()
-    return sim.private_rows.gather(1, pos.to(sim.device))
+    return sim.private_rows.gather(1, _to_device(pos, sim.device))
+
+
+def _to_device(x: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on the device without a host sync: on CUDA copied from pinned memory,
+    asynchronously (a pageable copy waits for the stream)."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
 def _fedavg(sim: Simulation, route: ex.Route) -> Tensor:
@@ -315,7 +322,7 @@ def sample_batches(sim: Simulation) -> tuple[Tensor, bool]:
     refresh = sim.distills and (sim.received is None or sim.step % sim.cfg.exchange_every == 0)
     if refresh:
         pick = torch.randint(len(sim.public_rows), (sim.cfg.public_batch_size,), generator=sim.gen)
-        sim.public_batch = sim.public_rows[pick.to(sim.device)]
+        sim.public_batch = sim.public_rows[_to_device(pick, sim.device)]
     return rows, refresh
 
 
@@ -325,25 +332,63 @@ def local_step(sim: Simulation, adj: Tensor, route: ex.Route | None = None) -> R
     cfg, d = sim.cfg, sim.data
     rows, refresh = sample_batches(sim)                                  # [N, Bp]
     x, y = d.x_train[rows], d.y_train[rows]
-    bp = cfg.batch_size
     if sim.distills:
         x_pub = d.x_train[sim.public_batch]
         # One forward for private and public rows: every client sees the same public rows.
         x = torch.cat([x, x_pub.unsqueeze(0).expand(x.shape[0], *x_pub.shape)], dim=1)
+    if refresh and route is None:
+        route = ex.route(adj, sim.shard)
+    step_loss = _compiled(_step_loss, sim) if cfg.compile else _step_loss
+    with trusted_packets():  # the exchange's packets come from its own topk_compress
+        loss, terms, fresh = step_loss(sim, x, y, route, refresh)
 
+    # Summed on the device, read once a round (``nonfinite`` and the round's record): no host
+    # sync per step. Per client in fp64, so that the sums do not depend on the sharding (and a
+    # copy: a CUDA graph's output is overwritten by its next replay).
+    terms = terms.detach().double()
+    sim.loss_sum = terms if sim.loss_sum is None else sim.loss_sum + terms
+    sim.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for group in sim.optimizer.param_groups:
+        group["lr"] = learning_rate(cfg, sim.step)
+    sim.optimizer.step()
+    sim.step += 1
+    return fresh
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn, sim: Simulation):
+    """fn under torch.compile, made once per function and device kind: on CUDA
+    mode="reduce-overhead" (CUDA graphs) when every step refreshes the exchange (a stale one
+    would read a graph output that the next replay overwrote), else the default mode."""
+    graphs = sim.device.type == "cuda" and sim.cfg.exchange_every == 1
+    key = (fn, graphs)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, mode="reduce-overhead" if graphs else None, dynamic=False)
+    return _COMPILED[key]
+
+
+def _step_loss(sim: Simulation, x: Tensor, y: Tensor, route: ex.Route | None,
+               refresh: bool) -> tuple[Tensor, Tensor, Received | None]:
+    """The step's compute before its backward: forward of all clients on x [N, Bp (+ B), ...],
+    the exchange when refreshed, the losses -> (summed loss, the per-client loss terms [n, *]
+    before the weights nu (``loss_terms``), the fresh exchange or None)."""
+    cfg = sim.cfg
+    bp = cfg.batch_size
     logits, emb = models.forward_groups(sim.groups, x, shared=False, num_heads=sim.num_heads)
     v = logits.shape[-1]
     ce = F.cross_entropy(logits[:, 0, :bp].reshape(-1, v), y.reshape(-1), reduction="none")
     ce = ce.view(-1, bp).mean(dim=1)                                     # [n] each client's mean
     loss = ce.sum()
-    terms = [ce.unsqueeze(1)]  # [n, *] per client, before the weights nu (``loss_terms``)
+    terms = [ce.unsqueeze(1)]
 
     fresh = None
     if sim.distills:
         z = logits[:, :, bp:]                                            # [N, H1, B, V]
         emb_pub = emb[:, bp:] if emb is not None else None
         if refresh:
-            route = route if route is not None else ex.route(adj, sim.shard)
             sim.received = fresh = ex.exchange(z, emb_pub if cfg.nu_emb > 0 else None, route,
                                                heads=sim.heads_sent, topk=cfg.topk,
                                                wire_dtype=WIRE_DTYPES[cfg.wire_dtype],
@@ -372,18 +417,7 @@ def local_step(sim: Simulation, adj: Tensor, route: ex.Route | None = None) -> R
             mse = torch.where(has, mse, torch.zeros_like(mse))
             loss = loss + cfg.nu_emb * mse.sum()
             terms.append(mse.unsqueeze(1))
-
-    # Summed on the device, read once a round (``nonfinite`` and the round's record): no host
-    # sync per step. Per client in fp64, so that the sums do not depend on the sharding.
-    terms = torch.cat(terms, dim=1).detach().double()
-    sim.loss_sum = terms if sim.loss_sum is None else sim.loss_sum + terms
-    sim.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    for group in sim.optimizer.param_groups:
-        group["lr"] = learning_rate(cfg, sim.step)
-    sim.optimizer.step()
-    sim.step += 1
-    return fresh
+    return loss, torch.cat(terms, dim=1), fresh
 
 
 def train_round(sim: Simulation, r: int) -> tuple[Tensor, Tensor]:

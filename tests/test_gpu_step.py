@@ -1,6 +1,7 @@
 """The simulator's local step on a GPU: no host sync inside a step (checked with
 torch.cuda.set_sync_debug_mode("error")), and what lets it run without one: packets the
-simulator made itself skip the host-read check of their contents."""
+simulator made itself skip the host-read check of their contents. --compile trains the same
+weights as eager (CPU, and CUDA with CUDA graphs)."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import mhd_fast
 from mhd_fast import config as C
 from mhd_fast import distributed as D
+from mhd_fast import models
 from mhd_fast import train
 from mhd_fast.ops.inputs import trusted_packets
 
@@ -62,3 +64,39 @@ def test_local_step_makes_no_host_sync(extra):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert not bool(train.nonfinite(sim).any())
+
+
+def _two_rounds(cfg: C.Config):
+    sim = train.setup(cfg)
+    for r in range(2):
+        train.train_round(sim, r)
+    return [p.detach().cpu() for p in models.parameters(sim.groups)], train.evaluate(sim)
+
+
+def _assert_compile_matches_eager(device: str, **extra):
+    eager_w, eager_m = _two_rounds(tiny_config(device, **extra))
+    comp_w, comp_m = _two_rounds(tiny_config(device, compile=True, **extra))
+    for a, b in zip(eager_w, comp_w):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    for a, b in zip(eager_m[:2], comp_m[:2]):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=0, atol=0.02)  # accuracies: one test row in 50
+    assert abs(comp_m[2] - eager_m[2]) <= 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compile_matches_eager_on_cpu():
+    """--compile (torch.compile of a step's forward, exchange and losses) trains the same
+    weights as eager, dense and top-k: about a minute of compilation on a CPU."""
+    _assert_compile_matches_eager("cpu", topk=3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("extra", [{}, {"topk": 3}, {"nu_main": 0.5, "exchange_every": 2}],
+                         ids=["dense", "topk", "stale-exchange"])
+def test_compile_matches_eager_on_cuda(extra):
+    """CUDA graphs (mode reduce-overhead) with a fresh exchange every step; default mode with
+    a stale one."""
+    _assert_compile_matches_eager("cuda", **extra)
