@@ -11,7 +11,7 @@
 # runs out of time is reported and the next one runs.
 #
 #   bash bench/gpu.sh            # on a CUDA machine, from anywhere
-#   bash bench/gpu.sh --smoke    # every step at tiny sizes on CPU: checks the script itself
+#   bash bench/gpu.sh --smoke    # every step at tiny sizes on CPU (CSV in $TMPDIR): checks the script
 #
 # PYTHON picks the interpreter (default: python); MHD_DATA_DIR, when it holds Fashion-MNIST,
 # adds 16,384 cnn clients.
@@ -19,13 +19,12 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RES=bench/results
-mkdir -p "$RES"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 SMOKE=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1
 if [ "$SMOKE" = 1 ]; then
-  DEV=cpu; PREFIX=smoke
+  DEV=cpu; PREFIX=smoke; RES=${TMPDIR:-/tmp}/mhd_fast_gpu_smoke  # figures of no interest: not kept
   OPS_ARGS="--shapes S1 --modes fwd,fwd_bwd --impls eager,fused --reps 1"
   SMALL=4; BIG=8; LOOP_ROUNDS=1; BIG_ROUNDS=1
   T_TEST=60; T_OPS=120; T_SMALL=300; T_BIG=120
@@ -35,6 +34,7 @@ else
   SMALL=1024; BIG=16384; LOOP_ROUNDS=2; BIG_ROUNDS=3
   T_TEST=110; T_OPS=190; T_SMALL=100; T_BIG=60  # 460 s in all
 fi
+mkdir -p "$RES"
 OPS_CSV=$RES/${PREFIX}_ops.csv
 ROUND_SMALL_CSV=$RES/${PREFIX}_round_${SMALL}.csv
 ROUND_BIG_CSV=$RES/${PREFIX}_round_${BIG}.csv
