@@ -107,3 +107,26 @@ def test_scaling_launch_keeps_ones_and_zeros_exact(launches):
     assert torch.equal(unit[1:], 2 * first[1:]) and torch.equal(unit[0], torch.zeros_like(unit[0]))
     assert first[1:, 1:].abs().sum() > 0 and torch.equal(first[:, :1], torch.zeros_like(first[:, :1]))
     assert launches == {"_distill_dense_kernel": 1, "_scale_unit_kernel": 2}
+
+
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+def test_clients_split_over_programs_still_one_launch(launches, aggregate):
+    """More clients than a chunk holds and few rows: the students of a block are split over
+    several programs (each computing all teacher statistics); still one launch, and the
+    reference's loss and gradient."""
+    from mhd_fast.ops.triton import dense
+    n, v = 130, 3
+    cn, bb, splits = dense._dense_tiles(n, 1, 1, v)[:3]
+    assert splits > 1 and cn < n
+    device = device_of("triton")
+    z = make_logits((n, 2, 1, v), seed=50).to(device).requires_grad_()
+    t = make_logits((n, 2, 1, v), seed=51).to(device)
+    adj = make_graph("directed", n).to(device)
+    loss = mhd_fast.mhd_loss(z, t, adj, aggregate=aggregate, reduction="mean", backend="triton")
+    loss.backward()
+    assert launches == {"_distill_dense_kernel": 1, "_scale_unit_kernel": 1}
+    zr = z.detach().clone().requires_grad_()
+    want = mhd_fast.mhd_loss(zr, t, adj, aggregate=aggregate, reduction="mean", backend="torch")
+    want.backward()
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(z.grad, zr.grad, rtol=1e-4, atol=1e-7)

@@ -1,7 +1,9 @@
 """The dense loss in one launch: teacher statistics, teacher choice, loss and the unit gradient
 of every student row (cpp's distill_dense on a GPU); the backward only scales that gradient.
 
-A program owns one group g and a block of BB rows b, for all N clients:
+A program owns one group g and a block of BB rows b, for all N clients, or for every S-th
+chunk of clients when G·B/BB programs would leave the GPU idle (S programs of a block each
+compute all N statistics, identical bits, and share the students):
   1. the statistics of its N·BB teacher rows (``stats.py``), written out:
         lse_t = log Σ_v exp(T_v/τ),   logconf_t = max_v T_v/τ − lse_t;
   2. the teacher choice of each of its student rows (i, g, b) from those statistics
@@ -36,7 +38,7 @@ from .stats import row_stats
 @triton.jit
 def _distill_dense_kernel(
     Z, T, ADJ, LSE_T, LOGCONF_T, IDX, LOSS, LSE_Z, UNIT,  # rows [N, G, B] contiguous
-    N, G, B, V, H, HEAD_OFFSET,
+    N, G, B, V, H, HEAD_OFFSET, S,
     sz0, sz1, sz2, sz3, st0, st1, st2, st3, sa0, sa1, su0, su1, su2, su3,
     tau_hi, tau_mid, tau_lo, div_hi, div_mid, div_lo,
     AGG: tl.constexpr, INCLUDE_SELF: tl.constexpr, NEED_GRAD: tl.constexpr, ACC: tl.constexpr,
@@ -45,7 +47,7 @@ def _distill_dense_kernel(
 ):
     # Z: the G learning heads, T: the G teacher heads, both [N, G, B, V] any strides; UNIT: the
     # full student's [N, H, B, V], learning heads from HEAD_OFFSET. Rows of a chunk: client
-    # c0 + k // BB, row b0 + k % BB.
+    # c0 + k // BB, row b0 + k % BB; this program's students: chunks s, s + S, s + 2S, ...
     ROWS: tl.constexpr = CN * BB
     n_blocks = tl.cdiv(B, BB)
     g = (tl.program_id(0) // n_blocks).to(tl.int64)
@@ -66,7 +68,8 @@ def _distill_dense_kernel(
         tl.store(LOGCONF_T + (j * G + g) * B + b, logconf, mask=jmask)
     tl.debug_barrier()
     coef = tau / exact_scalar(div_hi, div_mid, div_lo, ACC)
-    for c0 in range(0, N, CN):
+    first = tl.program_id(1) * CN
+    for c0 in range(first, N, S * CN):
         i = c0 + (k // BB).to(tl.int64)
         rmask = bmask & (i < N)
         i = tl.where(rmask, i, 0)
@@ -135,7 +138,7 @@ def _distill_dense_kernel(
     if NEED_GRAD:  # the student's other heads: the first HEAD_OFFSET and those after the G
         for o in range(g, H - G, G):
             head = tl.where(o < HEAD_OFFSET, o, o + G)
-            for c0 in range(0, N, CN):
+            for c0 in range(first, N, S * CN):
                 i = c0 + (k // BB).to(tl.int64)
                 rmask = bmask & (i < N)
                 urow = i * su0 + head * su1 + b * su2
@@ -166,12 +169,19 @@ def _scale_unit_kernel(
         tl.store(ptr, (unit * grad[:, None]).to(UNIT.dtype.element_ty), mask=mask)
 
 
-def _dense_tiles(n: int, b: int, v: int) -> tuple[int, int, int, int]:
-    """(CN clients, BB rows b, BLOCK_V, num_warps) of a program's chunk: a full tile, clients
-    first (the N students of one (g, b) mostly share their teacher row)."""
+# Programs enough to fill a large GPU several times over; fewer blocks of rows than this split
+# their students over S programs each.
+TARGET_PROGRAMS = 1024
+
+
+def _dense_tiles(n: int, g: int, b: int, v: int) -> tuple[int, int, int, int, int]:
+    """(CN clients, BB rows b, S programs a block, BLOCK_V, num_warps): a chunk is a full tile,
+    clients first (the N students of one (g, b) mostly share their teacher row)."""
     n_rows, block_v, num_warps = tile_shape(v, n * b)
     cn = min(n_rows, triton.next_power_of_2(n))
-    return cn, n_rows // cn, block_v, num_warps
+    bb = n_rows // cn
+    blocks = g * triton.cdiv(b, bb)
+    return cn, bb, max(1, min(triton.cdiv(n, cn), TARGET_PROGRAMS // blocks)), block_v, num_warps
 
 
 def distill_dense(student, teacher, adj, head_offset, tau, include_self, aggregate, need_grad, acc,
@@ -186,11 +196,11 @@ def distill_dense(student, teacher, adj, head_offset, tau, include_self, aggrega
     lse_t, logconf_t, loss, lse_z = (torch.empty(rows, dtype=acc, device=device) for _ in range(4))
     idx = torch.empty(rows, dtype=torch.int64, device=device)
     unit = torch.empty(student.shape if need_grad else (0,), dtype=student.dtype, device=device)
-    cn, bb, block_v, num_warps = _dense_tiles(n, b, v)
+    cn, bb, splits, block_v, num_warps = _dense_tiles(n, g, b, v)
     divisor = n * g * b if reduction == "mean" else 1
-    _distill_dense_kernel[(g * triton.cdiv(b, bb),)](
+    _distill_dense_kernel[(g * triton.cdiv(b, bb), splits)](
         student[:, head_offset:head_offset + g], teacher, adj, lse_t, logconf_t, idx, loss, lse_z,
-        unit, n, g, b, v, h, head_offset,
+        unit, n, g, b, v, h, head_offset, splits,
         *student.stride(), *teacher.stride(), *adj.stride(),
         *(unit.stride() if need_grad else (0, 0, 0, 0)), *split_scalar(tau),
         *split_scalar(float(divisor)),

@@ -1,4 +1,7 @@
-"""Distillation from top-k packets, forward and backward, one launch each.
+"""Distillation from top-k packets: the forward in one launch from the packets as they arrive
+(each row's statistics lse_t = lse, logconf_t = values_0 − lse and int32 classes copied out,
+the teacher choice among the candidates by values_0 − lse, then the loss), the backward in one
+(max_confidence) or two (mean / confidence_weighted).
 
 A packet of teacher row (j, g, b): values_k = the K largest of T/τ, indices_k, lse. Sent mass
 p_k = exp(values_k − lse), rest p_rest = max(0, 1 − Σ_k p_k) (no rest bucket when K = V).
@@ -24,9 +27,11 @@ one pass over V writes the second form of the gradient and the K sent entries ar
 overwritten.
 
 mean / confidence_weighted: each candidate's packet is expanded to a full distribution over V
-(sent classes p_k, the rest mass spread evenly over the V − K others), then the dense kernels
-of ``distill.py`` run on it: the expansion is written as teacher "logits"
-τ·log(expanded p) with lse 0, so that exp(T/τ − lse) is the expanded distribution itself.
+(sent classes p_k, the rest mass p_rest / (V − K) on each of the V − K others) and p̄ is the
+weighted sum of the expansions. The forward builds p̄ tile by tile in registers and takes the
+dense forward's KL (``distill.py``). The backward writes the expansions out as teacher "logits"
+τ·log(expanded p) with lse 0, so that exp(T/τ − lse) is the expanded distribution itself, and
+runs the dense backward kernel on them.
 """
 from __future__ import annotations
 
