@@ -9,7 +9,7 @@ import torch
 
 import mhd_fast
 from mhd_fast import config as C
-from mhd_fast import distributed as D
+from mhd_fast import exchange as ex
 from mhd_fast import models
 from mhd_fast import train
 from mhd_fast.ops.inputs import trusted_packets
@@ -53,13 +53,13 @@ def test_trusted_packets_skip_only_the_content_check():
 def test_local_step_makes_no_host_sync(extra):
     sim = train.setup(tiny_config("cuda", **extra))
     adj = sim.schedule(0).to(sim.device)
-    cut = D.make_cut(adj, sim.shard)
-    train.local_step(sim, adj, cut)  # first launches: kernels compile, allocations grow
+    route = ex.route(adj, sim.shard)
+    train.local_step(sim, adj, route)  # first launches: kernels compile, allocations grow
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            train.local_step(sim, adj, cut)
+            train.local_step(sim, adj, route)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
