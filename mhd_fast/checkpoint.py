@@ -1,6 +1,7 @@
 """A checkpoint after every round, written atomically, that resumes to the same final metrics.
 
-It holds everything the next round reads: the stacked weights, the optimizer state (per
+It holds everything the next round reads: the stacked weights and buffers (a module trunk's
+BatchNorm statistics), the optimizer state (per
 client, elementwise), the training generator, the step counter, the stale exchange buffers
 and the public rows they were made on, and the metrics so far. The file is written to a temp
 file in the same folder and renamed over the old one (``outdir.atomic_write``), so a kill at
@@ -28,7 +29,7 @@ from .ops import TopKLogits
 from .outdir import atomic_write
 
 FILENAME = "checkpoint.pt"
-VERSION = 2
+VERSION = 3
 # Options that may change between a run and its resumption: they do not change the numbers
 # (device and backend agree up to rounding). ``rounds`` may not: it sets the lr schedule.
 RESUMABLE_CHANGES = ("progress", "checkpoint", "device", "backend", "dist_timeout", "tensorboard")
@@ -64,6 +65,7 @@ def _piece(sim, totals: dict) -> dict:
     for gi, g in zip(_group_ids(sim), sim.groups):
         groups.append({"group": gi,
                        "params": {k: p.detach().cpu() for k, p in g.params.items()},
+                       "buffers": {k: b.cpu() for k, b in g.buffers.items()},
                        "optimizer": {k: {key: _cpu(v) for key, v in sim.optimizer.state[p].items()}
                                      for k, p in g.params.items() if p in sim.optimizer.state}})
     got = sim.received
@@ -92,7 +94,7 @@ def save(path: str, sim, rounds_done: int, history: list[dict], totals: dict) ->
     pieces = D.gather_objects(_piece(sim, totals), sim.shard, "gathering the checkpoint")
     if pieces is None:
         return
-    groups = [_join([{"params": g["params"], "optimizer": g["optimizer"]}
+    groups = [_join([{"params": g["params"], "buffers": g["buffers"], "optimizer": g["optimizer"]}
                      for p in pieces for g in p["groups"] if g["group"] == gi])
               for gi in range(len(sim.layout))]
     received = None
@@ -105,6 +107,7 @@ def save(path: str, sim, rounds_done: int, history: list[dict], totals: dict) ->
         "rounds_done": rounds_done,
         "step": sim.step,
         "params": [g["params"] for g in groups],        # per group {name: [N_g, ...]}
+        "buffers": [g["buffers"] for g in groups],      # per group {name: [N_g, ...]} (may be {})
         "optimizer": [g["optimizer"] for g in groups],  # per group {name: {state: [N_g, ...]}}
         "generator": sim.gen.get_state(),
         "received": received,
@@ -159,10 +162,11 @@ def _piece_of(state: dict, sim, rank: int) -> dict:
     clients = sim.shard.clients_of(rank)
     model_rows = clients if sim.num_model == sim.num_clients else range(sim.num_model)
     groups = []
-    for (_, a, b), params, opt in zip(sim.layout, state["params"], state["optimizer"]):
+    for (_, a, b), params, buffers, opt in zip(sim.layout, state["params"], state["buffers"],
+                                               state["optimizer"]):
         mine = D.overlap(range(a, b), model_rows)
         if mine:
-            groups.append(_rows({"params": params, "optimizer": opt},
+            groups.append(_rows({"params": params, "buffers": buffers, "optimizer": opt},
                                 range(mine.start - a, mine.stop - a)))
     received = state["received"]
     if received is not None:
@@ -200,6 +204,8 @@ def restore(path: str, sim) -> tuple[int, list[dict], dict]:
         for g, saved in zip(sim.groups, piece["groups"]):
             for name, p in g.params.items():
                 p.copy_(saved["params"][name])
+            for name, b in g.buffers.items():
+                b.copy_(saved["buffers"][name])
     opt = sim.optimizer.state_dict()
     opt["state"] = {i: s for i, s in enumerate(saved_state) if s is not None}
     sim.optimizer.load_state_dict(opt)

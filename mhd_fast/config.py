@@ -140,7 +140,7 @@ def coerce(name: str, value, source: str):
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
         str: isinstance(value, str),
-        list: isinstance(value, (list, str)),
+        list: isinstance(value, (list, str)) or (name == "model" and callable(value)),
         dict: isinstance(value, dict),
     }[kind]
     if not ok:
@@ -148,7 +148,7 @@ def coerce(name: str, value, source: str):
     if kind is float:
         return float(value)
     if kind is list:
-        return [value] if isinstance(value, str) else list(value)
+        return list(value) if isinstance(value, list) else [value]
     return value
 
 
@@ -235,13 +235,12 @@ def validate(cfg: Config) -> None:
     _need(cfg.samples_per_client is None or cfg.samples_per_client >= 1,
           f"--samples-per-client must be >= 1, got {cfg.samples_per_client}")
     _need(len(cfg.model) >= 1, "--model needs at least one architecture")
-    for spec in cfg.model:
-        models.parse_arch(spec, option="--model")
+    archs = [models.parse_arch(spec, option="--model") for spec in cfg.model]
     # every architecture is a group of clients: one without clients would be silently dropped
     _need(len(cfg.model) <= cfg.clients, f"--model lists {len(cfg.model)} architectures for "
           f"{cfg.clients} clients; each architecture needs at least one client")
     _need(cfg.method != "centralized" or len(cfg.model) == 1, "--method centralized trains one "
-          f"model, so it takes one --model architecture, got {' '.join(cfg.model)}")
+          f"model, so it takes one --model architecture, got {model_names(cfg)}")
     _need(cfg.heads >= 0, f"--heads must be >= 0, got {cfg.heads}")
     _need(cfg.method != "mhd" or cfg.heads >= 1, f"--heads must be >= 1 for method mhd, got {cfg.heads}")
     for name in ("nu_aux", "nu_main", "nu_emb", "weight_decay"):
@@ -280,11 +279,22 @@ def validate(cfg: Config) -> None:
               "'.[tensorboard]', or pip install tensorboard)")
     if cfg.method == "fedavg":
         _need(len(cfg.model) == 1, "--method fedavg averages weights, so all clients need one "
-              f"architecture; got --model {' '.join(cfg.model)}")
+              f"architecture; got --model {model_names(cfg)}")
     if cfg.nu_emb > 0 and cfg.method in ("mhd", "mean_distill"):
-        dims = {models.parse_arch(s).emb_dim for s in cfg.model}
+        # a module trunk's E is known once it is built on the data's inputs (train.setup)
+        dims = {a.emb_dim for a in archs if isinstance(a, models.Arch)}
         _need(len(dims) == 1, f"--nu-emb needs one embedding size (last hidden width) in every "
               f"--model architecture, got {sorted(dims)}")
+
+
+def model_names(cfg: Config) -> str:
+    """The --model values as text: a factory passed in Python is named 'module:MOD:NAME'."""
+    return " ".join(s if isinstance(s, str) else factory_spec(s) for s in cfg.model)
+
+
+def factory_spec(fn) -> str:
+    """'module:MOD:QUALNAME' of a factory passed in Python."""
+    return f"module:{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def derive_seed(seed: int, purpose: str) -> int:
@@ -316,7 +326,10 @@ def resolve(cfg: Config) -> Config:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain data (what metrics.json and checkpoints record): a factory is named by its spec."""
+    out = dataclasses.asdict(cfg)
+    out["model"] = [s if isinstance(s, str) else factory_spec(s) for s in cfg.model]
+    return out
 
 
 def from_dict(data: dict) -> Config:

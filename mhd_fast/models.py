@@ -7,8 +7,15 @@ as one [E, H1·V] matrix. Weights are plain tensors in a dict; nothing here owns
 
 Shapes: x_private [N, B, *in] (each client its own rows), x_shared [B, *in] (the same rows
 for every client: the public batch or the test set; in = (C, H, W) or (D,)) -> logits [N, H1, B, V], embedding
-[N, B, E]. The MLP is batched matmul (torch.baddbmm); the CNN is grouped convolution
-(groups = N), so no Python loop runs over clients.
+[N, B, E]. The MLP is batched matmul (torch.baddbmm); the CNN's convolutions go through
+``conv_clients``, which runs them the way measured fastest on the device.
+
+Any ``nn.Module`` can be a trunk (``ModuleArch``: ``resnet:N``, ``module:PKG.MOD:FN`` or a
+factory): each client's module is drawn from its own seed, their weights and buffers are
+stacked (``torch.func.stack_module_state``) and one ``vmap(functional_call)`` runs every
+client of the group; the heads are the same stacked matrix as above. Random layers (dropout)
+draw a different mask per client from a generator seeded by the step (``step_seed``), never
+from the caller's global RNG, which is left as it was.
 
 Heterogeneity: ``split_groups`` gives each architecture a contiguous range of clients; each
 group is batched on its own and ``forward_groups`` concatenates their outputs on the client
@@ -16,15 +23,29 @@ dimension, so the exchange sees one [N, ...] tensor whatever the mix.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import hashlib
+import importlib
 import math
+import os
 import re
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
 
-KINDS = ("mlp", "cnn")
+from . import nets
+from .config import factory_spec
+
+KINDS = ("mlp", "cnn", "resnet", "module")
+_RESNET_RE = re.compile(r"^resnet:([0-9]+)(?::(gn|bn))?$")
+_MODULE_RE = re.compile(r"^module:([A-Za-z_][\w.]*):([A-Za-z_][\w.]*)$")
 _ARCH_RE = re.compile(r"^(mlp|cnn):([0-9x]+)(?:-([0-9x]+))?$")
 
 
@@ -49,11 +70,79 @@ class Arch:
         return f"mlp:{widths}"
 
 
-def parse_arch(spec: str, *, option: str = "model") -> Arch:
-    """'mlp:128x64' (hidden widths) or 'cnn:16x32-64' (conv channels, then hidden widths)."""
-    m = _ARCH_RE.match(spec.strip()) if isinstance(spec, str) else None
+@dataclass(frozen=True)
+class ModuleArch:
+    """A trunk built as an ``nn.Module``: ``factory()`` (a user's, no arguments) or, for the
+    built-ins, ``factory(*args, in_shape)``; the module maps [B, *in] to an embedding [B, E].
+    ``spec`` names it ('resnet:8', 'resnet:20:bn', 'module:PKG.MOD:FN')."""
+
+    spec: str
+    factory: Callable = field(repr=False)
+    args: tuple = ()
+    builtin: bool = False
+    kind: str = "module"
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def _resnet(depth: int, norm: str, in_shape: tuple[int, ...]) -> nn.Module:
+    if len(in_shape) != 3:
+        raise ValueError(f"a resnet needs image inputs (C, H, W), got input shape {in_shape}")
+    return nets.ResNet(depth, in_shape[0], norm)
+
+
+def _import(name: str):
+    """importlib.import_module, with the current folder searched too (as ``python -m`` does);
+    sys.path is restored afterwards."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def parse_arch(spec, *, option: str = "model") -> Arch | ModuleArch:
+    """'mlp:128x64' (hidden widths), 'cnn:16x32-64' (conv channels, then hidden widths),
+    'resnet:8' / 'resnet:20:bn' (CIFAR ResNet, GroupNorm or BatchNorm), 'module:PKG.MOD:FN'
+    (FN() returns an nn.Module; PKG.MOD importable, the current folder included), or the
+    factory itself (a callable)."""
+    if callable(spec) and not isinstance(spec, str):
+        return ModuleArch(factory_spec(spec), spec)
+    text = spec.strip() if isinstance(spec, str) else ""
+    if text.startswith("resnet"):
+        m = _RESNET_RE.match(text)
+        depth = int(m.group(1)) if m else 0
+        if m is None or depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"{option} {spec!r}: a resnet is 'resnet:DEPTH' or 'resnet:DEPTH:bn' "
+                             f"with DEPTH = 6n + 2 >= 8 (8, 14, 20, ...)")
+        norm = m.group(2) or "gn"
+        return ModuleArch(f"resnet:{depth}" + (":bn" if norm == "bn" else ""), _resnet,
+                          (depth, norm), builtin=True, kind="resnet")
+    if text.startswith("module"):
+        m = _MODULE_RE.match(text)
+        if m is None:
+            raise ValueError(f"{option} {spec!r}: a module trunk is 'module:PKG.MOD:FN' "
+                             f"(FN() returns an nn.Module)")
+        try:
+            obj = _import(m.group(1))
+            for part in m.group(2).split("."):
+                obj = getattr(obj, part)
+        except Exception as e:  # any error of the user's code while it imports
+            raise ValueError(f"{option} {spec}: cannot import {m.group(1)}:{m.group(2)}: "
+                             f"{type(e).__name__}: {e}") from None
+        if not callable(obj):
+            raise ValueError(f"{option} {spec}: {m.group(2)} is not callable (a factory that "
+                             f"returns an nn.Module is expected)")
+        return ModuleArch(text, obj)
+    m = _ARCH_RE.match(text)
     if m is None:
-        raise ValueError(f"{option} must look like 'mlp:128x64' or 'cnn:16x32-64', got {spec!r}")
+        raise ValueError(f"{option} must look like 'mlp:128x64', 'cnn:16x32-64', 'resnet:8' or "
+                         f"'module:PKG.MOD:FN', got {spec!r}")
     kind, first, second = m.groups()
     try:
         a = tuple(int(w) for w in first.split("x"))
@@ -72,12 +161,16 @@ def parse_arch(spec: str, *, option: str = "model") -> Arch:
 
 @dataclass
 class Group:
-    """Clients [start, stop) share architecture ``arch``; params[name] is [N_g, ...]."""
+    """Clients [start, stop) share architecture ``arch``; params[name] is [N_g, ...]. A module
+    trunk also has ``net`` (one client's module on the meta device: the code that
+    functional_call runs) and its stacked buffers (BatchNorm's running statistics)."""
 
-    arch: Arch
+    arch: Arch | ModuleArch
     start: int
     stop: int
     params: dict[str, Tensor]
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+    net: nn.Module | None = None
 
     @property
     def size(self) -> int:
@@ -163,20 +256,233 @@ def init_params(arch: Arch, n: int, in_shape: tuple[int, ...], num_classes: int,
     return params
 
 
-def _conv_trunk(arch: Arch, params: dict[str, Tensor], x: Tensor, n: int) -> Tensor:
-    """x [B, N·C, H, W] (client-major channels) -> features [N, B, F] by grouped convolution."""
+# ---- module trunks: built per client, run for all clients by vmap --------------------------
+
+@contextlib.contextmanager
+def _rng(device: torch.device, seed: int):
+    """The default generator of ``device`` seeded with ``seed`` inside the block, restored
+    after it: a factory's init and dropout draw from it, the caller's RNG state is untouched."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device.index or 0] if cuda else [], device_type="cuda"):
+        if cuda:
+            torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
+        yield
+
+
+def step_seed(train_seed: int, step: int) -> int:
+    """The seed of one step's random layers (dropout): a function of the run's train seed and
+    the step alone, so a resumed run draws the same masks."""
+    digest = hashlib.sha256(f"mhd_fast:dropout:{train_seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def build_trunk(arch: ModuleArch, in_shape: tuple[int, ...]) -> nn.Module:
+    """One client's trunk from the factory (ValueError naming --model when it fails)."""
+    try:
+        net = arch.factory(*arch.args, in_shape) if arch.builtin else arch.factory()
+    except Exception as e:  # any error of the user's factory
+        raise ValueError(f"--model {arch.spec}: the factory raised {type(e).__name__}: {e}") from None
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"--model {arch.spec}: the factory must return a torch.nn.Module, got "
+                         f"{type(net).__name__}")
+    if not any(True for _ in net.parameters()):
+        raise ValueError(f"--model {arch.spec}: the module has no parameters to train")
+    return net
+
+
+@dataclass(frozen=True)
+class TrunkInfo:
+    """What one client's module trunk is, measured on a probe: weights, embedding size E, and
+    per input row the widest layer output and the sum of the layer outputs (floats)."""
+
+    num_params: int
+    emb_dim: int
+    widest: int
+    activations: int
+
+
+@functools.lru_cache(maxsize=64)
+def trunk_info(arch: ModuleArch, in_shape: tuple[int, ...]) -> TrunkInfo:
+    """Build one trunk and run 2 zero rows through it in eval mode: checks that it maps
+    [B, *in] to [B, E] (ValueError naming --model otherwise) and measures it."""
+    with _rng(torch.device("cpu"), 0):
+        net = build_trunk(arch, in_shape)
+    outs: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o.numel() // 2 if isinstance(o, Tensor) else 0))
+             for m in net.modules() if next(m.children(), None) is None]
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(2, *in_shape))
+    except Exception as e:  # any error of the user's forward
+        raise ValueError(f"--model {arch.spec}: the module fails on an input [B, "
+                         f"{', '.join(map(str, in_shape))}]: {type(e).__name__}: {e}") from None
+    finally:
+        for h in hooks:
+            h.remove()
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 2 or out.shape[1] < 1:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"--model {arch.spec}: the module must map an input [B, "
+                         f"{', '.join(map(str, in_shape))}] to an embedding [B, E], got {got} for B = 2")
+    return TrunkInfo(sum(p.numel() for p in net.parameters()), out.shape[1],
+                     max([math.prod(in_shape), out.shape[1], *outs]), sum(outs))
+
+
+class _LoopConv2d(nn.Conv2d):
+    """nn.Conv2d whose batched call (under vmap) runs ``conv_clients``."""
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return _ClientConv.apply(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return _ClientConv.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _ClientConv(torch.autograd.Function):
+    """F.conv2d whose vmap over clients is ``conv_clients`` instead of vmap's grouped
+    convolution. Outside vmap it is F.conv2d (backward: aten's convolution_backward)."""
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, dilation, groups):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, *ctx.opts = inputs
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.opts
+        if isinstance(padding, str):  # 'same' / 'valid': aten takes the numbers
+            padding = ([(d * (k - 1)) // 2 for d, k in zip(dilation, weight.shape[2:])]
+                       if padding == "same" else [0, 0])
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(stride),
+            list(padding), list(dilation), False, [0, 0], groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+        return gx, gw, gb, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups):
+        n = info.batch_size
+        xd, wd, bd = in_dims[:3]
+        x = x.movedim(xd, 0) if xd is not None else x
+        weight = weight.movedim(wd, 0) if wd is not None else weight.expand(n, *weight.shape)
+        if bias is not None:
+            bias = bias.movedim(bd, 0) if bd is not None else bias.expand(n, *bias.shape)
+        return conv_clients(x, weight, bias, shared=xd is None, stride=stride, padding=padding,
+                            dilation=dilation, groups=groups, loop=True), 0
+
+
+# Where N convolutions of the clients run faster one after the other than as one grouped
+# convolution (groups = N·g): measured by bench/bench_round.py.
+LOOP_CONV_DEVICES = ("cpu",)
+
+
+def conv_clients(x: Tensor, weight: Tensor, bias: Tensor | None, *, shared: bool,
+                 stride=1, padding=0, dilation=1, groups: int = 1,
+                 loop: bool | None = None) -> Tensor:
+    """Each client's own 2-D convolution: x [N, B, C, H, W] (shared: [B, C, H, W], the same
+    rows for all), weight [N, C_out, C/groups, k, k], bias [N, C_out] or None ->
+    [N, B, C_out, H', W']. loop=None picks per device (LOOP_CONV_DEVICES): N calls of conv2d
+    or one grouped convolution."""
+    n = weight.shape[0]
+    if loop is None:
+        loop = x.device.type in LOOP_CONV_DEVICES
+    if loop:  # the looped kernel: N convolutions of one client each
+        return torch.stack([F.conv2d(x if shared else x[i], weight[i],
+                                     None if bias is None else bias[i],
+                                     stride, padding, dilation, groups) for i in range(n)])
+    if shared:
+        b, c = x.shape[:2]
+        x = x.repeat(1, n, 1, 1)  # [B, N·C, H, W]: grouped conv needs every client's copy
+    else:
+        b, c = x.shape[1:3]
+        x = x.transpose(0, 1).reshape(b, n * c, *x.shape[3:])
+    out = F.conv2d(x, weight.reshape(-1, *weight.shape[2:]),
+                   None if bias is None else bias.reshape(-1), stride, padding, dilation, groups * n)
+    return out.view(b, n, -1, *out.shape[2:]).transpose(0, 1)
+
+
+def _batched_net(net: nn.Module, device: torch.device) -> nn.Module:
+    """The module functional_call runs for all clients: on the meta device (the stacked
+    weights replace its own), with its plain Conv2d layers run by conv_clients where looping
+    measured faster."""
+    net = copy.deepcopy(net).to("meta")
+    if device.type in LOOP_CONV_DEVICES:
+        for m in net.modules():
+            if type(m) is nn.Conv2d:
+                m.__class__ = _LoopConv2d
+    return net
+
+
+def init_module(arch: ModuleArch, n: int, in_shape: tuple[int, ...], num_classes: int,
+                num_heads: int, generator: torch.Generator, rows: range | None = None,
+                device: torch.device = torch.device("cpu")):
+    """Stacked trunk weights and buffers of the ``rows`` of n clients of a module trunk, and
+    their heads. Client i's module is built by the factory under the seed i drawn from
+    ``generator`` (all n seeds are drawn, then the heads as ``init_params`` draws them), so
+    its weights do not depend on which rows are kept. Returns (net, params, buffers): params
+    'trunk.NAME' [R, ...] and 'heads.weight' [R, E, H1·V], 'heads.bias' [R, H1·V]; buffers
+    NAME [R, ...]; net = _batched_net (None when no row is kept)."""
+    rows = range(n) if rows is None else rows
+    info = trunk_info(arch, in_shape)
+    seeds = torch.randint(0, 2**63 - 1, (n,), generator=generator).tolist()
+    trunks = []
+    for i in rows:  # a factory builds one module at a time: setup's only loop over clients
+        with _rng(torch.device("cpu"), seeds[i]):
+            trunks.append(build_trunk(arch, in_shape))
+    bound = 1 / math.sqrt(info.emb_dim)
+    heads = {"heads.weight": _uniform(n, (info.emb_dim, num_heads * num_classes), bound, generator, rows),
+             "heads.bias": _uniform(n, (num_heads * num_classes,), bound, generator, rows)}
+    if not trunks:
+        return None, {}, {}
+    params, buffers = stack_module_state(trunks)
+    params = {f"trunk.{k}": p.detach().to(device) for k, p in params.items()}
+    params.update({k: p.to(device) for k, p in heads.items()})
+    buffers = {k: b.to(device) for k, b in buffers.items()}
+    return _batched_net(trunks[0], device), params, buffers
+
+
+def _module_trunk(g: Group, x: Tensor, shared: bool, train: bool, seed: int) -> Tensor:
+    """Embeddings [N, B, E] of a module group: one vmap over the stacked weights and buffers
+    (BatchNorm in train mode updates each client's running statistics in place)."""
+    trunk = {k[6:]: p for k, p in g.params.items() if k.startswith("trunk.")}
+    g.net.train(train)
+    run = vmap(lambda p, b, xi: functional_call(g.net, (p, b), (xi,)),
+               in_dims=(0, 0, None if shared else 0), randomness="different")
+    if not train:
+        return run(trunk, g.buffers, x)
+    with _rng(x.device, seed):
+        return run(trunk, g.buffers, x)
+
+
+# ---- the batched forward -------------------------------------------------------------------
+
+def _conv_trunk(arch: Arch, params: dict[str, Tensor], x: Tensor, shared: bool) -> Tensor:
+    """x [N, B, C, H, W] (shared: [B, C, H, W]) -> features [N, B, F]."""
     for l in range(len(arch.channels)):
-        w = params[f"conv{l}.weight"]  # [N, C_out, C_in, 3, 3]
-        x = F.conv2d(x, w.reshape(-1, *w.shape[2:]), params[f"conv{l}.bias"].reshape(-1),
-                     padding=1, groups=n)
-        x = F.max_pool2d(F.relu(x), 2)
-    b = x.shape[0]
-    return x.reshape(b, n, -1).transpose(0, 1)
+        x = conv_clients(x, params[f"conv{l}.weight"], params[f"conv{l}.bias"], padding=1,
+                         shared=shared and l == 0)
+        n, b = x.shape[:2]
+        x = F.max_pool2d(F.relu(x.flatten(0, 1)), 2).unflatten(0, (n, b))
+    return x.flatten(2)
+
+
+def _heads(params: dict[str, Tensor], emb: Tensor, num_heads: int) -> Tensor:
+    out = torch.baddbmm(params["heads.bias"].unsqueeze(1), emb, params["heads.weight"])  # [N, B, H1·V]
+    return out.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # [N, H1, B, V], a view
 
 
 def forward(arch: Arch, params: dict[str, Tensor], x: Tensor, *, shared: bool,
             num_heads: int) -> tuple[Tensor, Tensor]:
-    """Logits [N, H1, B, V] and embedding [N, B, E] of the N clients of one group.
+    """Logits [N, H1, B, V] and embedding [N, B, E] of the N clients of one group of a
+    built-in mlp / cnn.
 
     shared=False: x [N, B, *in], client i sees rows x[i]. shared=True: x [B, *in], every
     client sees the same rows (broadcast, never copied N times for the MLP). in = (C, H, W)
@@ -184,33 +490,33 @@ def forward(arch: Arch, params: dict[str, Tensor], x: Tensor, *, shared: bool,
     """
     n = params["heads.weight"].shape[0]
     if arch.kind == "cnn":
-        if shared:
-            b, c = x.shape[:2]
-            x = x.repeat(1, n, 1, 1)  # [B, N·C, H, W]: grouped conv needs every client's copy
-        else:
-            b, c = x.shape[1:3]
-            x = x.transpose(0, 1).reshape(b, n * c, *x.shape[3:])
-        h = _conv_trunk(arch, params, x, n)
+        h = _conv_trunk(arch, params, x, shared)
+    elif shared:
+        h = x.flatten(1).unsqueeze(0).expand(n, -1, -1)  # [N, B, D], a view
     else:
-        if shared:
-            h = x.flatten(1).unsqueeze(0).expand(n, -1, -1)  # [N, B, D], a view
-        else:
-            h = x.flatten(2)
+        h = x.flatten(2)
     for l in range(len(arch.hidden)):
         h = F.relu(torch.baddbmm(params[f"fc{l}.bias"].unsqueeze(1), h, params[f"fc{l}.weight"]))
-    emb = h
-    out = torch.baddbmm(params["heads.bias"].unsqueeze(1), emb, params["heads.weight"])  # [N, B, H1·V]
-    logits = out.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # [N, H1, B, V], a view
-    return logits, emb
+    return _heads(params, h, num_heads), h
 
 
-def forward_groups(groups: list[Group], x: Tensor, *, shared: bool,
-                   num_heads: int) -> tuple[Tensor, Tensor | None]:
-    """forward() of every group, concatenated on the client dimension -> logits [N, H1, B, V]
-    and embeddings [N, B, E] (None when groups differ in E). The loop is over architectures,
-    not clients."""
-    outs = [forward(g.arch, g.params, x if shared else x[g.start:g.stop], shared=shared,
-                    num_heads=num_heads) for g in groups]
+def forward_group(g: Group, x: Tensor, *, shared: bool, num_heads: int, train: bool = True,
+                  seed: int = 0) -> tuple[Tensor, Tensor]:
+    """forward() of one group of any architecture. A module trunk runs in train mode
+    (train=True: BatchNorm batch statistics, dropout with the masks of ``seed``) or eval mode."""
+    if isinstance(g.arch, ModuleArch):
+        emb = _module_trunk(g, x, shared, train, seed)
+        return _heads(g.params, emb, num_heads), emb
+    return forward(g.arch, g.params, x, shared=shared, num_heads=num_heads)
+
+
+def forward_groups(groups: list[Group], x: Tensor, *, shared: bool, num_heads: int,
+                   train: bool = True, seed: int = 0) -> tuple[Tensor, Tensor | None]:
+    """forward_group() of every group, concatenated on the client dimension -> logits
+    [N, H1, B, V] and embeddings [N, B, E] (None when groups differ in E). The loop is over
+    architectures, not clients."""
+    outs = [forward_group(g, x if shared else x[g.start:g.stop], shared=shared,
+                          num_heads=num_heads, train=train, seed=seed) for g in groups]
     if len(outs) == 1:
         return outs[0]
     logits = torch.cat([o[0] for o in outs])
@@ -219,9 +525,16 @@ def forward_groups(groups: list[Group], x: Tensor, *, shared: bool,
     return logits, emb
 
 
-def activation_floats(arch: Arch, in_shape: tuple[int, ...], out_features: int) -> int:
+def emb_dim(arch: Arch | ModuleArch, in_shape: tuple[int, ...]) -> int:
+    """The embedding size E of one client of ``arch`` on inputs ``in_shape``."""
+    return trunk_info(arch, in_shape).emb_dim if isinstance(arch, ModuleArch) else arch.emb_dim
+
+
+def activation_floats(arch: Arch | ModuleArch, in_shape: tuple[int, ...], out_features: int) -> int:
     """The widest activation of one client on one row (floats): what bounds the memory of a
     forward over many clients and rows. out_features = H1 · V."""
+    if isinstance(arch, ModuleArch):
+        return max(trunk_info(arch, in_shape).widest, out_features)
     widest = max(math.prod(in_shape), out_features, *arch.hidden)
     if arch.kind == "cnn":
         c, h, w = in_shape
@@ -231,9 +544,13 @@ def activation_floats(arch: Arch, in_shape: tuple[int, ...], out_features: int) 
     return widest
 
 
-def num_params(arch: Arch, in_shape: tuple[int, ...], num_classes: int, num_heads: int) -> int:
-    """The weights of one client of ``arch`` (what init_params draws), counted without
-    allocating them: how large a run is, before it is built."""
+def num_params(arch: Arch | ModuleArch, in_shape: tuple[int, ...], num_classes: int,
+               num_heads: int) -> int:
+    """The weights of one client of ``arch`` (what init_params / init_module draw), counted
+    without building the clients: how large a run is, before it is built."""
+    if isinstance(arch, ModuleArch):
+        info = trunk_info(arch, in_shape)
+        return info.num_params + (info.emb_dim + 1) * num_heads * num_classes
     total, fan_in = 0, math.prod(in_shape)
     if arch.kind == "cnn":
         c, h, w = in_shape

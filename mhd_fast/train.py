@@ -44,7 +44,7 @@ from . import distributed as D
 from . import metrics as M
 from . import models
 from . import outdir
-from .config import Config, to_dict
+from .config import Config, model_names, to_dict
 from .data import Dataset, load_dataset, split_public, synthetic_bytes
 from . import exchange as ex
 from .exchange import WIRE_DTYPES, Received, heads_sent, neighbour_mean, students
@@ -185,22 +185,34 @@ def memory_needs(cfg: Config, input_shape: tuple[int, ...], v: int,
     public = cfg.public_batch_size if cfg.method in ("mhd", "mean_distill") else 0
     trunks = heads = acts = 0
     wide_heads = False  # whether the heads' output is a step's widest activation
-    for arch, start, stop in models.split_groups(n_model, [models.parse_arch(m) for m in cfg.model]):
+    archs = [models.parse_arch(m, option="--model") for m in cfg.model]
+    for arch, start, stop in models.split_groups(n_model, archs):
         n = (stop - start) * held // n_model  # a sharded run splits every group over the ranks
         trunk = models.num_params(arch, input_shape, v, 0)
         trunks += n * trunk * copies
         heads += n * (models.num_params(arch, input_shape, v, num_heads) - trunk) * copies
         width = models.activation_floats(arch, input_shape, num_heads * v)
+        if isinstance(arch, models.ModuleArch):  # a deep trunk keeps every layer's output
+            width = max(width, models.trunk_info(arch, input_shape).activations)
         acts += n * (cfg.batch_size + public) * width * 4
         wide_heads |= width > models.activation_floats(arch, input_shape, 0)
     rows = (f"--batch-size {cfg.batch_size}" if cfg.batch_size >= public
             else f"--public-batch-size {cfg.public_batch_size}")
     state = "with their gradients and optimizer state"
-    return [(f"--model {' '.join(cfg.model)}", trunks, f"the weights of {held} clients {state}"),
+    return [(f"--model {model_names(cfg)}", trunks, f"the weights of {held} clients {state}"),
             (f"--heads {cfg.heads}", heads, f"the heads of {held} clients ({num_heads} of "
              f"{v} classes each) {state}"),
             (f"--heads {cfg.heads}" if wide_heads else rows, acts,
              f"one step's activations of {held} clients on {cfg.batch_size + public} rows each")]
+
+
+def _check_models(cfg: Config, input_shape: tuple[int, ...]) -> None:
+    """What a module trunk can only show once built on the data's inputs: that it builds and
+    maps [B, *in] to [B, E], and one E for all when embeddings are distilled."""
+    dims = {models.emb_dim(models.parse_arch(s, option="--model"), input_shape) for s in cfg.model}
+    if cfg.nu_emb > 0 and cfg.method in ("mhd", "mean_distill") and len(dims) > 1:
+        raise ValueError(f"--nu-emb needs one embedding size (last hidden width) in every "
+                         f"--model architecture, got {sorted(dims)}")
 
 
 def _seeds(cfg: Config) -> list[int]:
@@ -215,6 +227,7 @@ def check(cfg: Config, data: Dataset | None = None) -> None:
     Raises ValueError naming the option."""
     data = data if data is not None else load_data(cfg)
     _split(cfg, data, _seeds(cfg))
+    _check_models(cfg, data.input_shape)
     _check_memory(cfg, memory_needs(cfg, data.input_shape, data.num_classes))
 
 
@@ -233,6 +246,7 @@ def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
     v = data.num_classes
     public_idx, parts, schedule = _split(cfg, data, seeds)
     label_dist = label_distribution(data.y_train, parts, v)
+    _check_models(cfg, data.input_shape)
     _check_memory(cfg, memory_needs(cfg, data.input_shape, v,
                                     held=None if cfg.method == "centralized" else shard.size))
 
@@ -253,14 +267,21 @@ def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
         # independently drawn networks would destroy them, as their hidden units do not line up.
         drawn = (range(1) if cfg.method == "fedavg"
                  else range(keep.start - start, keep.stop - start) if keep else range(0))
-        params = models.init_params(arch, stop - start, data.input_shape, v, num_heads, init_gen,
-                                    rows=drawn)
+        net, buffers = None, {}
+        if isinstance(arch, models.ModuleArch):
+            net, params, buffers = models.init_module(arch, stop - start, data.input_shape, v,
+                                                      num_heads, init_gen, rows=drawn, device=device)
+        else:
+            params = models.init_params(arch, stop - start, data.input_shape, v, num_heads,
+                                        init_gen, rows=drawn)
         if cfg.method == "fedavg":
-            params = {k: p.expand(len(keep), *p.shape[1:]).clone() for k, p in params.items()}
+            params, buffers = ({k: p.expand(len(keep), *p.shape[1:]).clone() for k, p in d.items()}
+                               for d in (params, buffers))
         if not keep:
             continue
         params = {k: p.to(device).requires_grad_() for k, p in params.items()}
-        groups.append(models.Group(arch, keep.start - mine.start, keep.stop - mine.start, params))
+        groups.append(models.Group(arch, keep.start - mine.start, keep.stop - mine.start, params,
+                                   buffers, net))
     params = models.parameters(groups)
     # Both are elementwise, so the state of stacked weights is per client; the fused kernels
     # update all of a tensor in one pass (~10x faster than the per-op loop on CPU).
@@ -377,7 +398,8 @@ def _step_loss(sim: Simulation, x: Tensor, y: Tensor, route: ex.Route | None,
     before the weights nu (``loss_terms``), the fresh exchange or None)."""
     cfg = sim.cfg
     bp = cfg.batch_size
-    logits, emb = models.forward_groups(sim.groups, x, shared=False, num_heads=sim.num_heads)
+    logits, emb = models.forward_groups(sim.groups, x, shared=False, num_heads=sim.num_heads,
+                                        train=True, seed=models.step_seed(cfg.train_seed, sim.step))
     v = logits.shape[-1]
     ce = F.cross_entropy(logits[:, 0, :bp].reshape(-1, v), y.reshape(-1), reduction="none")
     ce = ce.view(-1, bp).mean(dim=1)                                     # [n] each client's mean
@@ -483,7 +505,7 @@ def evaluate(sim: Simulation, chunk: int | None = None) -> tuple[Tensor | None, 
     votes = torch.zeros(len(y_test), v, dtype=torch.float64, device=sim.device)
     for start in range(0, len(y_test), chunk):
         logits, _ = models.forward_groups(sim.groups, x_test[start:start + chunk], shared=True,
-                                          num_heads=sim.num_heads)      # [n, H1, b, V]
+                                          num_heads=sim.num_heads, train=False)  # [n, H1, b, V]
         correct.append(logits.argmax(-1) == y_test[start:start + chunk])
         # fp64 sums: the vote does not depend on how the clients are split over ranks
         votes[start:start + chunk] = logits[:, 0].float().softmax(-1).sum(0, dtype=torch.float64)

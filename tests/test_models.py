@@ -115,3 +115,174 @@ def test_activation_floats_bound_the_widest_layer():
     assert models.activation_floats(models.parse_arch("mlp:100"), (1, 8, 8), 15) == 100
     # conv 4 channels at 8x8 before pooling, then 6 at 4x4
     assert models.activation_floats(models.parse_arch("cnn:4x6-9"), (1, 8, 8), 15) == 256
+
+
+# ---- any nn.Module as a trunk: the batched path equals a loop over the same modules --------
+
+class DropoutNet(torch.nn.Module):
+    """A user's trunk with dropout and a norm: [B, 1, 8, 8] -> [B, 12]."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 12),
+                                        torch.nn.LayerNorm(12), torch.nn.ReLU(),
+                                        torch.nn.Dropout(0.5))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+USER_FILE = """
+import torch
+def make():
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+"""
+
+
+def _build(spec, n, in_shape):
+    """The batched group and, for each client, its own copy: (module or None, params)."""
+    arch = models.parse_arch(spec)
+    gen = torch.Generator().manual_seed(0)
+    if isinstance(arch, models.ModuleArch):
+        net, params, buffers = models.init_module(arch, n, in_shape, V, H1, gen)
+    else:
+        net, params, buffers = None, models.init_params(arch, n, in_shape, V, H1, gen), {}
+    params = {k: p.requires_grad_() for k, p in params.items()}
+    clients = []
+    for i in range(n):
+        p = {k: v[i].detach().clone().requires_grad_() for k, v in params.items()}
+        m = None
+        if net is not None:
+            m = models.build_trunk(arch, in_shape)
+            m.load_state_dict({**{k[6:]: v for k, v in p.items() if k.startswith("trunk.")},
+                               **{k: v[i] for k, v in buffers.items()}})
+            p = {**{f"trunk.{k}": v for k, v in m.named_parameters()},
+                 "heads.weight": p["heads.weight"], "heads.bias": p["heads.bias"]}
+        clients.append((m, p))
+    return models.Group(arch, 0, n, params, buffers, net), clients
+
+
+def _client_forward(arch, m, p, x, train):
+    if m is None:
+        return models.forward(arch, {k: v[None] for k, v in p.items()}, x[None], shared=False,
+                              num_heads=H1)[0][0]
+    m.train(train)
+    out = m(x) @ p["heads.weight"] + p["heads.bias"]
+    return out.unflatten(-1, (H1, -1)).transpose(0, 1)
+
+
+def _loss(logits, y):
+    """Per client: CE of head 0 plus a square term on the others ([.., H1, B, V] logits)."""
+    ce = torch.nn.functional.cross_entropy(logits[..., 0, :, :].reshape(-1, V), y.reshape(-1))
+    return ce + logits[..., 1:, :, :].square().mean()
+
+
+@pytest.mark.parametrize("spec,in_shape,train", [
+    ("mlp:16x8", (1, 8, 8), True), ("cnn:4x6-9", (1, 8, 8), True),
+    ("resnet:8", (1, 8, 8), True), ("resnet:8", (3, 10, 10), True),
+    ("resnet:8:bn", (1, 8, 8), True), ("resnet:8:bn", (1, 8, 8), False),
+    (DropoutNet, (1, 8, 8), False), ("module:user_trunk_file:make", (1, 8, 8), True),
+])
+@pytest.mark.parametrize("loop_conv", [True, False])
+def test_batched_clients_equal_a_loop_over_the_same_modules(spec, in_shape, train, loop_conv,
+                                                            tmp_path, monkeypatch):
+    if isinstance(spec, str) and spec.startswith("module:"):
+        (tmp_path / "user_trunk_file.py").write_text(USER_FILE)
+        monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(models, "LOOP_CONV_DEVICES", ("cpu",) if loop_conv else ())
+    n, b = 3, 5
+    group, clients = _build(spec, n, in_shape)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, b, *in_shape, generator=gen)
+    y = torch.randint(0, V, (n, b), generator=gen)
+    logits, emb = models.forward_group(group, x, shared=False, num_heads=H1, train=train)
+    assert logits.shape == (n, H1, b, V) and emb.shape[:2] == (n, b)
+    sum(_loss(logits[i], y[i]) for i in range(n)).backward()
+    # SGD: an update linear in the gradient (Adam's first step, lr·g/(|g| + eps), turns the
+    # rounding of a gradient near eps into a difference of up to lr)
+    torch.optim.SGD(group.params.values(), lr=0.1, momentum=0.9, weight_decay=1e-3, fused=True).step()
+    for i, (m, p) in enumerate(clients):
+        want = _client_forward(group.arch, m, p, x[i], train)
+        torch.testing.assert_close(logits[i], want, rtol=1e-5, atol=1e-5)
+        _loss(want, y[i]).backward()
+        for k, v in p.items():
+            torch.testing.assert_close(group.params[k].grad[i], v.grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda s, k=k: f"grad of {k}: {s}")
+        torch.optim.SGD(p.values(), lr=0.1, momentum=0.9, weight_decay=1e-3).step()
+        for k, v in p.items():
+            torch.testing.assert_close(group.params[k][i], v, rtol=1e-5, atol=1e-6)
+        if m is not None:  # BatchNorm's running statistics are the client's own
+            for k, v in m.named_buffers():
+                torch.testing.assert_close(group.buffers[k][i], v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["resnet:8", "cnn:4-8"])
+def test_module_trunk_shared_input_equals_the_same_rows_for_every_client(spec):
+    group, _ = _build(spec, 3, (1, 8, 8))
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    shared, _ = models.forward_group(group, x, shared=True, num_heads=H1, train=False)
+    each, _ = models.forward_group(group, x.expand(3, *x.shape), shared=False, num_heads=H1,
+                                   train=False)
+    torch.testing.assert_close(shared, each, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_masks_differ_per_client_follow_the_seed_and_leave_the_global_rng():
+    n = 4
+    group, _ = _build(DropoutNet, n, (1, 8, 8))
+    with torch.no_grad():  # the same weights for every client: only the masks differ
+        for p in group.params.values():
+            p.copy_(p[:1].expand_as(p))
+    x = torch.randn(6, 1, 8, 8)
+    state = torch.get_rng_state()
+    a = models.forward_group(group, x, shared=True, num_heads=H1, train=True, seed=7)[1]
+    b = models.forward_group(group, x, shared=True, num_heads=H1, train=True, seed=7)[1]
+    c = models.forward_group(group, x, shared=True, num_heads=H1, train=True, seed=8)[1]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    zeros = a == 0
+    assert not torch.equal(zeros[0], zeros[1])  # each client its own mask
+    assert models.step_seed(1, 5) == models.step_seed(1, 5) != models.step_seed(1, 6)
+
+
+def test_module_init_is_seeded_per_client_whatever_rows_are_kept():
+    arch = models.parse_arch("resnet:8")
+    _, full, _ = models.init_module(arch, 5, (1, 8, 8), V, H1, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    _, part, _ = models.init_module(arch, 5, (1, 8, 8), V, H1, gen, rows=range(2, 4))
+    for k in full:
+        assert torch.equal(full[k][2:4], part[k]), k
+    assert not torch.equal(full["trunk.stem.0.weight"][0], full["trunk.stem.0.weight"][1])
+    state = torch.get_rng_state()
+    models.init_module(arch, 2, (1, 8, 8), V, H1, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)  # the factories drew from their own seeds
+
+
+@pytest.mark.parametrize("depth", [8, 14, 20])
+@pytest.mark.parametrize("in_shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
+def test_resnets_take_digits_fashion_mnist_and_cifar_inputs(depth, in_shape):
+    for norm in ("", ":bn"):
+        arch = models.parse_arch(f"resnet:{depth}{norm}")
+        info = models.trunk_info(arch, in_shape)
+        assert info.emb_dim == 64
+        assert str(arch) == f"resnet:{depth}{norm}"
+    # 6n + 2 layers: n blocks of 2 convs in 3 stages, the stem, (the heads)
+    convs = sum(1 for m in models.build_trunk(arch, in_shape).modules()
+                if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert convs == depth - 1
+
+
+@pytest.mark.parametrize("spec", ["resnet", "resnet:9", "resnet:2", "resnet:8:ln", "module:x",
+                                  "module:no_such_module_here:make", "module:os:no_such_name",
+                                  "module:os:sep"])
+def test_bad_module_specs_name_the_option(spec):
+    with pytest.raises(ValueError, match="--model"):
+        models.parse_arch(spec, option="--model")
+
+
+def test_module_trunk_counts_match_what_is_built():
+    arch = models.parse_arch("resnet:8:bn")
+    net, params, buffers = models.init_module(arch, 2, (1, 8, 8), V, H1, torch.Generator())
+    assert models.num_params(arch, (1, 8, 8), V, H1) == sum(p[0].numel() for p in params.values())
+    assert "stem.1.running_mean" in buffers and buffers["stem.1.running_mean"].shape == (2, 16)
+    assert models.activation_floats(arch, (1, 8, 8), 0) >= 16 * 8 * 8
