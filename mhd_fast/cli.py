@@ -57,7 +57,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                            help=comment)
         elif kind is list:
             p.add_argument(flag, dest=name, nargs="+", default=None, metavar="ARCH",
-                           help=f"mlp:W1xW2 or cnn:C1xC2-W1; {comment}")
+                           help=f"mlp:W1xW2, cnn:C1xC2-W1, resnet:DEPTH[:bn] or module:PKG.MOD:FN "
+                           f"(FN() returns an nn.Module [B, *in] -> [B, E]); {comment}")
         elif kind is dict:
             p.add_argument(flag, dest=name, nargs="+", type=_parse_option, default=None,
                            metavar="KEY=VALUE", help=comment)

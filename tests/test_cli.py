@@ -327,3 +327,52 @@ def test_keep_freed_memory_leaves_the_users_malloc_settings(monkeypatch):
         monkeypatch.delenv(var)
     if platform.libc_ver()[0] == "glibc":
         assert cli.keep_freed_memory() is True
+
+
+FACTORIES = """
+import torch
+def good():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU())
+def raises():
+    raise RuntimeError("no weights file")
+def not_a_module():
+    return 3
+def no_parameters():
+    return torch.nn.Flatten()
+def wrong_shape():
+    return torch.nn.Conv2d(1, 2, 3)
+"""
+
+
+@pytest.mark.parametrize("spec,what", [
+    ("module:no_such_factories:good", "cannot import"),
+    ("module:user_factories:missing", "cannot import"),
+    ("module:user_factories:raises", "raised RuntimeError"),
+    ("module:user_factories:not_a_module", "nn.Module"),
+    ("module:user_factories:no_parameters", "no parameters"),
+    ("module:user_factories:wrong_shape", "embedding [B, E]"),
+    ("resnet:10", "6n + 2"),
+])
+def test_a_bad_module_factory_is_one_line_naming_model(tmp_path, capsys, monkeypatch, spec, what):
+    (tmp_path / "user_factories.py").write_text(FACTORIES)
+    monkeypatch.chdir(tmp_path)  # a module of the current folder is importable
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--clients", "3", "--model", spec, "--out", str(out), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mhd-fast: error: --model") and what in err[0], err
+    assert not out.exists()
+
+
+def test_a_module_of_the_current_folder_runs_next_to_a_builtin(tmp_path, monkeypatch):
+    (tmp_path / "user_factories.py").write_text(FACTORIES)
+    monkeypatch.chdir(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "mhd_fast", "run", "--clients", "4", "--rounds", "1",
+                          "--steps-per-round", "2", "--model", "module:user_factories:good",
+                          "resnet:8", "--out", "out", "--no-progress"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert res.returncode == 0, res.stderr
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["config"]["model"] == ["module:user_factories:good", "resnet:8"]
