@@ -17,18 +17,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from mhd_fast import models, train
 
 
 @dataclass
 class LoopClients:
-    """Client i: its architecture, its own weights and its own optimizer."""
+    """Client i: its architecture, its own weights and its own optimizer; a module trunk is
+    its own nn.Module (params then hold its parameters under 'trunk.NAME')."""
 
-    archs: list[models.Arch]
+    archs: list[models.Arch | models.ModuleArch]
     params: list[dict[str, Tensor]]
     optimizers: list[torch.optim.Optimizer]
+    nets: list[nn.Module | None]
 
 
 def from_simulation(sim: train.Simulation) -> LoopClients:
@@ -37,23 +39,37 @@ def from_simulation(sim: train.Simulation) -> LoopClients:
     if cfg.topk or cfg.nu_emb > 0 or cfg.exchange_every != 1 or cfg.method in ("fedavg", "centralized"):
         raise ValueError("the loop baseline runs dense, fresh exchanges of mhd / mean_distill / "
                          "isolated without nu_emb")
-    archs, params, optimizers = [], [], []
+    archs, params, optimizers, nets = [], [], [], []
     for g in sim.groups:
         for i in range(g.size):
             p = {k: v[i].detach().clone().requires_grad_() for k, v in g.params.items()}
+            net = None
+            if isinstance(g.arch, models.ModuleArch):
+                net = models.build_trunk(g.arch, sim.data.input_shape).to(sim.device)
+                net.load_state_dict({**{k[6:]: v for k, v in p.items() if k.startswith("trunk.")},
+                                     **{k: b[i] for k, b in g.buffers.items()}})
+                p = {**{f"trunk.{k}": v for k, v in net.named_parameters()},
+                     "heads.weight": p["heads.weight"], "heads.bias": p["heads.bias"]}
             archs.append(g.arch)
             params.append(p)
+            nets.append(net)
             if cfg.optimizer == "adam":
                 optimizers.append(torch.optim.Adam(p.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                                    fused=True))
             else:
                 optimizers.append(torch.optim.SGD(p.values(), lr=cfg.lr, momentum=cfg.momentum,
                                                   weight_decay=cfg.weight_decay, fused=True))
-    return LoopClients(archs, params, optimizers)
+    return LoopClients(archs, params, optimizers, nets)
 
 
-def forward_client(arch: models.Arch, p: dict[str, Tensor], x: Tensor, num_heads: int):
-    """One client: x [B, *in] -> logits [H1, B, V], embedding [B, E]."""
+def forward_client(arch: models.Arch, p: dict[str, Tensor], x: Tensor, num_heads: int,
+                   net: nn.Module | None = None):
+    """One client: x [B, *in] -> logits [H1, B, V], embedding [B, E]. net: its module trunk
+    (train mode), if any."""
+    if net is not None:
+        h = net.train()(x)
+        out = F.linear(h, p["heads.weight"].T, p["heads.bias"])
+        return out.unflatten(-1, (num_heads, -1)).transpose(0, 1), h
     h = x
     for l in range(len(arch.channels)):
         h = F.max_pool2d(F.relu(F.conv2d(h, p[f"conv{l}.weight"], p[f"conv{l}.bias"], padding=1)), 2)
@@ -85,7 +101,8 @@ def loop_step(sim: train.Simulation, clients: LoopClients, adj: Tensor) -> None:
         x = d.x_train[rows[i]]
         if sim.distills:
             x = torch.cat([x, d.x_train[sim.public_batch]])
-        outs.append(forward_client(clients.archs[i], clients.params[i], x, sim.num_heads)[0])
+        outs.append(forward_client(clients.archs[i], clients.params[i], x, sim.num_heads,
+                                   clients.nets[i])[0])
     sent = [o[:, bp:].detach() for o in outs]  # what client j sends: its public predictions
     for i in range(n):
         logits = outs[i]
@@ -120,6 +137,12 @@ def loop_round(sim: train.Simulation, clients: LoopClients, r: int) -> None:
         loop_step(sim, clients, adj)
 
 
-def stacked(clients: LoopClients) -> dict[str, Tensor]:
-    """The clients' weights stacked on a client dimension (one architecture), to compare."""
-    return {k: torch.stack([p[k].detach() for p in clients.params]) for k in clients.params[0]}
+def stacked(clients: LoopClients, rows: range | None = None) -> dict[str, Tensor]:
+    """The weights (and a module trunk's buffers) of clients ``rows`` (default all; one
+    architecture) stacked on a client dimension, to compare."""
+    rows = range(len(clients.params)) if rows is None else rows
+    out = {k: torch.stack([clients.params[i][k].detach() for i in rows]) for k in clients.params[rows[0]]}
+    if clients.nets[rows[0]] is not None:
+        out.update({k: torch.stack([dict(clients.nets[i].named_buffers())[k] for i in rows])
+                    for k, _ in clients.nets[rows[0]].named_buffers()})
+    return out

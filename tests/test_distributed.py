@@ -129,7 +129,8 @@ def test_init_rows_are_the_rows_of_the_full_draw(monkeypatch):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(model=["mlp:16x8", "cnn:4-8", "mlp:12x8"]),
-                                dict(method="fedavg")])
+                                dict(method="fedavg"), dict(model=["resnet:8:bn", "mlp:16x8"]),
+                                dict(method="fedavg", model=["resnet:8"])])
 def test_a_shard_holds_the_rows_of_the_whole_run(tmp_path, kw):
     whole = train.setup(small(tmp_path, clients=7, **kw))
     ranks = [train.setup(small(tmp_path, clients=7, **kw), D.make_shard(7, r, 3)) for r in range(3)]
@@ -196,6 +197,8 @@ CASES = {
     "isolated": dict(method="isolated"),
     "fedavg_allreduce": dict(method="fedavg"),
     "fedavg_ring": dict(method="fedavg", graph="ring"),
+    "module_topk": dict(model=["resnet:8:bn", "mlp:16x8"], topk=3),
+    "module_fedavg": dict(method="fedavg", model=["resnet:8"]),
 }
 
 

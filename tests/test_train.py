@@ -29,7 +29,9 @@ def small(tmp_path=None, **kw) -> C.Config:
 
 
 def _stacked(sim) -> dict:
-    return {k: p.detach().clone() for k, p in sim.groups[0].params.items()}
+    """Group 0's weights and buffers."""
+    g = sim.groups[0]
+    return {k: p.detach().clone() for k, p in {**g.params, **g.buffers}.items()}
 
 
 @pytest.mark.parametrize("kw", [
@@ -40,6 +42,8 @@ def _stacked(sim) -> dict:
     dict(method="mean_distill"),
     dict(method="isolated"),
     dict(model=["cnn:4-8"]),
+    dict(model=["resnet:8:bn", "mlp:16x8"]),
+    dict(model=["resnet:8"], method="isolated"),
 ])
 def test_batched_round_equals_the_per_client_loop(kw):
     cfg = small(optimizer="sgd", lr=0.1, **kw)
@@ -49,7 +53,9 @@ def test_batched_round_equals_the_per_client_loop(kw):
     clients = loop_round.from_simulation(twin)
     train.train_round(sim, 0)
     loop_round.loop_round(twin, clients, 0)
-    got, want = _stacked(sim), loop_round.stacked(clients)
+    got = _stacked(sim)
+    want = loop_round.stacked(clients, range(sim.groups[0].start, sim.groups[0].stop))
+    assert got.keys() == want.keys()
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
         assert not torch.equal(got[k], init[k]), k  # every weight trained
@@ -202,9 +208,17 @@ def test_same_seeds_same_metrics_other_seed_other_metrics(tmp_path):
     assert _final(c)["final"] != _final(a)["final"]
 
 
-def test_resume_after_a_crash_reaches_the_same_metrics(tmp_path, monkeypatch):
-    full = train.run(small(tmp_path, rounds=4, exchange_every=2, steps_per_round=3))
-    cfg = small(tmp_path, rounds=4, exchange_every=2, steps_per_round=3, out=str(tmp_path / "cut"))
+def dropout_trunk():
+    """A user's trunk with dropout, passed to the Config as the factory itself."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(),
+                               torch.nn.Dropout(0.3))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(model=["resnet:8:bn", dropout_trunk], topk=3)])
+def test_resume_after_a_crash_reaches_the_same_metrics(tmp_path, monkeypatch, kw):
+    full = train.run(small(tmp_path, rounds=4, exchange_every=2, steps_per_round=3, **kw))
+    cfg = small(tmp_path, rounds=4, exchange_every=2, steps_per_round=3, out=str(tmp_path / "cut"),
+                **kw)
     run_killed_in_round(cfg, monkeypatch, 2)
     assert not os.path.exists(os.path.join(cfg.out, "metrics.json"))  # no final output
     state = torch.load(os.path.join(cfg.out, "checkpoint.pt"), weights_only=True)
@@ -270,12 +284,30 @@ def test_resume_refuses_other_options(tmp_path):
         train.run(small(tmp_path, out=str(tmp_path / "none")), resume=True)
 
 
-@pytest.mark.parametrize("spec", ["mlp:16x8", "cnn:4x6-8"])
+@pytest.mark.parametrize("spec", ["mlp:16x8", "cnn:4x6-8", "resnet:8:bn", dropout_trunk])
 def test_the_memory_check_counts_the_weights_that_setup_draws(spec):
     sim = train.setup(small(model=[spec]))
     arch = sim.groups[0].arch
     assert models.num_params(arch, sim.data.input_shape, 10, 3) == models.num_params_per_client(sim.groups)[0]
     assert models.num_params(arch, sim.data.input_shape, 10, 0) < models.num_params_per_client(sim.groups)[0]
+
+
+@pytest.mark.parametrize("method", ["mhd", "isolated", "fedavg", "mean_distill", "centralized"])
+def test_every_method_runs_module_clients(method):
+    sim = train.setup(small(method=method, model=["resnet:8:bn"], topk=3 if method == "mhd" else 0))
+    before = {k: b.clone() for k, b in sim.groups[0].buffers.items()}
+    train.train_round(sim, 0)
+    private, shared, ensemble = train.evaluate(sim)
+    assert private.shape == (6, sim.num_heads) and 0 <= ensemble <= 1
+    buffers = sim.groups[0].buffers
+    assert not torch.equal(buffers["stem.1.running_mean"], before["stem.1.running_mean"])
+    if method == "fedavg":  # averaged weights are equal; the BatchNorm statistics stay local
+        for p in sim.groups[0].params.values():
+            assert torch.equal(p[0], p[-1])
+        assert not torch.equal(buffers["stem.1.running_mean"][0], buffers["stem.1.running_mean"][1])
+    elif method != "centralized":
+        w = sim.groups[0].params["trunk.stem.0.weight"]
+        assert not torch.equal(w[0], w[1])
 
 
 def test_data_dependent_errors_name_the_option():
