@@ -190,7 +190,7 @@ def test_batched_clients_equal_a_loop_over_the_same_modules(spec, in_shape, trai
     if isinstance(spec, str) and spec.startswith("module:"):
         (tmp_path / "user_trunk_file.py").write_text(USER_FILE)
         monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(models, "LOOP_CONV_DEVICES", ("cpu",) if loop_conv else ())
+    monkeypatch.setattr(models, "loop_conv", lambda device, in_per_group: loop_conv)
     n, b = 3, 5
     group, clients = _build(spec, n, in_shape)
     gen = torch.Generator().manual_seed(1)
