@@ -5,6 +5,14 @@
     python bench/bench_round.py --clients 16,64 --rounds 5 --memory-clients 256,1024
     python bench/bench_round.py --device cuda --clients 1024 --models mlp,cnn --loop-clients 1024
     python bench/bench_round.py --device cuda --clients 16384 --dataset synthetic --num-classes 100 --no-loop
+    python bench/bench_round.py --cases mlp:128x64@digits,module-mlp:128x64@digits \
+        --clients 64,256 --memory-clients ''        # the module path against the hand-written MLP
+    python bench/bench_round.py --cases cnn:16x32-64@fashion_mnist@2,resnet:8@fashion_mnist@1 \
+        --clients 16,64 --rounds 2 --memory-clients '' --csv bench/results/round_models_cpu.csv
+
+A case is MODEL@DATASET[@STEPS] (steps per round, default 5); ``module-mlp:W1xW2`` is the same
+MLP as ``mlp:W1xW2`` built as an nn.Sequential and run by the module path (vmap; digits'
+64 inputs).
 
 Both implementations start from the same weights and draw the same batches; the ratio is
 loop / batched from one run, each figure the median over ``--rounds`` timed rounds after one
@@ -12,6 +20,10 @@ warm-up round (training only; evaluation is not part of a round's time). The mem
 runs one round plus the evaluation in a fresh subprocess and reads its peak resident set size
 (resource.getrusage), next to the RSS of the same process before the clients were built. On a
 GPU every timed row also gives the peak GPU memory of its setup and rounds.
+Each row also gives the training step's achieved GFLOP/s: the FLOPs of one step counted
+analytically (torch.utils.flop_counter over the loop baseline's step: the matmuls and
+convolutions of every client, forward and backward) over the measured time, next to the
+machine's fp32 matmul rate (a 2048^3 torch.mm) measured in the same run.
 Writes a table to stdout and CSV to bench/results/round_<device>.csv (or --csv).
 """
 from __future__ import annotations
@@ -32,6 +44,8 @@ import time
 # implementations run with the environment's OpenMP waits (the default spins, which favours
 # the loop's many small ops; PASSIVE slows the loop ~4x on an idle machine).
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 OMP_WAIT = os.environ.get("OMP_WAIT_POLICY", "(default)")  # what OpenMP was started with
 sys.path.insert(0, os.path.dirname(__file__))
@@ -50,6 +64,54 @@ MODEL_ALIASES = {"mlp": "mlp:128x64", "cnn": "cnn:16x32-64"}
 def make_config(clients: int, device: str, **extra) -> C.Config:
     # 1024 clients need more private rows than digits' default split leaves (943)
     return C.load(None, {**BASE, "clients": clients, "device": device, "public_fraction": 0.1, **extra})
+
+
+class MLP(nn.Sequential):
+    """mlp:W1xW2... as a user would write it: the module path's twin of the built-in MLP."""
+
+    def __init__(self, widths: tuple[int, ...], in_features: int = 64):
+        layers = [nn.Flatten()]
+        for w in widths:
+            layers += [nn.Linear(in_features, w), nn.ReLU()]
+            in_features = w
+        super().__init__(*layers)
+
+
+def parse_case(text: str) -> dict:
+    """MODEL@DATASET[@STEPS] -> the Config keys of the case."""
+    parts = text.split("@")
+    model, dataset = parts[0], parts[1] if len(parts) > 1 else "digits"
+    steps = int(parts[2]) if len(parts) > 2 else BASE["steps_per_round"]
+    if model.startswith("module-mlp:"):
+        widths = tuple(int(w) for w in model.split(":")[1].split("x"))
+        def module_mlp():
+            return MLP(widths)
+        module_mlp.__qualname__ = f"module_mlp_{'x'.join(map(str, widths))}"
+        model = module_mlp
+    return {"model": [model], "dataset": dataset, "steps_per_round": steps}
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    """The machine's fp32 matmul rate: the best of ``reps`` n^3 products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def step_flops(sim) -> float:
+    """FLOPs of one training step of all clients, counted on the loop baseline's step."""
+    twin = copy.deepcopy(sim)
+    clients = loop_round.from_simulation(twin)
+    with FlopCounterMode(display=False) as counter:
+        loop_round.loop_step(twin, clients, twin.schedule(0).to(twin.device))
+    return counter.get_total_flops()
 
 
 def _peak_gpu_reset(device: str) -> None:
@@ -74,31 +136,37 @@ def time_rounds(fn, rounds: int, device: str) -> list[float]:
     return times
 
 
-def bench_speed(clients: int, rounds: int, device: str, with_loop: bool, **extra) -> list[dict]:
+def bench_speed(clients: int, rounds: int, device: str, with_loop: bool, case: str = "",
+                flops: bool = False, **extra) -> list[dict]:
     _peak_gpu_reset(device)
-    cfg = make_config(clients, device, **extra)
+    cfg = make_config(clients, device, **{**extra, **(parse_case(case) if case else {})})
     sim = train.setup(cfg)
     twin = copy.deepcopy(sim) if with_loop else None
+    step = step_flops(sim) if flops else None
     rows = []
     batched = time_rounds(lambda r: train.train_round(sim, r), rounds, device)
-    rows.append(_row(cfg, "batched", batched))
+    rows.append(_row(cfg, case, "batched", batched, step))
     if with_loop:
         del sim
         _peak_gpu_reset(device)
         clients_state = loop_round.from_simulation(twin)
         loop = time_rounds(lambda r: loop_round.loop_round(twin, clients_state, r), rounds, device)
-        rows.append(_row(cfg, "per-client loop", loop))
+        rows.append(_row(cfg, case, "per-client loop", loop, step))
         rows[-1]["speedup"] = rows[-1]["s_per_round"] / rows[0]["s_per_round"]
     rows[0]["speedup"] = 1.0
     return rows
 
 
-def _row(cfg: C.Config, impl: str, times: list[float]) -> dict:
+def _row(cfg: C.Config, case: str, impl: str, times: list[float], step: float | None) -> dict:
     med = statistics.median(times)
-    row = {"clients": cfg.clients, "model": cfg.model[0], "dataset": cfg.dataset, "impl": impl,
+    row = {"case": case or f"{cfg.model[0]}@{cfg.dataset}", "clients": cfg.clients, "impl": impl,
+           "model": str(cfg.model[0]), "dataset": cfg.dataset,
            "backend": train.mhd_fast.resolve_backend(cfg.backend, torch.device(cfg.device)),
            "s_per_round": med, "ms_per_step": 1000 * med / cfg.steps_per_round,
            "min_s": min(times), "max_s": max(times), "rounds_timed": len(times)}
+    if step is not None:
+        row["gflop_per_step"] = step / 1e9
+        row["gflops"] = step * cfg.steps_per_round / med / 1e9
     if cfg.device.startswith("cuda"):
         row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(cfg.device)
     return row
@@ -106,7 +174,8 @@ def _row(cfg: C.Config, impl: str, times: list[float]) -> dict:
 
 def memory_child(clients: int, device: str, extra: dict) -> None:
     """In a fresh process: RSS before the clients exist, then the peak over a round + evaluation."""
-    cfg = make_config(clients, device, **extra)
+    case = extra.pop("case", "")  # MODEL@DATASET[@STEPS]: a factory does not go through JSON
+    cfg = make_config(clients, device, **{**extra, **(parse_case(case) if case else {})})
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     sim = train.setup(cfg)
     t0 = time.perf_counter()
@@ -130,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--clients", default="64", help="comma list of client counts to time (default: 64)")
+    p.add_argument("--cases", default="", help="comma list of MODEL@DATASET[@STEPS] (default: the "
+                   "digits MLP round above)")
+    p.add_argument("--flops", action="store_true", help="count each step's FLOPs, give GFLOP/s "
+                   "next to the machine's matmul rate")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per figure (default: 5)")
     p.add_argument("--memory-clients", default="1024", help="comma list for the memory check ('' = none)")
     p.add_argument("--memory-limit-gb", type=float, default=4.0)
@@ -138,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list of the client counts that also time the per-client loop "
                         "(default: every count on CPU, none on a GPU)")
     p.add_argument("--models", default="mlp",
-                   help=f"comma list of architectures or aliases {MODEL_ALIASES} (default: mlp)")
+                   help=f"comma list of architectures or aliases {MODEL_ALIASES} on --dataset, "
+                        "when --cases is not given (default: mlp)")
     p.add_argument("--dataset", default=BASE["dataset"], help="the simulator's --dataset (default: digits)")
     p.add_argument("--num-classes", type=int, default=None, help="the simulator's --num-classes (synthetic)")
     p.add_argument("--data-dir", default=None, help="the simulator's --data-dir")
@@ -149,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.memory_child is not None:
         memory_child(a.memory_child, a.device, json.loads(a.extra))
         return 0
-    data = {"dataset": a.dataset, **({"num_classes": a.num_classes} if a.num_classes else {}),
+    data = {**({"num_classes": a.num_classes} if a.num_classes else {}),
             **({"data_dir": a.data_dir} if a.data_dir else {})}
-    archs = [MODEL_ALIASES.get(m, m) for m in a.models.split(",") if m]
+    cases = ([c for c in a.cases.split(",") if c] if a.cases else
+             [f"{MODEL_ALIASES.get(m, m)}@{a.dataset}" for m in a.models.split(",") if m])
     counts = [int(x) for x in a.clients.split(",") if x]
     loop_counts = (set() if a.no_loop else set(counts) if a.loop_clients is None and a.device == "cpu"
                    else {int(x) for x in (a.loop_clients or "").split(",") if x})
@@ -159,22 +234,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
           f"{OMP_WAIT}, device {a.device}")
-    print(f"# round = {BASE['steps_per_round']} steps; {a.dataset}, {BASE['heads']} aux heads, "
+    print(f"# round = {BASE['steps_per_round']} steps unless a case says; {BASE['heads']} aux heads, "
           f"private batch {BASE['batch_size']}, public batch {BASE['public_batch_size']}, complete graph")
     rows = []
-    for arch in archs:
+    peak = matmul_gflops() if a.flops else None
+    if peak is not None:
+        print(f"# fp32 matmul 2048^3: {peak:.1f} GFLOP/s")
+    gpu = a.device.startswith("cuda")
+    print(f"{'case':>34} {'clients':>7} {'impl':>16} {'s/round':>9} {'ms/step':>9} {'speedup':>8}"
+          + (f" {'GFLOP/s':>8} {'%mm':>5}" if peak else "") + ("  peak GPU GB" if gpu else ""),
+          flush=True)
+    for case in cases:
         for n in counts:
-            rows += bench_speed(n, a.rounds, a.device, n in loop_counts, model=[arch], **data)
-    print(f"{'clients':>8} {'model':>14} {'impl':>16} {'backend':>8} {'s/round':>9} {'ms/step':>9} {'speedup':>8}"
-          f"{'  peak GPU GB' if a.device.startswith('cuda') else ''}")
-    for r in rows:
-        gpu = f" {r['peak_gpu_bytes'] / 1e9:12.2f}" if "peak_gpu_bytes" in r else ""
-        print(f"{r['clients']:>8} {r['model']:>14} {r['impl']:>16} {r['backend']:>8} {r['s_per_round']:>9.4f} "
-              f"{r['ms_per_step']:>9.2f} {r['speedup']:>7.1f}x{gpu}")
+            new = bench_speed(n, a.rounds, a.device, n in loop_counts, case, a.flops, **data)
+            for r in new:
+                if peak is not None:
+                    r["matmul_gflops"] = peak
+                    r["pct_of_matmul"] = 100 * r["gflops"] / peak
+                print(f"{r['case']:>34} {r['clients']:>7} {r['impl']:>16} {r['s_per_round']:>9.4f} "
+                      f"{r['ms_per_step']:>9.2f} {r['speedup']:>7.2f}x"
+                      + (f" {r['gflops']:>8.1f} {r['pct_of_matmul']:>5.1f}" if peak else "")
+                      + (f" {r['peak_gpu_bytes'] / 1e9:12.2f}" if "peak_gpu_bytes" in r else ""), flush=True)
+            rows += new
 
     ok = True
     for n in [int(x) for x in a.memory_clients.split(",") if x]:
-        m = bench_memory(n, a.device, {"model": [archs[0]], **data})
+        m = bench_memory(n, a.device, {**data, "case": cases[0]})
         gb = m["peak_rss_bytes"] / 1e9
         within = gb <= a.memory_limit_gb
         ok &= within
