@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
           f"{OMP_WAIT}, device {a.device}")
-    print(f"# round = {BASE['steps_per_round']} steps unless a case says; {BASE['heads']} aux heads, "
-          f"private batch {BASE['batch_size']}, public batch {BASE['public_batch_size']}, complete graph")
+    print(f"# round = MODEL@DATASET[@STEPS] of each case ({BASE['steps_per_round']} steps unless it "
+          f"says), {BASE['heads']} aux heads, private batch {BASE['batch_size']}, public batch "
+          f"{BASE['public_batch_size']}, complete graph")
     rows = []
     peak = matmul_gflops() if a.flops else None
     if peak is not None:
