@@ -192,10 +192,12 @@ def memory_needs(cfg: Config, input_shape: tuple[int, ...], v: int,
         trunks += n * trunk * copies
         heads += n * (models.num_params(arch, input_shape, v, num_heads) - trunk) * copies
         width = models.activation_floats(arch, input_shape, num_heads * v)
+        trunk_width = models.activation_floats(arch, input_shape, 0)
         if isinstance(arch, models.ModuleArch):  # a deep trunk keeps every layer's output
-            width = max(width, models.trunk_info(arch, input_shape).activations)
+            trunk_width = max(trunk_width, models.trunk_info(arch, input_shape).activations)
+            width = max(width, trunk_width)
         acts += n * (cfg.batch_size + public) * width * 4
-        wide_heads |= width > models.activation_floats(arch, input_shape, 0)
+        wide_heads |= width > trunk_width
     rows = (f"--batch-size {cfg.batch_size}" if cfg.batch_size >= public
             else f"--public-batch-size {cfg.public_batch_size}")
     state = "with their gradients and optimizer state"

@@ -292,6 +292,14 @@ def test_the_memory_check_counts_the_weights_that_setup_draws(spec):
     assert models.num_params(arch, sim.data.input_shape, 10, 0) < models.num_params_per_client(sim.groups)[0]
 
 
+def test_the_memory_check_counts_every_layer_output_of_a_module_trunk():
+    needs = train.memory_needs(small(model=["resnet:8"]), (1, 8, 8), 10)
+    info = models.trunk_info(models.parse_arch("resnet:8"), (1, 8, 8))
+    option, acts, _ = needs[-1]
+    assert acts == 6 * (8 + 16) * info.activations * 4  # 6 clients, 8 private + 16 public rows
+    assert option == "--public-batch-size 16" and info.activations > 16 * 8 * 8 * 10
+
+
 @pytest.mark.parametrize("method", ["mhd", "isolated", "fedavg", "mean_distill", "centralized"])
 def test_every_method_runs_module_clients(method):
     sim = train.setup(small(method=method, model=["resnet:8:bn"], topk=3 if method == "mhd" else 0))
