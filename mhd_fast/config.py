@@ -39,7 +39,7 @@ class Config:
     dirichlet: float = 0.1           # Dirichlet alpha (partition = dirichlet)
     shards: int = 2                  # classes per client (partition = shards)
     samples_per_client: int | None = None  # cap on private samples per client; None = all of them
-    graph: str = "complete"          # a topology of SPEC §5 (mhd-fast graph NAME describes it)
+    graph: str = "complete"          # a topology of docs/method.md §5 (mhd-fast graph NAME describes it)
     graph_options: dict = field(default_factory=dict)  # passed to the topology, e.g. {k = 2} or {path = "edges.txt"}
     # ---- model -------------------------------------------------------------------------
     model: list = field(default_factory=lambda: ["mlp:128x64"])  # one or more archs; several = heterogeneous client groups

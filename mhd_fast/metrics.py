@@ -1,4 +1,4 @@
-"""Private and shared accuracy per client and head (SPEC §4), their summaries, and the files a
+"""Private and shared accuracy per client and head (docs/method.md §4), their summaries, and the files a
 run leaves: metrics.json, metrics.csv, clients.csv, accuracy.png, bytes.png, report.md.
 
 Accuracies are in [0, 1]. For client i, head h, test rows t with labels y_t:

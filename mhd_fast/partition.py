@@ -1,7 +1,7 @@
 """Labels -> disjoint index sets, one per client. Pure and seeded (a numpy Generator from
 ``seed``, never the global RNG), vectorized over samples, and always terminating.
 
-Methods (SPEC §4), with V classes and N clients:
+Methods (docs/method.md §4), with V classes and N clients:
 
 - ``skew``: client i has ``primary_classes`` primary classes (a seeded permutation of the
   classes dealt round-robin, so every class is primary for some client when
@@ -122,7 +122,7 @@ def label_histogram(labels, parts, num_classes: int) -> Tensor:
 
 def label_distribution(labels, parts, num_classes: int) -> Tensor:
     """[N, V] float32: client i's training label distribution (rows sum to 1; an empty client's
-    row is 0). Private accuracy weights the test set by it (SPEC §4)."""
+    row is 0). Private accuracy weights the test set by it (docs/method.md §4)."""
     hist = label_histogram(labels, parts, num_classes).to(torch.float32)
     return hist / hist.sum(dim=1, keepdim=True).clamp(min=1.0)
 

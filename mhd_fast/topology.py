@@ -1,5 +1,5 @@
 """Communication graphs -> bool adjacency ``adj[N, N]`` (``adj[i, j]``: client i hears
-client j), their spectral gap, and schedules of graphs over rounds (SPEC §5).
+client j), their spectral gap, and schedules of graphs over rounds (docs/method.md §5).
 
 Graphs (no self-loops; all symmetric except a ``directed`` edge-list file):
 

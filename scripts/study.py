@@ -1,4 +1,4 @@
-"""The study of issue 7: run the sweep of configs/study.toml, then write docs/RESULTS.md with
+"""The study: run the sweep of configs/study.toml, then write docs/RESULTS.md with
 one table and one plot per experiment and the findings, stated with their numbers.
 
     python scripts/study.py            # the full study -> docs/RESULTS.md, docs/plots/*.png
@@ -7,7 +7,7 @@ one table and one plot per experiment and the findings, stated with their number
 
 The sweep is resumable (finished runs are skipped), so a killed study continues with the same
 command. Accuracies are in percent, "mean ± std" over seeds (std with ddof = 1). "Best aux"
-is, per seed, the aux head with the highest mean shared accuracy over clients (SPEC §4).
+is, per seed, the aux head with the highest mean shared accuracy over clients (docs/method.md §4).
 """
 from __future__ import annotations
 
@@ -505,7 +505,7 @@ def section_aggregate(page: Page, variants: list[str]) -> None:
     page.made_by(("aggregate",), s.grid(variants[0], "aggregate")[1])
 
 
-# The experiments of issue 7 in page order: (title, the function writing its section).
+# The experiments in page order: (title, the function writing its section).
 SECTIONS = (("1. Number of aux heads", section_heads),
             ("2. Data heterogeneity", section_skew),
             ("3. Topology", section_topology),
@@ -559,7 +559,7 @@ def write_page(study: Study, results: str, command: str, sessions: list[dict]) -
         f"and its plots. Every number is the mean ± std (ddof = 1) over seeds {list(plan.seeds)} "
         "of a mean over clients; accuracies in percent. *Shared* accuracy is on the uniform test "
         "set, *private* accuracy on the test set re-weighted to a client's own label mix "
-        "(SPEC §4). *Best aux* is the aux head with the highest shared accuracy in each seed.",
+        "(docs/method.md §4). *Best aux* is the aux head with the highest shared accuracy in each seed.",
         "",
         f"Setup (every run unless its table says otherwise): {base.clients} clients, label skew "
         f"s = {base.skew}, {base.graph} graph, model {' + '.join(base.model)} with {base.heads} "
