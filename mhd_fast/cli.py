@@ -101,10 +101,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = C.load(args.config, _flags(args))
     metrics = run(cfg, resume=args.resume)
-    if metrics is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
+    if metrics is None:  # a rank other than 0 of a torchrun launch, finished: rank 0 reports
         return 0
     if metrics["status"] == "diverged":
-        sys.stderr.write(f"{PROG}: {M.divergence(metrics)}\n")
+        if "diverged" in metrics:  # rank 0 (or the only process) says where; every rank exits 3
+            sys.stderr.write(f"{PROG}: {M.divergence(metrics)}\n")
         return 3
     fin = metrics["final"]
     heads = "  ".join(f"{h}: private {fin['private_acc'][h]:.4f} shared {fin['shared_acc'][h]:.4f}"

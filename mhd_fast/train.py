@@ -531,7 +531,8 @@ def run(cfg: Config, *, resume: bool = False,
     Returns the metrics dict (the content of metrics.json): ``status`` "finished", or
     "diverged" when a round's loss or weights were not finite (the run stops there; its
     checkpoint is the last finite state). Under torchrun the run is sharded over the ranks,
-    rank 0 writes and returns the metrics, the others return None. While it runs it holds
+    rank 0 writes and returns the metrics, the others return None ({"status": "diverged"} alone
+    when the run diverged). While it runs it holds
     cfg.out (``outdir.claim``): another run on the same folder raises ValueError.
     cfg.out None: no file at all (no lock, checkpoint, report or plots).
     on_round(r, record): called on rank 0 after round r with its entry of metrics["rounds"]."""
@@ -629,8 +630,8 @@ def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict,
             on_round(r, rec)
     bar.close()
     if diverged is not None:
-        if not lead:
-            return None
+        if not lead:  # so that every rank's exit status says the run failed
+            return {"status": "diverged"}
         metrics = {"status": "diverged", "config": to_dict(cfg), "world_size": sim.shard.world,
                    "rounds": history, "diverged": diverged}
         if writes:

@@ -320,6 +320,18 @@ def test_a_hung_rank_stops_the_other_after_the_timeout(tmp_path):
         procs[1].communicate()
 
 
+def test_a_diverged_sharded_run_exits_3_on_every_rank(tmp_path):
+    out = tmp_path / "nan"
+    procs = _launch(2, [*CLI, "--rounds", "3", "--optimizer", "sgd", "--lr", "1e6",
+                        "--dist-timeout", "60", "--out", str(out)])
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [3, 3], results
+    said = [err.strip().splitlines() for _, err in results]
+    assert len(said[0]) == 1 and said[0][0].startswith("mhd-fast: diverged in round"), said
+    assert said[1] == [], said  # rank 0 alone says where
+    assert json.loads((out / "metrics.json").read_text())["status"] == "diverged"
+
+
 def test_torchrun_launch_writes_the_outputs_of_one_process(tmp_path):
     args = [*CLI, "--rounds", "2", "--topk", "3"]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
