@@ -7,6 +7,15 @@ Accuracies are in [0, 1]. For client i, head h, test rows t with labels y_t:
                     training label distribution: the test set re-weighted to its label mix)
 worst-10 %: the mean over the ceil(N / 10) clients with the lowest accuracy, per head.
 ensemble: the argmax of the mean over clients of softmax(head 0), on the test set.
+
+Each round also records how far the aux heads are from what they could learn (``gap_record``),
+on a fixed sample of public rows whose labels are read for this measure only:
+    teacher_acc[h]        how often the target of aux head h (its teachers' head h−1,
+                          aggregated as in training, SPEC §2) puts its top class on the label
+    public_acc[h]         each head's accuracy on those rows
+    ensemble_public_acc   the ensemble of all main heads on those rows
+    ensemble_agreement[h] how often head h's top class equals the ensemble's
+and ensemble_shared_acc, the ensemble on the test set.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ import os
 import torch
 from torch import Tensor
 
+from .ops import reference as R
 from .outdir import atomic_write
 
 
@@ -44,16 +54,48 @@ def by_head(values: Tensor) -> dict[str, float]:
 
 def round_record(r: int, time_s: float, bytes_sent: int, private: Tensor, shared: Tensor,
                  bytes_dense: int, bytes_cross_rank: int = 0,
-                 loss_sum: dict[str, float] | None = None) -> dict:
+                 loss_sum: dict[str, float] | None = None, gap: dict | None = None) -> dict:
     """One entry of metrics.json's "rounds": per-head means over clients and worst-10 %.
     bytes_cross_rank: what the processes of a sharded run sent each other (0 in one process).
-    loss_sum: the round's loss terms by name, each summed over its steps and the clients."""
+    loss_sum: the round's loss terms by name, each summed over its steps and the clients;
+    gap: the ``gap_record`` of the round, merged in."""
     return {"round": r, "time_s": time_s, "bytes_sent": bytes_sent, "bytes_dense": bytes_dense,
             "bytes_cross_rank": bytes_cross_rank,
             "private_acc": by_head(private.mean(0)), "shared_acc": by_head(shared.mean(0)),
             "worst10_private_acc": by_head(worst_fraction(private)),
             "worst10_shared_acc": by_head(worst_fraction(shared)),
-            "loss_sum": dict(loss_sum or {})}
+            "loss_sum": dict(loss_sum or {}), **(gap or {})}
+
+
+def teacher_hits(teacher: Tensor, adj: Tensor, y: Tensor, *, tau: float, include_self: bool,
+                 aggregate: str) -> tuple[Tensor, Tensor]:
+    """How often each client's distillation target is right.
+
+    teacher [M, G, B, V] the candidates' logits of the teaching heads (head h−1 for aux head h),
+    adj [M, M] bool, y [B] int64 labels -> (hits [M, G] int64: rows whose target, the
+    candidates' distributions aggregated as the loss does (docs/method.md §2), has its largest
+    probability on y; has [M] bool: the client has a candidate). Reads the reference."""
+    lse, logconf = R.teacher_stats(teacher, tau)
+    idx, has = R.select(logconf, adj, include_self)
+    w = R.aggregate_weights(logconf, idx, adj, include_self, aggregate)
+    p = R.mix(w, adj, include_self, (teacher.to(lse.dtype) / tau - lse.unsqueeze(-1)).exp())
+    hits = (p.argmax(-1) == y).sum(-1)
+    return torch.where(has[:, None], hits, torch.zeros_like(hits)), has
+
+
+def gap_record(teacher_hits: Tensor, teachers: Tensor, public_hits: Tensor, agree: Tensor,
+               ensemble_hits: float, rows: int, num_models: int) -> dict:
+    """The round's distances to the ensemble (counts summed over every client of the run):
+    teacher_hits [G] over ``teachers`` client rows that had a teacher, public_hits [H1] and
+    agree [H1] over num_models · rows, ensemble_hits over rows. -> plain floats by head
+    (teacher_acc keyed by the aux head it teaches, head1..headH)."""
+    out = {"public_acc": by_head(public_hits / (num_models * rows)),
+           "ensemble_public_acc": ensemble_hits / rows,
+           "ensemble_agreement": by_head(agree / (num_models * rows))}
+    if len(teacher_hits) and teachers > 0:
+        acc = (teacher_hits / (teachers * rows)).tolist()
+        out["teacher_acc"] = {f"head{h + 1}": float(a) for h, a in enumerate(acc)}
+    return out
 
 
 def final_record(private: Tensor, shared: Tensor, ensemble: float, bytes_sent: int,

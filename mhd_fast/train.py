@@ -523,6 +523,47 @@ def evaluate(sim: Simulation, chunk: int | None = None) -> tuple[Tensor | None, 
     return torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts]), ensemble
 
 
+# Public rows the gap to the ensemble is measured on each round: a fixed sample (the public
+# rows are in random order), large enough for a stable mean, small next to a round's steps.
+GAP_ROWS = 512
+
+
+@torch.no_grad()
+def measure_gap(sim: Simulation, r: int) -> dict:
+    """``metrics.gap_record`` of round r: the predictions of every client on the first GAP_ROWS
+    public rows, their exchange over the round's graph (dense fp32, fresh: the teachers a
+    refresh would give now) and the targets the aux heads would get from it, against the rows'
+    labels, and each head against the ensemble of all main heads. Counts are summed over
+    ranks; every rank returns the record."""
+    rows = sim.public_rows[:GAP_ROWS]
+    y = sim.data.y_train[rows]
+    logits, _ = models.forward_groups(sim.groups, sim.data.x_train[rows], shared=True,
+                                      num_heads=sim.num_heads)           # [n, H1, B, V]
+    votes = logits[:, 0].float().softmax(-1).sum(0, dtype=torch.float64)
+    D.all_sum(votes, sim.shard, "the ensemble's votes on public rows")
+    ens = votes.argmax(-1)
+    pred = logits.argmax(-1)
+    g = sim.num_heads - 1
+    hits = torch.zeros(g, dtype=torch.int64, device=sim.device)
+    teachers = torch.zeros((), dtype=torch.int64, device=sim.device)
+    if g > 0 and sim.num_model == sim.num_clients:
+        adj = sim.schedule(r).to(sim.device)
+        got = ex.exchange(logits, None, ex.route(adj, sim.shard), heads=list(range(g)),
+                          tau=sim.cfg.tau, backend=sim.cfg.backend)
+        right, has = M.teacher_hits(got.teacher[:, :-1], got.adj, y, tau=sim.cfg.tau,
+                                    include_self=sim.cfg.include_self,
+                                    aggregate=sim.cfg.aggregate)
+        hits, teachers = right[got.rows].sum(0), has[got.rows].sum()
+    counts = torch.cat([hits, teachers[None], (pred == y).sum((0, 2)), (pred == ens).sum((0, 2)),
+                        (ens == y).sum()[None]])
+    D.all_sum(counts, sim.shard, "the gap counts")
+    counts = counts.cpu()  # sync: one small vector a round
+    h1 = sim.num_heads
+    return M.gap_record(counts[:g], int(counts[g]), counts[g + 1:g + 1 + h1],
+                        counts[g + 1 + h1:g + 1 + 2 * h1], int(counts[-1]), len(rows),
+                        sim.num_model)
+
+
 # ---- the run -------------------------------------------------------------------------------
 
 def run(cfg: Config, *, resume: bool = False,
@@ -616,10 +657,11 @@ def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict,
         totals["edge_bytes"] += edge_sent.cpu()
         totals["bytes_dense"] += dense
         private, shared, ensemble = evaluate(sim)
+        gap = dict(measure_gap(sim, r), ensemble_shared_acc=ensemble)
         evaluated = True
         if lead:
             rec = M.round_record(r, time_s, sent, private, shared, dense, bytes_cross_rank=cross,
-                                 loss_sum=_loss_record(sim, losses))
+                                 loss_sum=_loss_record(sim, losses), gap=gap)
             history.append(rec)
             bar.set_postfix(_postfix(rec))
             if board is not None:  # before the checkpoint: a resume re-logs, never skips, a round

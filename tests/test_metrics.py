@@ -91,3 +91,44 @@ def test_human_bytes():
     assert M.human_bytes(999) == "999 B"
     assert M.human_bytes(1_500_000) == "1.50 MB"
     assert M.human_bytes(3e12) == "3000.00 GB"
+
+
+@pytest.mark.parametrize("aggregate", ["max_confidence", "mean", "confidence_weighted"])
+def test_teacher_hits_count_the_target_each_client_distils_from(aggregate):
+    gen = torch.Generator().manual_seed(0)
+    n, g, b, v = 5, 2, 7, 4
+    teacher = 3 * torch.randn(n, g, b, v, generator=gen)
+    adj = torch.rand(n, n, generator=gen) < 0.6
+    adj[3] = False  # client 3 hears nobody: no teacher, no hits
+    y = torch.randint(v, (b,), generator=gen)
+    hits, has = M.teacher_hits(teacher, adj, y, tau=2.0, include_self=False, aggregate=aggregate)
+    p = (teacher / 2.0).softmax(-1)
+    for i in range(n):
+        cand = [j for j in range(n) if adj[i, j] and j != i]
+        assert bool(has[i]) == bool(cand)
+        for h in range(g):
+            right = 0
+            for r in range(b):
+                ps = torch.stack([p[j, h, r] for j in cand]) if cand else None
+                if ps is None:
+                    continue
+                conf = ps.max(-1).values
+                if aggregate == "max_confidence":
+                    target = ps[conf.argmax()]
+                elif aggregate == "mean":
+                    target = ps.mean(0)
+                else:
+                    target = (conf[:, None] * ps).sum(0) / conf.sum()
+                right += int(target.argmax() == y[r])
+            assert int(hits[i, h]) == right
+
+
+def test_gap_record_divides_the_counts():
+    rec = M.gap_record(torch.tensor([30, 20]), 4, torch.tensor([10, 40, 20]),
+                       torch.tensor([8, 36, 24]), 9, 10, 4)
+    assert rec["teacher_acc"] == pytest.approx({"head1": 0.75, "head2": 0.5})
+    assert rec["public_acc"] == pytest.approx({"head0": 0.25, "head1": 1.0, "head2": 0.5})
+    assert rec["ensemble_agreement"] == pytest.approx({"head0": 0.2, "head1": 0.9, "head2": 0.6})
+    assert rec["ensemble_public_acc"] == pytest.approx(0.9)
+    assert "teacher_acc" not in M.gap_record(torch.zeros(0, dtype=torch.int64), 0,
+                                             torch.tensor([5]), torch.tensor([5]), 9, 10, 4)

@@ -184,6 +184,32 @@ def test_evaluate_matches_a_per_client_count():
         torch.testing.assert_close(private[i], (correct * w).sum(-1) / w.sum())
 
 
+def test_each_round_records_the_gap_to_the_ensemble(tmp_path):
+    metrics = train.run(small(tmp_path, clients=4, rounds=1))
+    rec = metrics["rounds"][0]
+    assert set(rec["teacher_acc"]) == {"head1", "head2"}
+    assert set(rec["public_acc"]) == set(rec["ensemble_agreement"]) == {"head0", "head1", "head2"}
+    assert rec["ensemble_shared_acc"] == metrics["final"]["ensemble_shared_acc"]
+    sim = train.setup(small(clients=4))
+    gap = train.measure_gap(sim, 0)
+    # by hand: client 0 hears 1..3 on the complete graph and takes the most confident
+    rows = sim.public_rows[:train.GAP_ROWS]
+    y = sim.data.y_train[rows]
+    logits, _ = models.forward_groups(sim.groups, sim.data.x_train[rows], shared=True,
+                                      num_heads=sim.num_heads)
+    p = logits[:, 0].softmax(-1)
+    hits = 0
+    for i in range(4):
+        cand = p[[j for j in range(4) if j != i]]                    # [3, B, V]
+        pick = cand.max(-1).values.argmax(0)                         # [B]
+        hits += int((cand[pick, torch.arange(len(y))].argmax(-1) == y).sum())
+    assert gap["teacher_acc"]["head1"] == pytest.approx(hits / (4 * len(y)))
+    ens = p.sum(0).argmax(-1)
+    assert gap["ensemble_public_acc"] == pytest.approx(float((ens == y).double().mean()))
+    assert train.measure_gap(train.setup(small(clients=4, method="isolated")), 0).keys() == {
+        "public_acc", "ensemble_public_acc", "ensemble_agreement"}
+
+
 def test_learning_rate_schedule():
     cfg = small(lr=1.0, rounds=2, steps_per_round=5)
     assert train.learning_rate(cfg, 0) == 1.0
