@@ -3,8 +3,8 @@
 It holds everything the next round reads: the stacked weights and buffers (a module trunk's
 BatchNorm statistics), the optimizer state (per
 client, elementwise), the training generator, the step counter, the stale exchange buffers
-and the public rows they were made on, and the metrics so far. The file is written to a temp
-file in the same folder and renamed over the old one (``outdir.atomic_write``), so a kill at
+and the public rows they were made on, the teachers' EMA (--teacher-ema), and the metrics so
+far. The file is written to a temp file in the same folder and renamed over the old one (``outdir.atomic_write``), so a kill at
 any moment leaves either the previous checkpoint or the new one, never half of one. It holds plain tensors and
 containers only, so it loads with ``torch.load(weights_only=True)``.
 
@@ -112,6 +112,8 @@ def save(path: str, sim, rounds_done: int, history: list[dict], totals: dict) ->
         "generator": sim.gen.get_state(),
         "received": received,
         "public_batch": _cpu(sim.public_batch),
+        "teacher_ema": (None if sim.ema is None  # one process only: the whole buffer
+                        else {"p": sim.ema.cpu(), "seen": sim.ema_seen.cpu()}),
         "history": history,
         "totals": {"edge_bytes": torch.cat([p["edge_bytes"] for p in pieces]),
                    "bytes_dense": totals["bytes_dense"],
@@ -176,6 +178,7 @@ def _piece_of(state: dict, sim, rank: int) -> dict:
     return {"rounds_done": state["rounds_done"], "step": state["step"], "groups": groups,
             "generator": state["generator"], "received": received,
             "public_batch": state["public_batch"],
+            "teacher_ema": state.get("teacher_ema"),
             "history": state["history"] if rank == 0 else [],
             "totals": {"edge_bytes": _rows(totals["edge_bytes"], clients),
                        "bytes_dense": totals["bytes_dense"]},
@@ -214,6 +217,9 @@ def restore(path: str, sim) -> tuple[int, list[dict], dict]:
     sim.public_batch = (piece["public_batch"].to(sim.device)
                         if piece["public_batch"] is not None else None)
     sim.bytes_cross_rank = piece["bytes_cross_rank"]
+    if piece["teacher_ema"] is not None:
+        sim.ema = piece["teacher_ema"]["p"].to(sim.device)
+        sim.ema_seen = piece["teacher_ema"]["seen"].to(sim.device)
     got = piece["received"]
     if got is not None:
         teacher = got["teacher"]

@@ -55,6 +55,7 @@ class Config:
     topk: int = 0                    # 0 = dense logits on the wire, else top-k packets of K classes
     wire_dtype: str = "float32"      # float32 | float16 | bfloat16 for what crosses an edge
     exchange_every: int = 1          # refresh the received predictions every this many steps (stale in between)
+    teacher_ema: float = 0.0         # beta of an EMA, per public row, of the teachers' distributions over the exchanges that drew it (0 = off: the method as specified; dense logits, one process)
     # ---- optimisation ------------------------------------------------------------------
     rounds: int = 40                 # rounds; metrics are taken after each
     steps_per_round: int = 20        # local steps per round, each one private + one public batch
@@ -251,6 +252,9 @@ def validate(cfg: Config) -> None:
     _need(cfg.topk >= 0, f"--topk must be 0 (dense) or >= 1, got {cfg.topk}")
     _need(cfg.wire_dtype in WIRE_DTYPES, f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)}, got {cfg.wire_dtype!r}")
     _need(cfg.exchange_every >= 1, f"--exchange-every must be >= 1, got {cfg.exchange_every}")
+    _need(0 <= cfg.teacher_ema < 1, f"--teacher-ema must be in [0, 1), got {cfg.teacher_ema}")
+    _need(cfg.teacher_ema == 0 or cfg.topk == 0, "--teacher-ema averages dense distributions, so "
+          f"it needs --topk 0, got --topk {cfg.topk}")
     _need(cfg.rounds >= 1, f"--rounds must be >= 1, got {cfg.rounds}")
     _need(cfg.steps_per_round >= 1, f"--steps-per-round must be >= 1, got {cfg.steps_per_round}")
     _need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
@@ -314,7 +318,7 @@ def resolve(cfg: Config) -> Config:
     if cfg.method != "mhd":
         changes.update(heads=0, nu_aux=0.0)
     if cfg.method in ("isolated", "fedavg", "centralized"):
-        changes.update(nu_main=0.0, nu_emb=0.0, topk=0)
+        changes.update(nu_main=0.0, nu_emb=0.0, topk=0, teacher_ema=0.0)
     if cfg.method == "mean_distill":
         changes.update(aggregate="mean", nu_main=cfg.nu_main or 1.0)
     for purpose in ("split", "init", "train"):

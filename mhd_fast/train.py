@@ -80,6 +80,8 @@ class Simulation:
     bytes_cross_rank: int = 0     # bytes this process sent to other processes, over the run
     loss_sum: Tensor | None = None  # [n, T] fp64 (device): each client's ``loss_terms`` summed
                                     # over the steps since the last ``nonfinite`` check
+    ema: Tensor | None = None     # --teacher-ema: [N, H1, P, V] the teachers' softmax(T/τ) per public row
+    ema_seen: Tensor | None = None  # [P] bool: the rows some exchange has drawn
 
     @property
     def distills(self) -> bool:
@@ -239,6 +241,9 @@ def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
     Raises ValueError (naming the option) for anything that depends on the data."""
     device = resolve_device(cfg.device)
     shard = shard or D.current(cfg.clients, cfg.dist_timeout)
+    if shard.world > 1 and cfg.teacher_ema > 0:
+        raise ValueError(f"--teacher-ema keeps every client's teachers in one process; it does "
+                         f"not run over {shard.world} ranks")
     if shard.world > 1 and cfg.method == "centralized":
         raise ValueError(f"--method centralized trains one model on the union of the data; it "
                          f"runs in one process, not over {shard.world} ranks")
@@ -349,6 +354,28 @@ def sample_batches(sim: Simulation) -> tuple[Tensor, bool]:
     return rows, refresh
 
 
+def smooth_teacher(sim: Simulation, got: Received, rows: Tensor) -> Received:
+    """--teacher-ema β: the teachers of the public rows ``rows`` [B] (indices into x_train)
+    replaced by an EMA of what the exchanges that drew each row sent, per client, head and
+    row: p̄ <- β·p̄ + (1 − β)·softmax(T/τ) (the first draw sets p̄), sent on as τ·log p̄, whose
+    softmax at τ is p̄. Teachers then change slowly while the clients' predictions jump from
+    step to step. One process, dense logits (``validate`` and ``setup`` check both)."""
+    cfg = sim.cfg
+    p = (got.teacher.float() / cfg.tau).softmax(-1)                      # [N, H1, B, V]
+    if sim.ema is None:
+        sim.ema = p.new_zeros(*p.shape[:2], len(sim.public_rows), p.shape[-1])
+        sim.ema_seen = torch.zeros(len(sim.public_rows), dtype=torch.bool, device=p.device)
+    where = torch.full((len(sim.data.y_train),), -1, dtype=torch.int64, device=p.device)
+    where[sim.public_rows] = torch.arange(len(sim.public_rows), device=p.device)
+    pos = where[rows]  # a row drawn twice in one batch gets the same value twice
+    seen = sim.ema_seen[pos][:, None]
+    old = sim.ema[:, :, pos]
+    sim.ema[:, :, pos] = torch.where(seen, cfg.teacher_ema * old + (1 - cfg.teacher_ema) * p, p)
+    sim.ema_seen[pos] = True
+    teacher = (cfg.tau * sim.ema[:, :, pos].log()).to(got.teacher.dtype)
+    return dataclasses.replace(got, teacher=teacher)
+
+
 def local_step(sim: Simulation, adj: Tensor, route: ex.Route | None = None) -> Received | None:
     """One step for every client of this process; returns the exchange it refreshed, if any.
     adj: the round's graph [N, N]; route: its ``exchange.route`` (made here if None)."""
@@ -417,6 +444,8 @@ def _step_loss(sim: Simulation, x: Tensor, y: Tensor, route: ex.Route | None,
                                                heads=sim.heads_sent, topk=cfg.topk,
                                                wire_dtype=WIRE_DTYPES[cfg.wire_dtype],
                                                tau=cfg.tau, backend=cfg.backend)
+            if cfg.teacher_ema > 0:
+                sim.received = fresh = smooth_teacher(sim, fresh, sim.public_batch)
         got = sim.received
         # One call covers every student of this process: the loss runs over the M candidates
         # of the exchange (this process's clients at got.rows, the teachers they heard around).
@@ -532,8 +561,8 @@ GAP_ROWS = 512
 def measure_gap(sim: Simulation, r: int) -> dict:
     """``metrics.gap_record`` of round r: the predictions of every client on the first GAP_ROWS
     public rows, their exchange over the round's graph (dense fp32, fresh: the teachers a
-    refresh would give now) and the targets the aux heads would get from it, against the rows'
-    labels, and each head against the ensemble of all main heads. Counts are summed over
+    refresh would give now, or their EMA with --teacher-ema) and the targets the aux heads
+    would get from it, against the rows' labels, and each head against the ensemble of all main heads. Counts are summed over
     ranks; every rank returns the record."""
     rows = sim.public_rows[:GAP_ROWS]
     y = sim.data.y_train[rows]
@@ -550,6 +579,10 @@ def measure_gap(sim: Simulation, r: int) -> dict:
         adj = sim.schedule(r).to(sim.device)
         got = ex.exchange(logits, None, ex.route(adj, sim.shard), heads=list(range(g)),
                           tau=sim.cfg.tau, backend=sim.cfg.backend)
+        if sim.ema is not None:  # the smoothed teachers of the rows drawn so far
+            seen = sim.ema_seen[:len(rows)][:, None]
+            got.teacher = torch.where(seen, sim.cfg.tau * sim.ema[:, :, :len(rows)].log(),
+                                      got.teacher)
         right, has = M.teacher_hits(got.teacher[:, :-1], got.adj, y, tau=sim.cfg.tau,
                                     include_self=sim.cfg.include_self,
                                     aggregate=sim.cfg.aggregate)

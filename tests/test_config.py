@@ -76,10 +76,17 @@ def test_a_partition_option_picks_its_partition():
     ("public_fraction", 1.0, "--public-fraction"), ("device", "tpu", "--device"),
     ("exchange_every", 0, "--exchange-every"), ("lr", 0.0, "--lr"), ("name", "a/b", "--name"),
     ("heads", 0, "--heads"), ("partition", "zipf", "--partition"), ("backend", "cuda", "--backend"),
+    ("teacher_ema", 1.0, "--teacher-ema"), ("teacher_ema", -0.1, "--teacher-ema"),
 ])
 def test_bad_values_name_the_option(key, value, flag):
     with pytest.raises(ValueError, match=flag):
         C.load(None, {key: value})
+
+
+def test_teacher_ema_needs_dense_logits():
+    with pytest.raises(ValueError, match="--teacher-ema .* needs --topk 0"):
+        C.load(None, {"teacher_ema": 0.5, "topk": 2})
+    assert C.load(None, {"teacher_ema": 0.5, "method": "isolated"}).teacher_ema == 0
 
 
 def test_heterogeneous_models_with_fedavg_or_mismatched_embeddings_are_refused():

@@ -11,6 +11,7 @@ import torch
 
 from mhd_fast import config as C
 from mhd_fast import models, train
+from mhd_fast.exchange import exchange
 
 from cases import run_killed_in_round
 
@@ -210,6 +211,21 @@ def test_each_round_records_the_gap_to_the_ensemble(tmp_path):
         "public_acc", "ensemble_public_acc", "ensemble_agreement"}
 
 
+def test_teacher_ema_averages_the_distributions_each_row_was_sent():
+    sim = train.setup(small(clients=3, teacher_ema=0.75, tau=2.0))
+    rows = sim.public_rows[[0, 1, 1]]  # a row drawn twice in one batch
+    adj = sim.schedule(0)
+    t1, t2 = torch.randn(2, 3, 3, 3, 10, generator=torch.Generator().manual_seed(0))
+    t1[:, :, 2] = t1[:, :, 1]  # the same row gives the same predictions
+    first = train.smooth_teacher(sim, exchange(t1, None, adj, heads=[0, 1]), rows).teacher
+    torch.testing.assert_close((first / 2).softmax(-1), (t1 / 2).softmax(-1))
+    second = train.smooth_teacher(sim, exchange(t2[:, :, :2], None, adj, heads=[0, 1]),
+                                  sim.public_rows[[1, 0]]).teacher
+    want = 0.75 * (t1[:, :, [1, 0]] / 2).softmax(-1) + 0.25 * (t2[:, :, :2] / 2).softmax(-1)
+    torch.testing.assert_close((second / 2).softmax(-1), want)
+    assert sim.ema_seen.sum() == 2
+
+
 def test_learning_rate_schedule():
     cfg = small(lr=1.0, rounds=2, steps_per_round=5)
     assert train.learning_rate(cfg, 0) == 1.0
@@ -240,11 +256,12 @@ def dropout_trunk():
                                torch.nn.Dropout(0.3))
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(model=["resnet:8:bn", dropout_trunk], topk=3)])
+@pytest.mark.parametrize("kw", [dict(exchange_every=2),
+                                dict(exchange_every=2, model=["resnet:8:bn", dropout_trunk], topk=3),
+                                dict(teacher_ema=0.5)])
 def test_resume_after_a_crash_reaches_the_same_metrics(tmp_path, monkeypatch, kw):
-    full = train.run(small(tmp_path, rounds=4, exchange_every=2, steps_per_round=3, **kw))
-    cfg = small(tmp_path, rounds=4, exchange_every=2, steps_per_round=3, out=str(tmp_path / "cut"),
-                **kw)
+    full = train.run(small(tmp_path, rounds=4, steps_per_round=3, **kw))
+    cfg = small(tmp_path, rounds=4, steps_per_round=3, out=str(tmp_path / "cut"), **kw)
     run_killed_in_round(cfg, monkeypatch, 2)
     assert not os.path.exists(os.path.join(cfg.out, "metrics.json"))  # no final output
     state = torch.load(os.path.join(cfg.out, "checkpoint.pt"), weights_only=True)
