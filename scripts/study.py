@@ -29,6 +29,7 @@ from mhd_fast.metrics import human_bytes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join("configs", "study.toml")
 STUDY_JSON = "study.json"
+GAP_MARK = "## 8. "  # the section scripts/gap_study.py writes after these
 PAPER_NOTE = ("Expected from the method (Zhmoginov et al., *Decentralized Learning with "
               "Multi-Headed Distillation*, CVPR 2023)")
 
@@ -583,6 +584,11 @@ def write_page(study: Study, results: str, command: str, sessions: list[dict]) -
         "",
     ]
     text = "\n".join(head + page.lines)
+    if os.path.exists(results):  # keep the sections written by scripts/gap_study.py
+        with open(results) as f:
+            old = f.read()
+        if GAP_MARK in old:
+            text = text.rstrip("\n") + "\n\n" + old[old.index(GAP_MARK):]
     os.makedirs(results_dir, exist_ok=True)
     with open(results, "w") as f:
         f.write(text)

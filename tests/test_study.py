@@ -97,3 +97,41 @@ def test_rerun_skips_the_finished_runs(quick):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "## 7. Teacher aggregation" in (out / "again.md").read_text()
+
+
+def test_gap_study_adds_section_8_and_the_study_keeps_it(quick):
+    """scripts/gap_study.py --quick: section 8 after sections 1-7, numbers that parse, its
+    plots; rewriting sections 1-7 (study.py) keeps it, and a second gap study replaces it."""
+    out, _ = quick
+    page = out / "gap.md"
+    page.write_text((out / "RESULTS.md").read_text())
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "gap_study.py"), "--quick",
+           "--no-progress", "--out", str(out / "gap"), "--results", str(page)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = page.read_text()
+    assert text.index("## 7. Teacher aggregation") < text.index("## 8. The gap")
+    gap = text.split("## 8. The gap")[1]
+    assert "Made by `python scripts/gap_study.py --quick`" in gap
+    for flags in re.findall(r"`mhd-fast run ([^`]*)`", gap):
+        from mhd_fast import cli, config
+
+        config.load(None, cli._flags(cli.build_parser().parse_args(["run", *flags.split()])))
+    found = tables(gap)
+    assert found
+    for header, *rows in found:
+        for row in rows:
+            for name, cell in zip(header, row):
+                if name in ("best aux", "ensemble", "teacher", "agree"):
+                    assert CELL.match(cell), (name, cell)
+    for name in re.findall(r"\(plots/(gap_[a-z_]+)\.png\)", gap):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    proc = subprocess.run(cmd + ["--report-only"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert page.read_text().count("## 8. The gap") == 1
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "study.py"), "--quick",
+                           "--no-progress", "--report-only", "--out", str(out / "runs"),
+                           "--results", str(page)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = page.read_text()
+    assert "## 7. Teacher aggregation" in again and again.count("## 8. The gap") == 1

@@ -1,0 +1,337 @@
+"""Where the gap between MHD's aux heads and the ensemble of the clients' main heads comes
+from: the sweeps configs/gap.toml (digits, one knob at a time around the default run) and
+configs/gap_fashion.toml (Fashion-MNIST, the knobs that matter), then section 8 of
+docs/RESULTS.md with its tables, plots and findings.
+
+    python scripts/gap_study.py                # both sweeps -> docs/RESULTS.md §8, docs/plots/gap_*.png
+    python scripts/gap_study.py --quick        # tiny sizes (CI) -> runs/gap-quick/RESULTS.md
+    python scripts/gap_study.py --report-only  # rewrite the section from the runs already made
+
+Every run records per round (metrics.json, ``metrics.gap_record``) how often the teacher of
+each aux head is right on 512 public rows and each head's agreement with the ensemble. The
+section replaces an earlier section 8 of the page and leaves the rest as it is; the page's
+sections 1-7 (scripts/study.py) keep it when they are written again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from mhd_fast import sweep
+
+import study as S  # scripts/study.py: the page helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Each sweep file and the suffix of its runs folder (OUT, OUT_fashion).
+SWEEPS = ((os.path.join("configs", "gap.toml"), ""),
+          (os.path.join("configs", "gap_fashion.toml"), "_fashion"))
+MARK = "## 8. "  # the section this script owns
+TITLE = "8. The gap between the aux heads and the ensemble"
+
+
+# ---- numbers of one run ----------------------------------------------------------------------
+
+def aux_heads(shared: dict) -> dict:
+    return {h: v for h, v in shared.items() if h != "head0"}
+
+
+def seed_numbers(m: dict) -> dict:
+    """The numbers of one finished run (one seed), as fractions.
+
+    best: the final best aux head's shared accuracy (head 0's without aux heads); ensemble:
+    the ensemble of main heads, final; gap = ensemble − best; teacher: how often the best aux
+    head's teacher was right on the public rows in the last round; teacher1: the same for
+    head 1 (whose teachers are main heads); agree: the best aux head's agreement with the
+    ensemble on those rows; peak: the best aux head's best round; jitter: the mean change of the
+    best aux accuracy from one round to the next over the second half of the run."""
+    fin, last = m["final"], m["rounds"][-1]
+    aux = aux_heads(fin["shared_acc"])
+    head = max(aux, key=aux.get) if aux else "head0"
+    best = fin["shared_acc"][head]
+    out = {"head0": fin["shared_acc"]["head0"], "best": best,
+           "ensemble": fin["ensemble_shared_acc"], "gap": fin["ensemble_shared_acc"] - best,
+           "agree": last["ensemble_agreement"][head]}
+    if "teacher_acc" in last:
+        out["teacher"] = last["teacher_acc"][head]
+        out["teacher1"] = last["teacher_acc"]["head1"]
+    curve = [max(aux_heads(r["shared_acc"]).values() or [r["shared_acc"]["head0"]])
+             for r in m["rounds"]]
+    out["peak"] = max(curve)
+    half = curve[len(curve) // 2:]
+    out["jitter"] = (sum(abs(b - a) for a, b in zip(half, half[1:])) / (len(half) - 1)
+                     if len(half) > 1 else 0.0)
+    return out
+
+
+def load_runs(plan: sweep.Plan, row: dict) -> list[dict]:
+    """metrics.json of every finished seed of a summary row."""
+    out = []
+    for rel in row["dirs"]:
+        with open(os.path.join(plan.out, rel, "metrics.json")) as f:
+            out.append(json.load(f))
+    return out
+
+
+def numbers(plan: sweep.Plan, row: dict) -> dict:
+    """{name: {"mean", "std", "values"}} over the row's seeds (``seed_numbers``)."""
+    per_seed = [seed_numbers(m) for m in load_runs(plan, row)]
+    out = {}
+    for key in per_seed[0]:
+        vals = [p[key] for p in per_seed]
+        mean, std = sweep.mean_std(vals)
+        out[key] = {"mean": mean, "std": std, "values": vals}
+    return out
+
+
+def curves(plan: sweep.Plan, row: dict) -> dict:
+    """Per round, mean over seeds: shared accuracy of every head, the ensemble, the teachers."""
+    runs = load_runs(plan, row)
+    rounds = len(runs[0]["rounds"])
+    out: dict[str, list[float]] = {}
+
+    def add(name, pick):
+        vals = [[pick(m["rounds"][r]) for m in runs] for r in range(rounds)]
+        out[name] = [sum(v) / len(v) for v in vals]
+
+    for h in runs[0]["rounds"][0]["shared_acc"]:
+        add(f"shared {h}", lambda rec, h=h: rec["shared_acc"][h])
+    add("ensemble", lambda rec: rec["ensemble_shared_acc"])
+    for h in runs[0]["rounds"][0].get("teacher_acc", {}):
+        add(f"teacher {h}", lambda rec, h=h: rec["teacher_acc"][h])
+    return out
+
+
+# ---- the section -----------------------------------------------------------------------------
+
+def knob_value(row: dict) -> str:
+    return ", ".join(f"{k} = {v}" for k, v in row["point"].items()) or "base"
+
+
+def fmt(st: dict | None) -> str:
+    return S.pct(st)
+
+
+def table(lines: list[str], header: list[str], rows: list[list[str]]) -> None:
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+
+
+def section(plans: list[tuple[str, sweep.Plan]], summaries: list[list[dict]], command: str,
+            plots_dir: str, results_dir: str) -> tuple[list[str], list[str]]:
+    """The lines of section 8 and its findings."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines, findings = [], []
+    add = lines.extend
+    add([f"## {TITLE}", "",
+          "Each round of every run records, on 512 public rows (their labels read for this "
+          "measure only), how often the *teacher* of each aux head is right (the target it "
+          "distils from: its candidates' head h−1 aggregated as in training) and how often each "
+          "head agrees with the ensemble of all main heads; and the ensemble's shared accuracy "
+          "on the test set (`docs/method.md` §4). Columns, mean ± std over seeds, in %: *best "
+          "aux* the final best aux head's shared accuracy; *peak* its best round; *ensemble* "
+          "the final ensemble of main heads; *gap* = ensemble − best aux; *teacher* how often "
+          "the best aux head's teacher is right in the last round; *teacher h1* the same for "
+          "head 1, whose teachers are main heads; *agree* the best aux head's agreement with "
+          "the ensemble; *jitter* the mean change of the best aux accuracy from one round to "
+          "the next over the second half of the run (points).", ""])
+    os.makedirs(plots_dir, exist_ok=True)
+
+    def save(fig, name, caption):
+        fig.tight_layout()
+        path = os.path.join(plots_dir, f"{name}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        add([f"![{caption}]({os.path.relpath(path, results_dir)})", "",
+             f"*{caption}.* Plot made by `{command}`.", ""])
+
+    scatter = []
+    for (path, plan), rows in zip(plans, summaries):
+        variant = rows[0]["variant"]
+        study = S.Study(plan, rows)
+        name = study.dataset(variant)
+        base = next(r for r in rows if r["run"] == "base")
+        if not base["seeds"]:
+            continue  # nothing to read yet
+        add([f"### {name}", "",
+             f"Base run (every row changes one knob of it): `mhd-fast run "
+             f"{study.flags(base, plan.seeds[0])}`, seeds {list(plan.seeds)}. Made by "
+             f"`{command}` (`{path}`).", ""])
+        body, seen = [], set()
+        found = {}
+        for r in rows:
+            key = (r["grid"], r["run"])
+            if key in seen or not r["seeds"]:
+                continue
+            seen.add(key)
+            n = numbers(plan, r)
+            found[key] = n
+            scatter += [(t, b, name) for t, b in zip(n.get("teacher", {}).get("values", []),
+                                                      n["best"]["values"])]
+            body.append([r["grid"], knob_value(r), fmt(n["best"]), fmt(n["peak"]),
+                         fmt(n["ensemble"]), S.signed(n["gap"]["mean"]), fmt(n.get("teacher")),
+                         fmt(n.get("teacher1")), fmt(n["agree"]),
+                         f"{100 * n['jitter']['mean']:.1f}", str(len(r["seeds"]))])
+        table(lines, ["knob", "value", "best aux", "peak", "ensemble", "gap",
+                      "teacher", "teacher h1", "agree", "jitter", "seeds"], body)
+
+        # accuracy over training: the base run and the variants that matter
+        show = [base] + [r for r in rows if r["grid"] in ("aggregate", "teacher_ema")
+                         and r["run"] != "base" and r["seeds"]]
+        fig, axes = plt.subplots(1, len(show), figsize=(4.2 * len(show), 3.6), squeeze=False,
+                                 sharey=True)
+        for ax, r in zip(axes[0], show):
+            c = curves(plan, r)
+            xs = list(range(len(c["ensemble"])))
+            for k, v in c.items():
+                style = "--" if k.startswith("teacher") else ("k-" if k == "ensemble" else "-")
+                ax.plot(xs, [100 * y for y in v], style, label=k, lw=1.2)
+            ax.set(title=knob_value(r) if r["run"] != "base" else "base", xlabel="round")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("accuracy (%), mean over seeds")
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle(f"{name}: shared accuracy per head, ensemble of main heads, and how often "
+                     "each aux head's teacher is right (dashed), by round")
+        save(fig, f"gap_curves_{variant}", f"{name}: shared accuracy of every head, the "
+             "ensemble of main heads and the teachers' accuracy on public rows (dashed) over "
+             "training, for the base run and the teacher aggregations")
+
+        grids = list(dict.fromkeys(r["grid"] for r in rows if r["grid"] != "length"))
+        if grids:
+            fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 3.4),
+                                     squeeze=False, sharey=True)
+            for ax, g in zip(axes[0], grids):
+                pts = [r for r in rows if r["grid"] == g and (g, r["run"]) in found]
+                xs = list(range(len(pts)))
+                for key, label, color in (("best", "best aux", "C0"), ("teacher", "teacher", "C1"),
+                                          ("ensemble", "ensemble", "k")):
+                    sts = [found[(g, r["run"])].get(key) for r in pts]
+                    S._errorbar(ax, xs, sts, label=label, color=color)
+                ax.set_xticks(xs, [", ".join(str(v) for v in r["point"].values()) for r in pts],
+                              rotation=30, fontsize=7)
+                ax.set_title(g, fontsize=9)
+                ax.grid(alpha=0.3)
+            axes[0][0].set_ylabel("accuracy (%)")
+            axes[0][-1].legend(fontsize=7)
+            save(fig, f"gap_knobs_{variant}", f"{name}: final best aux head, its teacher and "
+                 "the ensemble of main heads, one knob at a time (mean ± std over seeds)")
+        findings += knob_findings(name, rows, found)
+
+    if scatter:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for i, name in enumerate(dict.fromkeys(s[2] for s in scatter)):
+            pts = [s for s in scatter if s[2] == name]
+            ax.scatter([100 * t for t, _, _ in pts], [100 * b for _, b, _ in pts], s=12,
+                       color=f"C{i}", label=name)
+        lo = min(100 * min(t, b) for t, b, _ in scatter)
+        ax.plot([lo, 100], [lo, 100], "k:", lw=1)
+        ax.set(xlabel="teacher right on public rows (%), last round",
+               ylabel="best aux head, shared accuracy (%)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        save(fig, "gap_teacher", "Every run and seed: the best aux head's shared accuracy "
+             "against how often its teacher is right (dotted: equal)")
+        t = [s[0] for s in scatter]
+        b = [s[1] for s in scatter]
+        mean_diff = sum(y - x for x, y in zip(t, b)) / len(t)
+        findings.append(f"Over every run and seed ({len(t)}), the best aux head's shared accuracy "
+                        f"is its teacher's accuracy {S.signed(mean_diff)} points on average "
+                        f"(Pearson r = {_pearson(t, b):.2f}): an aux head learns its teacher, so "
+                        "the gap to the ensemble is the gap between the teacher and the ensemble.")
+    return lines, findings
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else float("nan")
+
+
+def knob_findings(name: str, rows: list[dict], found: dict) -> list[str]:
+    """One line per grid: each value's best aux, teacher and gap."""
+    out = []
+    for g in dict.fromkeys(r["grid"] for r in rows):
+        pts = [r for r in rows if r["grid"] == g and (g, r["run"]) in found]
+        parts = []
+        for r in pts:
+            n = found[(g, r["run"])]
+            parts.append(f"{knob_value(r)}: best aux {fmt(n['best'])}%"
+                         + (f", teacher {fmt(n['teacher'])}%" if "teacher" in n else "")
+                         + f", gap {S.signed(n['gap']['mean'])}")
+        out.append(f"{name}, {g}: " + "; ".join(parts) + ".")
+    return out
+
+
+# ---- the page --------------------------------------------------------------------------------
+
+def splice(page: str, section_text: str) -> str:
+    """``page`` with its section 8 (from its heading to the next '## ' heading or the end)
+    replaced by ``section_text``, or with ``section_text`` appended."""
+    if MARK in page:
+        start = page.index(MARK)
+        rest = page.find("\n## ", start + 1)
+        tail = page[rest + 1:] if rest >= 0 else ""
+        return page[:start] + section_text + ("\n" + tail if tail else "")
+    return page.rstrip("\n") + "\n\n" + section_text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes (the [quick] tables), for CI")
+    p.add_argument("--out", default=None, help="runs folder (default: runs/gap[-quick])")
+    p.add_argument("--results", default=None,
+                   help="the page to add section 8 to (default: docs/RESULTS.md; --quick: "
+                        "OUT/RESULTS.md)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at a time")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    p.add_argument("--report-only", action="store_true", help="do not run; use the runs made")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+
+    os.chdir(ROOT)
+    out = args.out or os.path.join("runs", "gap-quick" if args.quick else "gap")
+    results = args.results or (os.path.join(out, "RESULTS.md") if args.quick
+                               else os.path.join("docs", "RESULTS.md"))
+    command = "python scripts/gap_study.py" + (" --quick" if args.quick else "")
+    try:
+        plans, summaries = [], []
+        for path, suffix in SWEEPS:
+            if args.quick and "quick" not in sweep.read_sweep(path):
+                continue  # a sweep without a [quick] table needs data CI may not have
+            plan = sweep.load_plan(path, out + suffix, quick=args.quick)
+            if args.report_only:
+                rows = sweep.summarize(plan)
+            else:
+                t0 = time.perf_counter()
+                rows = sweep.run_plan(plan, jobs=args.jobs, threads=args.threads,
+                                      progress=args.progress)["summary"]
+                print(f"{path}: {time.perf_counter() - t0:.0f} s")
+            plans.append((path, plan))
+            summaries.append(rows)
+        results_dir = os.path.dirname(os.path.abspath(results))
+        lines, findings = section(plans, summaries, command, os.path.join(results_dir, "plots"),
+                                  results_dir)
+        lines[2:2] = ["Findings:", "", *(f"- {f}" for f in findings), ""]
+        page = ""
+        if os.path.exists(results):
+            with open(results) as f:
+                page = f.read()
+        os.makedirs(results_dir, exist_ok=True)
+        with open(results, "w") as f:
+            f.write(splice(page, "\n".join(lines)))
+    except (ValueError, OSError) as e:
+        sys.stderr.write(f"gap_study: error: {str(e).splitlines()[0]}\n")
+        return 2
+    print(f"wrote section 8 of {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
