@@ -44,7 +44,8 @@ def seed_numbers(m: dict) -> dict:
     best: the final best aux head's shared accuracy (head 0's without aux heads); ensemble:
     the ensemble of main heads, final; gap = ensemble − best; teacher: how often the best aux
     head's teacher was right on the public rows in the last round; teacher1: the same for
-    head 1 (whose teachers are main heads); agree: the best aux head's agreement with the
+    head 1 (whose teachers are main heads); public: the best aux head's own accuracy on those
+    rows (against teacher: how much of its teacher it learnt); agree: its agreement with the
     ensemble on those rows; peak: the best aux head's best round; jitter: the mean change of the
     best aux accuracy from one round to the next over the second half of the run."""
     fin, last = m["final"], m["rounds"][-1]
@@ -53,7 +54,7 @@ def seed_numbers(m: dict) -> dict:
     best = fin["shared_acc"][head]
     out = {"head0": fin["shared_acc"]["head0"], "best": best,
            "ensemble": fin["ensemble_shared_acc"], "gap": fin["ensemble_shared_acc"] - best,
-           "agree": last["ensemble_agreement"][head]}
+           "agree": last["ensemble_agreement"][head], "public": last["public_acc"][head]}
     if "teacher_acc" in last:
         out["teacher"] = last["teacher_acc"][head]
         out["teacher1"] = last["teacher_acc"]["head1"]
@@ -136,10 +137,13 @@ def section(plans: list[tuple[str, sweep.Plan]], summaries: list[list[dict]], co
           "on the test set (`docs/method.md` §4). Columns, mean ± std over seeds, in %: *best "
           "aux* the final best aux head's shared accuracy; *peak* its best round; *ensemble* "
           "the final ensemble of main heads; *gap* = ensemble − best aux; *teacher* how often "
-          "the best aux head's teacher is right in the last round; *teacher h1* the same for "
+          "the best aux head's teacher is right in the last round; *aux on public* the best aux "
+          "head itself on those rows (teacher − aux on public: what it has not learnt of its "
+          "teacher); *teacher h1* the same for "
           "head 1, whose teachers are main heads; *agree* the best aux head's agreement with "
           "the ensemble; *jitter* the mean change of the best aux accuracy from one round to "
-          "the next over the second half of the run (points).", ""])
+          "the next over the second half of the run (points). Runs without aux heads "
+          "(isolated) show head 0 under best aux.", ""])
     os.makedirs(plots_dir, exist_ok=True)
 
     def save(fig, name, caption):
@@ -159,26 +163,31 @@ def section(plans: list[tuple[str, sweep.Plan]], summaries: list[list[dict]], co
         if not base["seeds"]:
             continue  # nothing to read yet
         add([f"### {name}", "",
-             f"Base run (every row changes one knob of it): `mhd-fast run "
-             f"{study.flags(base, plan.seeds[0])}`, seeds {list(plan.seeds)}. Made by "
+             f"Base run (every other row changes one knob of it): `mhd-fast run "
+             f"{study.flags(base, plan.seeds[0]).strip()}`, seeds {list(plan.seeds)}. Made by "
              f"`{command}` (`{path}`).", ""])
-        body, seen = [], set()
+        body, by_run = [], {}
         found = {}
-        for r in rows:
-            key = (r["grid"], r["run"])
-            if key in seen or not r["seeds"]:
+        # the base run once, first; then each knob's other values
+        for r in sorted(rows, key=lambda r: r["run"] != "base"):
+            if not r["seeds"]:
                 continue
-            seen.add(key)
-            n = numbers(plan, r)
-            found[key] = n
+            first = r["run"] not in by_run
+            if first:
+                by_run[r["run"]] = numbers(plan, r)
+            n = found[(r["grid"], r["run"])] = by_run[r["run"]]
+            if not first:
+                continue
             scatter += [(t, b, name) for t, b in zip(n.get("teacher", {}).get("values", []),
                                                       n["best"]["values"])]
-            body.append([r["grid"], knob_value(r), fmt(n["best"]), fmt(n["peak"]),
+            grid, value = ("base", "(as above)") if r["run"] == "base" else (r["grid"], knob_value(r))
+            body.append([grid, value, fmt(n["best"]), fmt(n["peak"]),
                          fmt(n["ensemble"]), S.signed(n["gap"]["mean"]), fmt(n.get("teacher")),
+                         fmt(n["public"]),
                          fmt(n.get("teacher1")), fmt(n["agree"]),
                          f"{100 * n['jitter']['mean']:.1f}", str(len(r["seeds"]))])
         table(lines, ["knob", "value", "best aux", "peak", "ensemble", "gap",
-                      "teacher", "teacher h1", "agree", "jitter", "seeds"], body)
+                      "teacher", "aux on public", "teacher h1", "agree", "jitter", "seeds"], body)
 
         # accuracy over training: the base run and the variants that matter
         show = [base] + [r for r in rows if r["grid"] in ("aggregate", "teacher_ema")
@@ -220,6 +229,26 @@ def section(plans: list[tuple[str, sweep.Plan]], summaries: list[list[dict]], co
             axes[0][-1].legend(fontsize=7)
             save(fig, f"gap_knobs_{variant}", f"{name}: final best aux head, its teacher and "
                  "the ensemble of main heads, one knob at a time (mean ± std over seeds)")
+        c = curves(plan, base)
+        if "teacher head1" in c:
+            t, e = c["teacher head1"], c["ensemble"]
+            peak = max(range(len(t)), key=t.__getitem__)
+            findings.append(
+                f"{name}, base run: the teacher of head 1 (the most confident neighbour's main "
+                f"head) is right on {100 * t[0]:.1f}% of the public rows after round 0, when the "
+                f"ensemble of main heads is at {100 * e[0]:.1f}% shared; it peaks at "
+                f"{100 * t[peak]:.1f}% in round {peak} and ends at {100 * t[-1]:.1f}%, while the "
+                f"ensemble ends at {100 * e[-1]:.1f}% (means over seeds).")
+        unique = {key[1]: key for key in found}  # a run listed under two grids counts once
+        ranked = sorted(((found[key]["best"]["mean"], key) for run, key in unique.items()
+                         if run != "base" and "teacher" in found[key]), reverse=True)
+        b0 = found[next(k for k in found if k[1] == "base")]["best"]["mean"]
+        if ranked:
+            findings.append(
+                f"{name}, each run against the base run's best aux head "
+                f"({100 * b0:.1f}%): "
+                + ", ".join(f"{knob_value(next(r for r in rows if (r['grid'], r['run']) == key))} "
+                            f"{S.signed(m - b0)}" for m, key in ranked) + " points.")
         findings += knob_findings(name, rows, found)
 
     if scatter:
@@ -236,13 +265,14 @@ def section(plans: list[tuple[str, sweep.Plan]], summaries: list[list[dict]], co
         ax.grid(alpha=0.3)
         save(fig, "gap_teacher", "Every run and seed: the best aux head's shared accuracy "
              "against how often its teacher is right (dotted: equal)")
-        t = [s[0] for s in scatter]
-        b = [s[1] for s in scatter]
-        mean_diff = sum(y - x for x, y in zip(t, b)) / len(t)
-        findings.append(f"Over every run and seed ({len(t)}), the best aux head's shared accuracy "
-                        f"is its teacher's accuracy {S.signed(mean_diff)} points on average "
-                        f"(Pearson r = {_pearson(t, b):.2f}): an aux head learns its teacher, so "
-                        "the gap to the ensemble is the gap between the teacher and the ensemble.")
+        for name in dict.fromkeys(s[2] for s in scatter):
+            t = [s[0] for s in scatter if s[2] == name]
+            b = [s[1] for s in scatter if s[2] == name]
+            diff = sum(y - x for x, y in zip(t, b)) / len(t)
+            findings.append(
+                f"{name}, every run and seed ({len(t)}): the best aux head's shared accuracy "
+                f"is its teacher's accuracy on the public rows {S.signed(diff)} points on "
+                f"average (Pearson r = {_pearson(t, b):.2f}).")
     return lines, findings
 
 
@@ -265,7 +295,8 @@ def knob_findings(name: str, rows: list[dict], found: dict) -> list[str]:
             parts.append(f"{knob_value(r)}: best aux {fmt(n['best'])}%"
                          + (f", teacher {fmt(n['teacher'])}%" if "teacher" in n else "")
                          + f", gap {S.signed(n['gap']['mean'])}")
-        out.append(f"{name}, {g}: " + "; ".join(parts) + ".")
+        if parts:
+            out.append(f"{name}, {g}: " + "; ".join(parts) + ".")
     return out
 
 
