@@ -587,8 +587,9 @@ def measure_gap(sim: Simulation, r: int) -> dict:
                                     include_self=sim.cfg.include_self,
                                     aggregate=sim.cfg.aggregate)
         hits, teachers = right[got.rows].sum(0), has[got.rows].sum()
+    # every rank holds the whole ensemble: rank 0 alone counts its hits
     counts = torch.cat([hits, teachers[None], (pred == y).sum((0, 2)), (pred == ens).sum((0, 2)),
-                        (ens == y).sum()[None]])
+                        (ens == y).sum()[None] * int(sim.shard.lead)])
     D.all_sum(counts, sim.shard, "the gap counts")
     counts = counts.cpu()  # sync: one small vector a round
     h1 = sim.num_heads
