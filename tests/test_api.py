@@ -57,7 +57,8 @@ def test_the_round_records_hold_worst10_and_the_loss_terms():
         loss = rec["loss_sum"]
         assert list(loss) == ["total", "ce", "aux_head1", "aux_head2", "main"]
         assert all(v > 0 for v in loss.values())
-        assert loss["total"] == pytest.approx(loss["ce"] + loss["aux_head1"] + loss["aux_head2"]
+        nu = m["config"]["nu_aux"]
+        assert loss["total"] == pytest.approx(loss["ce"] + nu * (loss["aux_head1"] + loss["aux_head2"])
                                               + 0.5 * loss["main"], rel=1e-12)
     assert m["rounds"][-1]["loss_sum"]["ce"] < m["rounds"][0]["loss_sum"]["ce"]  # it learns
     assert list(mhd_fast.simulate(**{**SMALL, "rounds": 1}, method="isolated")["rounds"][0]
