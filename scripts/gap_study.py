@@ -14,10 +14,8 @@ sections 1-7 (scripts/study.py) keep it when they are written again.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
 from mhd_fast import config as C
@@ -343,24 +341,15 @@ def splice(page: str, section_text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes (the [quick] tables), for CI")
-    p.add_argument("--out", default=None, help="runs folder (default: runs/gap[-quick])")
-    p.add_argument("--results", default=None,
-                   help="the page to add section 8 to (default: docs/RESULTS.md; --quick: "
-                        "OUT/RESULTS.md)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at a time")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run")
-    p.add_argument("--report-only", action="store_true", help="do not run; use the runs made")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    args = p.parse_args(argv)
+    args = S.parser(__doc__, "gap", "to add section 8 to").parse_args(argv)
 
     os.chdir(ROOT)
     out = args.out or os.path.join("runs", "gap-quick" if args.quick else "gap")
     results = args.results or (os.path.join(out, "RESULTS.md") if args.quick
                                else os.path.join("docs", "RESULTS.md"))
     command = "python scripts/gap_study.py" + (" --quick" if args.quick else "")
-    try:
+
+    def work() -> str:
         plans, summaries = [], []
         for path, suffix in SWEEPS:
             if args.quick and "quick" not in sweep.read_sweep(path):
@@ -387,11 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(results_dir, exist_ok=True)
         with open(results, "w") as f:
             f.write(splice(page, "\n".join(lines)))
-    except (ValueError, OSError) as e:
-        sys.stderr.write(f"gap_study: error: {str(e).splitlines()[0]}\n")
-        return 2
-    print(f"wrote section 8 of {results}")
-    return 0
+        return f"wrote section 8 of {results}"
+
+    return S.reporting("gap_study", work)
 
 
 if __name__ == "__main__":

@@ -597,24 +597,41 @@ def write_page(study: Study, results: str, command: str, sessions: list[dict]) -
 
 # ---- command line --------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes (the [quick] table), for CI")
-    p.add_argument("--out", default=None, help="runs folder (default: runs/study[-quick])")
+def parser(doc: str, runs: str, page: str) -> argparse.ArgumentParser:
+    """The options of the study scripts: runs in runs/RUNS[-quick], PAGE says what is written."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes (the [quick] tables), for CI")
+    p.add_argument("--out", default=None, help=f"runs folder (default: runs/{runs}[-quick])")
     p.add_argument("--results", default=None,
-                   help="the page to write (default: docs/RESULTS.md; --quick: OUT/RESULTS.md)")
+                   help=f"the page {page} (default: docs/RESULTS.md; --quick: OUT/RESULTS.md)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at a time")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run")
     p.add_argument("--report-only", action="store_true", help="do not run; use the runs made")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    args = p.parse_args(argv)
+    return p
+
+
+def reporting(prog: str, work) -> int:
+    """work() -> the line to print, status 0; a ValueError or OSError is one line, status 2."""
+    try:
+        said = work()
+    except (ValueError, OSError) as e:
+        sys.stderr.write(f"{prog}: error: {str(e).splitlines()[0]}\n")
+        return 2
+    print(said)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser(__doc__, "study", "to write").parse_args(argv)
 
     os.chdir(ROOT)  # the config, runs/ and docs/ are relative to the repository
     out = args.out or os.path.join("runs", "study-quick" if args.quick else "study")
     results = args.results or (os.path.join(out, "RESULTS.md") if args.quick
                                else os.path.join("docs", "RESULTS.md"))
     command = "python scripts/study.py" + (" --quick" if args.quick else "")
-    try:
+
+    def work() -> str:
         plan = sweep.load_plan(CONFIG, out, quick=args.quick)
         stamp = os.path.join(out, STUDY_JSON)
         sessions = []  # one entry per invocation that ran the sweep: a resumed study adds up
@@ -642,11 +659,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"runs not finished: {', '.join(sorted(set(missing)))} "
                              "(run without --report-only to make them)")
         write_page(Study(plan, rows), results, command, sessions)
-    except (ValueError, OSError) as e:
-        sys.stderr.write(f"study: error: {str(e).splitlines()[0]}\n")
-        return 2
-    print(f"wrote {results} and its plots in {os.path.join(os.path.dirname(results), 'plots')}")
-    return 0
+        return f"wrote {results} and its plots in {os.path.join(os.path.dirname(results), 'plots')}"
+
+    return reporting("study", work)
 
 
 if __name__ == "__main__":
