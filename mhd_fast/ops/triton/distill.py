@@ -107,6 +107,31 @@ def teacher_tile(T, st0, st1, st2, st3, LSE_T, LOGCONF_T, ADJ, sa0, sa1, N, G, B
 
 
 @triton.jit
+def kl_init(ROWS: tl.constexpr, ACC: tl.constexpr):
+    """The forward's sums (m, s, A, P) before the first column tile."""
+    m = tl.full([ROWS], float("-inf"), ACC)
+    return m, tl.zeros([ROWS], ACC), tl.zeros([ROWS], ACC), tl.zeros([ROWS], ACC)
+
+
+@triton.jit
+def student_tile(Z, zrow, sz3, rmask, v0, V, BLOCK_V: tl.constexpr):
+    """Columns v0 .. v0 + BLOCK_V of the student rows at zrow -> (z [ROWS, BLOCK_V], with −inf
+    past V or a masked row, the columns, their mask)."""
+    cols = v0 + tl.arange(0, BLOCK_V)
+    cmask = cols < V
+    z = tl.load(Z + zrow[:, None] + cols[None, :].to(tl.int64) * sz3,
+                mask=rmask[:, None] & cmask[None, :], other=float("-inf"))
+    return z, cols, cmask
+
+
+@triton.jit
+def kl_finish(m, s, a, p_sum, tau, ln2):
+    """The sums after the last tile -> (loss τ²·KL(p̄ ‖ q), the student's lse) per row."""
+    log2s = tl.log2(s)
+    return tau * tau * ln2 * (a + p_sum * log2s), (finite_base(m) + log2s) * ln2
+
+
+@triton.jit
 def kl_step(u, p, log2p, m, s, a, p_sum):
     """One column tile of the forward's sums: u [ROWS, BLOCK_V] the student in log2 units, p and
     log2 p the teacher's tile -> the new (m, s, A, P) of the module docstring."""
@@ -132,23 +157,16 @@ def _distill_fwd_kernel(
     jsel, has, inv_total, mass = teacher_rows(IDX, LOGCONF_T, MASS, ADJ, sa0, sa1, r, rmask, n, g,
                                               b, N, G, B, AGG, INCLUDE_SELF, HAS_MASS, ACC)
     zrow = n * sz0 + g * sz1 + b * sz2
-    m = tl.full([ROWS], float("-inf"), ACC)
-    s = tl.zeros([ROWS], ACC)
-    a = tl.zeros([ROWS], ACC)
-    p_sum = tl.zeros([ROWS], ACC)
+    m, s, a, p_sum = kl_init(ROWS, ACC)
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        cmask = cols < V
-        z = tl.load(Z + zrow[:, None] + cols[None, :].to(tl.int64) * sz3,
-                    mask=rmask[:, None] & cmask[None, :], other=float("-inf"))
+        z, cols, cmask = student_tile(Z, zrow, sz3, rmask, v0, V, BLOCK_V)
         p, log2p = teacher_tile(T, st0, st1, st2, st3, LSE_T, LOGCONF_T, ADJ, sa0, sa1, N, G, B,
                                 n, g, b, jsel, has, inv_total, cols, cmask, scale, log2e,
                                 AGG, INCLUDE_SELF, ACC, ROWS, BLOCK_V)
         m, s, a, p_sum = kl_step(z.to(ACC) * scale, p, log2p, m, s, a, p_sum)
-    log2s = tl.log2(s)
-    loss = tau * tau * ln2 * (a + p_sum * log2s)
+    loss, lse_z = kl_finish(m, s, a, p_sum, tau, ln2)
     tl.store(LOSS + r, tl.where(has, loss, 0.0), mask=rmask)
-    tl.store(LSE_Z + r, (finite_base(m) + log2s) * ln2, mask=rmask)
+    tl.store(LSE_Z + r, lse_z, mask=rmask)
 
 
 @triton.jit

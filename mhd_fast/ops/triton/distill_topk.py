@@ -42,7 +42,7 @@ import triton.language as tl
 from . import distill
 from .common import (acc_tl, exact_scalar, finite_base, log2_consts, online_lse_step,
                             row_coords, split_scalar, tile_shape)
-from .distill import AGG_CODES, kl_step
+from .distill import AGG_CODES, kl_finish, kl_init, kl_step, student_tile
 from .select import choose, is_candidate
 
 
@@ -244,24 +244,17 @@ def _distill_topk_mixed_fwd_kernel(
         total += _packet_weight(VALUES, jj * sv0 + g * sv1 + b * sv2, lse, cand, AGG, ACC)
     inv_total = 1.0 / tl.where(total > 0, total, 1.0)
     zrow = n * sz0 + g * sz1 + b * sz2
-    m = tl.full([ROWS], float("-inf"), ACC)
-    s = tl.zeros([ROWS], ACC)
-    a = tl.zeros([ROWS], ACC)
-    p_sum = tl.zeros([ROWS], ACC)
+    m, s, a, p_sum = kl_init(ROWS, ACC)
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        cmask = cols < V
-        z = tl.load(Z + zrow[:, None] + cols[None, :].to(tl.int64) * sz3,
-                    mask=rmask[:, None] & cmask[None, :], other=float("-inf"))
+        z, cols, cmask = student_tile(Z, zrow, sz3, rmask, v0, V, BLOCK_V)
         p = _mixed_packets_tile(VALUES, INDICES, LSE, ADJ, sa0, sa1, n, g, b, has, inv_total, cols,
                                 V, K, N, sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2,
                                 AGG, INCLUDE_SELF, HAS_REST, ACC, ROWS, BLOCK_V)
         p = tl.where(cmask[None, :], p, 0.0)
         m, s, a, p_sum = kl_step(z.to(ACC) * scale, p, tl.log2(p), m, s, a, p_sum)
-    log2s = tl.log2(s)
-    loss = tau * tau * ln2 * (a + p_sum * log2s)
+    loss, lse_z = kl_finish(m, s, a, p_sum, tau, ln2)
     tl.store(LOSS + r, tl.where(has, loss, 0.0), mask=rmask)
-    tl.store(STATS + 2 * R + r, (finite_base(m) + log2s) * ln2, mask=rmask)
+    tl.store(STATS + 2 * R + r, lse_z, mask=rmask)
 
 
 @triton.jit
