@@ -11,7 +11,7 @@ import torch
 
 from mhd_fast import config as C
 from mhd_fast import models, train
-from mhd_fast.exchange import exchange
+from mhd_fast.exchange import exchange, route
 
 from cases import run_killed_in_round
 
@@ -217,9 +217,9 @@ def test_teacher_ema_averages_the_distributions_each_row_was_sent():
     adj = sim.schedule(0)
     t1, t2 = torch.randn(2, 3, 3, 3, 10, generator=torch.Generator().manual_seed(0))
     t1[:, :, 2] = t1[:, :, 1]  # the same row gives the same predictions
-    first = train.smooth_teacher(sim, exchange(t1, None, adj, heads=[0, 1]), rows).teacher
+    first = train.smooth_teacher(sim, exchange(t1, None, route(adj), heads=[0, 1]), rows).teacher
     torch.testing.assert_close((first / 2).softmax(-1), (t1 / 2).softmax(-1))
-    second = train.smooth_teacher(sim, exchange(t2[:, :, :2], None, adj, heads=[0, 1]),
+    second = train.smooth_teacher(sim, exchange(t2[:, :, :2], None, route(adj), heads=[0, 1]),
                                   sim.public_rows[[1, 0]]).teacher
     want = 0.75 * (t1[:, :, [1, 0]] / 2).softmax(-1) + 0.25 * (t2[:, :, :2] / 2).softmax(-1)
     torch.testing.assert_close((second / 2).softmax(-1), want)
