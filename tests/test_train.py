@@ -83,7 +83,9 @@ def test_distillation_mixes_clients_only_through_predictions():
     sim = train.setup(cfg)
     twin = copy.deepcopy(sim)
     with torch.no_grad():
-        twin.groups[0].params["heads.bias"][0].add_(5.0)  # client 0 predicts differently
+        # client 0 predicts differently (a uniform shift would leave its softmax unchanged)
+        bias = twin.groups[0].params["heads.bias"][0]
+        bias.add_(torch.linspace(-5.0, 5.0, bias.numel()))
     train.local_step(sim, sim.schedule(0))
     train.local_step(twin, twin.schedule(0))
     w, w2 = sim.groups[0].params["fc0.weight"], twin.groups[0].params["fc0.weight"]
