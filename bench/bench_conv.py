@@ -14,7 +14,6 @@ import csv
 import os
 import time
 
-import mhd_fast  # noqa: F401  (sets OMP_WAIT_POLICY before torch starts its threads)
 import torch
 import torch.nn.functional as F
 

@@ -40,7 +40,7 @@ import torch
 
 from mhd_fast import config as C
 from mhd_fast import distributed as D
-from mhd_fast import train
+from mhd_fast import simulation, train
 
 # The timed round: digits, an MLP with 3 aux heads (bench_round.py's round).
 SPEED = dict(dataset="digits", model=["mlp:128x64"], heads=3, batch_size=32, public_batch_size=64,
@@ -56,11 +56,11 @@ LARGEST = dict(dataset="fashion_mnist", model=["mlp:8"], heads=1, batch_size=8, 
 def worker(spec: dict) -> None:
     """Time spec["rounds"] rounds after one warm-up; rank 0 prints a JSON line."""
     cfg = C.load(None, spec["config"])
-    owned = D.init(train.resolve_device(cfg.device), cfg.dist_timeout)
+    owned = D.init(simulation.resolve_device(cfg.device), cfg.dist_timeout)
     clean = False
     try:
         t0 = time.perf_counter()
-        sim = train.setup(cfg)
+        sim = simulation.setup(cfg)
         setup_s = time.perf_counter() - t0
         shard = sim.shard
         times, sent, cross = [], [], []

@@ -40,9 +40,8 @@ import subprocess
 import sys
 import time
 
-# torch loads OpenMP here, before mhd_fast could set OMP_WAIT_POLICY=PASSIVE: both
-# implementations run with the environment's OpenMP waits (the default spins, which favours
-# the loop's many small ops; PASSIVE slows the loop ~4x on an idle machine).
+# Both implementations run with the environment's OpenMP waits (the default spins, which
+# favours the loop's many small ops; the CLI's PASSIVE slows the loop ~4x on an idle machine).
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -52,7 +51,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import loop_round  # noqa: E402
 
 from mhd_fast import config as C  # noqa: E402
-from mhd_fast import train  # noqa: E402
+from mhd_fast import evaluation, simulation, train  # noqa: E402
 
 # The benchmarked round: digits, an MLP with 3 aux heads, dense fp32 exchange on a complete graph.
 BASE = dict(dataset="digits", model=["mlp:128x64"], heads=3, batch_size=32, public_batch_size=64,
@@ -140,7 +139,7 @@ def bench_speed(clients: int, rounds: int, device: str, with_loop: bool, case: s
                 flops: bool = False, **extra) -> list[dict]:
     _peak_gpu_reset(device)
     cfg = make_config(clients, device, **{**extra, **(parse_case(case) if case else {})})
-    sim = train.setup(cfg)
+    sim = simulation.setup(cfg)
     twin = copy.deepcopy(sim) if with_loop else None
     step = step_flops(sim) if flops else None
     rows = []
@@ -177,12 +176,12 @@ def memory_child(clients: int, device: str, extra: dict) -> None:
     case = extra.pop("case", "")  # MODEL@DATASET[@STEPS]: a factory does not go through JSON
     cfg = make_config(clients, device, **{**extra, **(parse_case(case) if case else {})})
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    sim = train.setup(cfg)
+    sim = simulation.setup(cfg)
     t0 = time.perf_counter()
     train.train_round(sim, 0)
     _sync(device)
     round_s = time.perf_counter() - t0
-    train.evaluate(sim)
+    evaluation.evaluate(sim)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"clients": clients, "rss_before_bytes": before, "peak_rss_bytes": peak,
                       "round_s": round_s,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mhd_fast import models, train
+from mhd_fast import models, simulation, train
 
 
 @dataclass
@@ -33,7 +33,7 @@ class LoopClients:
     nets: list[nn.Module | None]
 
 
-def from_simulation(sim: train.Simulation) -> LoopClients:
+def from_simulation(sim: simulation.Simulation) -> LoopClients:
     """Per-client copies of the simulation's weights, optimizers of the same kind and settings."""
     cfg = sim.cfg
     if cfg.topk or cfg.nu_emb > 0 or cfg.exchange_every != 1 or cfg.method in ("fedavg", "centralized"):
@@ -92,7 +92,7 @@ def teacher_probs(received: list[Tensor], tau: float, aggregate: str) -> Tensor:
     return (w.unsqueeze(-1) * probs).sum(dim=0)
 
 
-def loop_step(sim: train.Simulation, clients: LoopClients, adj: Tensor) -> None:
+def loop_step(sim: simulation.Simulation, clients: LoopClients, adj: Tensor) -> None:
     cfg, d = sim.cfg, sim.data
     rows, _ = train.sample_batches(sim)
     bp, n = cfg.batch_size, len(clients.params)
@@ -130,7 +130,7 @@ def loop_step(sim: train.Simulation, clients: LoopClients, adj: Tensor) -> None:
     sim.step += 1
 
 
-def loop_round(sim: train.Simulation, clients: LoopClients, r: int) -> None:
+def loop_round(sim: simulation.Simulation, clients: LoopClients, r: int) -> None:
     """Round r of the loop baseline (no metrics: the benchmark times training only)."""
     adj = sim.schedule(r).to(sim.device)
     for _ in range(sim.cfg.steps_per_round):

@@ -9,21 +9,21 @@ import pytest
 
 import bench_round
 import loop_round
-from mhd_fast import train
+from mhd_fast import simulation, train
 
 _sims = {}
 
 
-def simulation(clients: int):
+def sim_of(clients: int):
     if clients not in _sims:
-        _sims[clients] = train.setup(bench_round.make_config(clients, "cpu"))
+        _sims[clients] = simulation.setup(bench_round.make_config(clients, "cpu"))
     return copy.deepcopy(_sims[clients])
 
 
 @pytest.mark.parametrize("impl", ["batched", "loop"])
 @pytest.mark.parametrize("clients", [16, 64])
 def test_round(benchmark, clients, impl):
-    sim = simulation(clients)
+    sim = sim_of(clients)
     if impl == "batched":
         def fn():
             train.train_round(sim, 0)

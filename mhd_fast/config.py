@@ -285,7 +285,7 @@ def validate(cfg: Config) -> None:
         _need(len(cfg.model) == 1, "--method fedavg averages weights, so all clients need one "
               f"architecture; got --model {model_names(cfg)}")
     if cfg.nu_emb > 0 and cfg.method in ("mhd", "mean_distill"):
-        # a module trunk's E is known once it is built on the data's inputs (train.setup)
+        # a module trunk's E is known once it is built on the data's inputs (simulation.setup)
         dims = {a.emb_dim for a in archs if isinstance(a, models.Arch)}
         _need(len(dims) == 1, f"--nu-emb needs one embedding size (last hidden width) in every "
               f"--model architecture, got {sorted(dims)}")

@@ -388,10 +388,10 @@ def _end_with_the_sweep(sweep_pid: int, stop) -> None:
 
 
 def check_runs(todo: list[C.Config]) -> None:
-    """The checks of every run that need the data (``train.check``), before any run starts:
+    """The checks of every run that need the data (``simulation.check``), before any run starts:
     a bad point fails the sweep at once, not after the runs before it. Each dataset is read
     once (the checks need its sizes, which no seed changes)."""
-    from .train import check, load_data
+    from .simulation import check, load_data
 
     datasets: dict = {}
     for cfg in todo:

@@ -312,7 +312,7 @@ def section(plans: list[tuple[str, sweep.Plan]], summaries: list[list[dict]], co
         "Larger scale (cnn:16x32-64 clients on Fashion-MNIST, 64 clients) was not run. On this "
         "machine one local step of such a run takes 4.7 s of CPU time and one evaluation of all "
         "64 clients on the 10,000 test images 239 s (one thread, 256 images per client, 3 aux "
-        "heads, measured with `train.setup`, `train.train_round` and `train.evaluate` on a 5-step "
+        "heads, measured with `simulation.setup`, `train.train_round` and `evaluation.evaluate` on a 5-step "
         "round): 40 rounds x 20 steps would take about 3.7 h of CPU per run (1.0 h of steps, "
         "2.7 h of evaluation), so a study of 10 or more runs needs a GPU or a far cheaper "
         "evaluation, not 60 minutes of 2 cores.", ""]

@@ -265,7 +265,7 @@ def section_skew(page: Page, variants: list[str]) -> None:
 
 def graph_info(cfg: C.Config) -> dict:
     """topology.describe of the graph a run used. The graph's seed is drawn the way
-    train.setup draws it: the third of three ints from the split seed's generator."""
+    simulation.setup draws it: the third of three ints from the split seed's generator."""
     gen = torch.Generator().manual_seed(cfg.split_seed)
     graph_seed = torch.randint(0, 2**31 - 1, (3,), generator=gen).tolist()[2]
     return topology.describe(topology.make_schedule(cfg.graph, cfg.clients, seed=graph_seed,

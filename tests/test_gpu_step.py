@@ -11,7 +11,7 @@ import mhd_fast
 from mhd_fast import config as C
 from mhd_fast import exchange as ex
 from mhd_fast import models
-from mhd_fast import train
+from mhd_fast import evaluation, simulation, train
 from mhd_fast.ops.inputs import trusted_packets
 
 from cases import make_graph, make_logits
@@ -51,7 +51,7 @@ def test_trusted_packets_skip_only_the_content_check():
                                    {"nu_main": 0.5, "nu_emb": 0.1, "exchange_every": 2}],
                          ids=["dense", "topk", "mean", "main-emb-stale"])
 def test_local_step_makes_no_host_sync(extra):
-    sim = train.setup(tiny_config("cuda", **extra))
+    sim = simulation.setup(tiny_config("cuda", **extra))
     adj = sim.schedule(0).to(sim.device)
     route = ex.route(adj, sim.shard)
     train.local_step(sim, adj, route)  # first launches: kernels compile, allocations grow
@@ -67,10 +67,10 @@ def test_local_step_makes_no_host_sync(extra):
 
 
 def _two_rounds(cfg: C.Config):
-    sim = train.setup(cfg)
+    sim = simulation.setup(cfg)
     for r in range(2):
         train.train_round(sim, r)
-    return [p.detach().cpu() for p in models.parameters(sim.groups)], train.evaluate(sim)
+    return [p.detach().cpu() for p in models.parameters(sim.groups)], evaluation.evaluate(sim)
 
 
 def _assert_compile_matches_eager(device: str, **extra):

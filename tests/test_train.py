@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mhd_fast import config as C
-from mhd_fast import models, train
+from mhd_fast import evaluation, models, simulation, train
 from mhd_fast.exchange import exchange, route
 
 from cases import run_killed_in_round
@@ -48,7 +48,7 @@ def _stacked(sim) -> dict:
 ])
 def test_batched_round_equals_the_per_client_loop(kw):
     cfg = small(optimizer="sgd", lr=0.1, **kw)
-    sim = train.setup(cfg)
+    sim = simulation.setup(cfg)
     twin = copy.deepcopy(sim)
     init = _stacked(sim)
     clients = loop_round.from_simulation(twin)
@@ -67,7 +67,7 @@ def test_adam_state_is_per_client():
     """Zeroing one client's loss (it has no data in common with the others) must not move
     the others: Adam on stacked weights is elementwise."""
     cfg = small(method="isolated")
-    sim = train.setup(cfg)
+    sim = simulation.setup(cfg)
     twin = copy.deepcopy(sim)
     with torch.no_grad():  # perturb client 0 only
         for p in twin.groups[0].params.values():
@@ -80,7 +80,7 @@ def test_adam_state_is_per_client():
 
 def test_distillation_mixes_clients_only_through_predictions():
     cfg = small(graph="ring")
-    sim = train.setup(cfg)
+    sim = simulation.setup(cfg)
     twin = copy.deepcopy(sim)
     with torch.no_grad():
         # client 0 predicts differently (a uniform shift would leave its softmax unchanged)
@@ -95,7 +95,7 @@ def test_distillation_mixes_clients_only_through_predictions():
 
 
 def test_fedavg_averages_weights_over_the_graph():
-    sim = train.setup(small(method="fedavg"))
+    sim = simulation.setup(small(method="fedavg"))
     for p in sim.groups[0].params.values():  # one common initial model
         assert torch.equal(p, p[:1].expand_as(p))
     sent, _ = train.train_round(sim, 0)
@@ -106,7 +106,7 @@ def test_fedavg_averages_weights_over_the_graph():
 
 
 def test_fedavg_on_a_ring_mixes_neighbours():
-    sim = train.setup(small(method="fedavg", graph="ring", steps_per_round=1))
+    sim = simulation.setup(small(method="fedavg", graph="ring", steps_per_round=1))
     before = copy.deepcopy(sim)
     train.local_step(before, before.schedule(0))  # the same step, without the averaging
     train.train_round(sim, 0)
@@ -116,25 +116,25 @@ def test_fedavg_on_a_ring_mixes_neighbours():
 
 
 def test_centralized_trains_one_model_judged_on_every_client():
-    sim = train.setup(small(method="centralized"))
+    sim = simulation.setup(small(method="centralized"))
     assert len(sim.groups) == 1 and sim.groups[0].size == 1
-    per_client = train.setup(small(method="isolated"))  # the same split seed
+    per_client = simulation.setup(small(method="isolated"))  # the same split seed
     assert int(sim.private_count[0]) == int(per_client.private_count.sum())  # the union
     train.train_round(sim, 0)
-    private, shared, ensemble = train.evaluate(sim)
+    private, shared, ensemble = evaluation.evaluate(sim)
     assert private.shape == (6, 1) and torch.all(shared == shared[0])
     assert abs(ensemble - float(shared[0, 0])) < 1e-9  # one main head: its own ensemble
 
 
 def test_isolated_sends_nothing():
-    sim = train.setup(small(method="isolated"))
+    sim = simulation.setup(small(method="isolated"))
     sent, dense = train.train_round(sim, 0)
     assert int(sent.sum()) == 0 and int(dense.sum()) == 0 and sim.num_heads == 1
 
 
 def test_topk_and_wire_dtype_shrink_the_bytes():
-    dense = train.setup(small())
-    packed = train.setup(small(topk=2, wire_dtype="float16"))
+    dense = simulation.setup(small())
+    packed = simulation.setup(small(topk=2, wire_dtype="float16"))
     a, _ = train.train_round(dense, 0)
     b, b_dense = train.train_round(packed, 0)
     assert torch.equal(a, b_dense)
@@ -144,7 +144,7 @@ def test_topk_and_wire_dtype_shrink_the_bytes():
 
 
 def test_stale_exchange_refreshes_every_k_steps():
-    sim = train.setup(small(exchange_every=2, steps_per_round=5))
+    sim = simulation.setup(small(exchange_every=2, steps_per_round=5))
     sent, _ = train.train_round(sim, 0)
     per_exchange = 6 * 5 * 2 * 16 * 10 * 4
     assert int(sent.sum()) == 3 * per_exchange  # steps 0, 2, 4
@@ -154,18 +154,18 @@ def test_stale_exchange_refreshes_every_k_steps():
 
 
 def test_embedding_term_and_heterogeneous_groups_run():
-    sim = train.setup(small(model=["mlp:16x8", "cnn:4-8"], nu_emb=0.5, topk=3))
+    sim = simulation.setup(small(model=["mlp:16x8", "cnn:4-8"], nu_emb=0.5, topk=3))
     assert [g.size for g in sim.groups] == [3, 3]
     before = sim.groups[1].params["conv0.weight"].detach().clone()
     sent, _ = train.train_round(sim, 0)
     assert sim.received.emb.shape == (6, 16, 8)
     assert not torch.equal(before, sim.groups[1].params["conv0.weight"])
-    private, shared, _ = train.evaluate(sim)
+    private, shared, _ = evaluation.evaluate(sim)
     assert private.shape == shared.shape == (6, 3)
 
 
 def test_time_varying_graph_changes_per_round():
-    sim = train.setup(small(graph="matching"))
+    sim = simulation.setup(small(graph="matching"))
     a, b = sim.schedule(0), sim.schedule(1)
     assert not torch.equal(a, b)
     sent0, _ = train.train_round(sim, 0)
@@ -173,9 +173,9 @@ def test_time_varying_graph_changes_per_round():
 
 
 def test_evaluate_matches_a_per_client_count():
-    sim = train.setup(small())
+    sim = simulation.setup(small())
     train.train_round(sim, 0)
-    private, shared, _ = train.evaluate(sim, chunk=50)
+    private, shared, _ = evaluation.evaluate(sim, chunk=50)
     x, y = sim.data.x_test, sim.data.y_test
     for i in (0, 4):
         logits = loop_round.forward_client(sim.groups[0].arch,
@@ -193,10 +193,10 @@ def test_each_round_records_the_gap_to_the_ensemble(tmp_path):
     assert set(rec["teacher_acc"]) == {"head1", "head2"}
     assert set(rec["public_acc"]) == set(rec["ensemble_agreement"]) == {"head0", "head1", "head2"}
     assert rec["ensemble_shared_acc"] == metrics["final"]["ensemble_shared_acc"]
-    sim = train.setup(small(clients=4))
-    gap = train.measure_gap(sim, 0)
+    sim = simulation.setup(small(clients=4))
+    gap = evaluation.measure_gap(sim, 0)
     # by hand: client 0 hears 1..3 on the complete graph and takes the most confident
-    rows = sim.public_rows[:train.GAP_ROWS]
+    rows = sim.public_rows[:evaluation.GAP_ROWS]
     y = sim.data.y_train[rows]
     logits, _ = models.forward_groups(sim.groups, sim.data.x_train[rows], shared=True,
                                       num_heads=sim.num_heads)
@@ -209,12 +209,12 @@ def test_each_round_records_the_gap_to_the_ensemble(tmp_path):
     assert gap["teacher_acc"]["head1"] == pytest.approx(hits / (4 * len(y)))
     ens = p.sum(0).argmax(-1)
     assert gap["ensemble_public_acc"] == pytest.approx(float((ens == y).double().mean()))
-    assert train.measure_gap(train.setup(small(clients=4, method="isolated")), 0).keys() == {
+    assert evaluation.measure_gap(simulation.setup(small(clients=4, method="isolated")), 0).keys() == {
         "public_acc", "ensemble_public_acc", "ensemble_agreement"}
 
 
 def test_teacher_ema_averages_the_distributions_each_row_was_sent():
-    sim = train.setup(small(clients=3, teacher_ema=0.75, tau=2.0))
+    sim = simulation.setup(small(clients=3, teacher_ema=0.75, tau=2.0))
     rows = sim.public_rows[[0, 1, 1]]  # a row drawn twice in one batch
     adj = sim.schedule(0)
     t1, t2 = torch.randn(2, 3, 3, 3, 10, generator=torch.Generator().manual_seed(0))
@@ -304,7 +304,7 @@ def test_a_round_that_goes_non_finite_stops_the_run_and_keeps_the_last_finite_st
 
 def test_a_non_finite_loss_is_found_without_a_sync_per_step(monkeypatch):
     """The loss is summed on the device and read once a round, with the weights' check."""
-    sim = train.setup(small(steps_per_round=4))
+    sim = simulation.setup(small(steps_per_round=4))
     reads = []
     real_item, real_tolist = torch.Tensor.item, torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or real_item(t))
@@ -331,14 +331,14 @@ def test_resume_refuses_other_options(tmp_path):
 
 @pytest.mark.parametrize("spec", ["mlp:16x8", "cnn:4x6-8", "resnet:8:bn", dropout_trunk])
 def test_the_memory_check_counts_the_weights_that_setup_draws(spec):
-    sim = train.setup(small(model=[spec]))
+    sim = simulation.setup(small(model=[spec]))
     arch = sim.groups[0].arch
     assert models.num_params(arch, sim.data.input_shape, 10, 3) == models.num_params_per_client(sim.groups)[0]
     assert models.num_params(arch, sim.data.input_shape, 10, 0) < models.num_params_per_client(sim.groups)[0]
 
 
 def test_the_memory_check_counts_every_layer_output_of_a_module_trunk():
-    needs = train.memory_needs(small(model=["resnet:8"]), (1, 8, 8), 10)
+    needs = simulation.memory_needs(small(model=["resnet:8"]), (1, 8, 8), 10)
     info = models.trunk_info(models.parse_arch("resnet:8"), (1, 8, 8))
     option, acts, _ = needs[-1]
     assert acts == 6 * (8 + 16) * info.activations * 4  # 6 clients, 8 private + 16 public rows
@@ -347,10 +347,10 @@ def test_the_memory_check_counts_every_layer_output_of_a_module_trunk():
 
 @pytest.mark.parametrize("method", ["mhd", "isolated", "fedavg", "mean_distill", "centralized"])
 def test_every_method_runs_module_clients(method):
-    sim = train.setup(small(method=method, model=["resnet:8:bn"], topk=3 if method == "mhd" else 0))
+    sim = simulation.setup(small(method=method, model=["resnet:8:bn"], topk=3 if method == "mhd" else 0))
     before = {k: b.clone() for k, b in sim.groups[0].buffers.items()}
     train.train_round(sim, 0)
-    private, shared, ensemble = train.evaluate(sim)
+    private, shared, ensemble = evaluation.evaluate(sim)
     assert private.shape == (6, sim.num_heads) and 0 <= ensemble <= 1
     buffers = sim.groups[0].buffers
     assert not torch.equal(buffers["stem.1.running_mean"], before["stem.1.running_mean"])
@@ -365,8 +365,8 @@ def test_every_method_runs_module_clients(method):
 
 def test_data_dependent_errors_name_the_option():
     with pytest.raises(ValueError, match="--clients"):
-        train.setup(small(clients=5000))
+        simulation.setup(small(clients=5000))
     with pytest.raises(ValueError, match="--topk"):
-        train.setup(small(topk=11))
+        simulation.setup(small(topk=11))
     with pytest.raises(ValueError, match="data_dir"):
-        train.setup(small(dataset="mnist", data_dir="/nonexistent"))
+        simulation.setup(small(dataset="mnist", data_dir="/nonexistent"))
