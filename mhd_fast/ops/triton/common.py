@@ -88,6 +88,17 @@ def row_coords(pid, R, N, G, B, ROWS: tl.constexpr):
 
 
 @triton.jit
+def program_rows(R, N, G, B, tau_hi, tau_mid, tau_lo, ACC: tl.constexpr, ROWS: tl.constexpr):
+    """The prologue of a kernel that reads logits at temperature τ: this program's rows as
+    ``row_coords`` gives them (r, rmask, n, g, b), then ln 2, log2 e, the exact τ and
+    scale = log2(e)/τ, which takes logits to log2 units."""
+    r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
+    ln2, log2e = log2_consts(ACC)
+    tau = exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
+    return r, rmask, n, g, b, ln2, log2e, tau, log2e / tau
+
+
+@triton.jit
 def finite_base(m):
     """The shift used for exp2(u − shift): the running max, or 0 while it is −inf (an empty or
     all-masked prefix), so that −inf − (−inf) never makes a NaN."""

@@ -26,8 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (acc_tl, exact_scalar, finite_base, log2_consts, online_lse_step,
-                            row_coords, split_scalar, tile_shape)
+from .common import acc_tl, finite_base, online_lse_step, program_rows, split_scalar, tile_shape
 from .select import is_candidate
 
 AGG_CODES = {"max_confidence": 0, "mean": 1, "confidence_weighted": 2}
@@ -150,10 +149,8 @@ def _distill_fwd_kernel(
     AGG: tl.constexpr, INCLUDE_SELF: tl.constexpr, HAS_MASS: tl.constexpr, ACC: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
-    ln2, log2e = log2_consts(ACC)
-    tau = exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
-    scale = log2e / tau
+    r, rmask, n, g, b, ln2, log2e, tau, scale = program_rows(R, N, G, B, tau_hi, tau_mid, tau_lo,
+                                                             ACC, ROWS)
     jsel, has, inv_total, mass = teacher_rows(IDX, LOGCONF_T, MASS, ADJ, sa0, sa1, r, rmask, n, g,
                                               b, N, G, B, AGG, INCLUDE_SELF, HAS_MASS, ACC)
     zrow = n * sz0 + g * sz1 + b * sz2
@@ -178,10 +175,8 @@ def _distill_bwd_kernel(
     AGG: tl.constexpr, INCLUDE_SELF: tl.constexpr, HAS_MASS: tl.constexpr, ACC: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
-    ln2, log2e = log2_consts(ACC)
-    tau = exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
-    scale = log2e / tau
+    r, rmask, n, g, b, ln2, log2e, tau, scale = program_rows(R, N, G, B, tau_hi, tau_mid, tau_lo,
+                                                             ACC, ROWS)
     jsel, has, inv_total, mass = teacher_rows(IDX, LOGCONF_T, MASS, ADJ, sa0, sa1, r, rmask, n, g,
                                               b, N, G, B, AGG, INCLUDE_SELF, HAS_MASS, ACC)
     lse_z2 = tl.load(LSE_Z + r, mask=rmask, other=0.0).to(ACC) * log2e

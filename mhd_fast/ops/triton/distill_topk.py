@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 
 from . import distill
-from .common import (acc_tl, exact_scalar, finite_base, log2_consts, online_lse_step,
-                            row_coords, split_scalar, tile_shape)
+from .common import (acc_tl, exact_scalar, finite_base, online_lse_step, program_rows,
+                     row_coords, split_scalar, tile_shape)
 from .distill import AGG_CODES, kl_finish, kl_init, kl_step, student_tile
 from .select import choose, is_candidate
 
@@ -126,10 +126,8 @@ def _distill_topk_fwd_kernel(
     NW: tl.constexpr, LANES: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     # outputs: LOSS [N·G·B]; STATS [3, N·G·B] = lse_t, logconf_t, L_rest; IND32 [N·G·B, K]; IDX
-    r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
-    ln2, log2e = log2_consts(ACC)
-    tau = exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
-    scale = log2e / tau
+    r, rmask, n, g, b, ln2, log2e, tau, scale = program_rows(R, N, G, B, tau_hi, tau_mid, tau_lo,
+                                                             ACC, ROWS)
     zrow = n * sz0 + g * sz1 + b * sz2
     j = _packet_prologue(VALUES, INDICES, LSE, ADJ, STATS, IND32, IDX, r, rmask, n, g, b, R, N, K,
                          sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, sa0, sa1,
@@ -229,10 +227,8 @@ def _distill_topk_mixed_fwd_kernel(
     ROWS: tl.constexpr, BLOCK_V: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     # STATS[2] is lse_z here (the dense backward's statistic)
-    r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
-    ln2, log2e = log2_consts(ACC)
-    tau = exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
-    scale = log2e / tau
+    r, rmask, n, g, b, ln2, log2e, tau, scale = program_rows(R, N, G, B, tau_hi, tau_mid, tau_lo,
+                                                             ACC, ROWS)
     j = _packet_prologue(VALUES, INDICES, LSE, ADJ, STATS, IND32, IDX, r, rmask, n, g, b, R, N, K,
                          sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, sa0, sa1,
                          INCLUDE_SELF, ACC, ROWS, K_BLOCK, BLOCK_J)
@@ -266,10 +262,8 @@ def _distill_topk_bwd_kernel(
     HAS_REST: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
     K_BLOCK: tl.constexpr,
 ):
-    r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
-    ln2, log2e = log2_consts(ACC)
-    tau = exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
-    scale = log2e / tau
+    r, rmask, n, g, b, ln2, log2e, tau, scale = program_rows(R, N, G, B, tau_hi, tau_mid, tau_lo,
+                                                             ACC, ROWS)
     zrow = n * sz0 + g * sz1 + b * sz2
     drow = n * sd0 + g * sd1 + b * sd2
     has, vrow, irow, lrow = _packet_rows(tl.load(IDX + r, mask=rmask, other=-1), rmask, g, b, sv0,

@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (acc_tl, exact_scalar, finite_base, log2_consts, online_lse_step,
-                            row_coords, split_scalar, tile_shape)
+from .common import acc_tl, finite_base, online_lse_step, program_rows, split_scalar, tile_shape
 
 
 @triton.jit
@@ -40,9 +39,8 @@ def _teacher_stats_kernel(
     tau_hi, tau_mid, tau_lo,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    r, rmask, n, g, b = row_coords(tl.program_id(0), R, N, G, B, ROWS)
-    ln2, log2e = log2_consts(ACC)
-    scale = log2e / exact_scalar(tau_hi, tau_mid, tau_lo, ACC)
+    r, rmask, n, g, b, ln2, _, _, scale = program_rows(R, N, G, B, tau_hi, tau_mid, tau_lo, ACC,
+                                                       ROWS)
     lse, logconf = row_stats(T, n * st0 + g * st1 + b * st2, rmask, V, st3, scale, ln2, ACC, ROWS,
                              BLOCK_V)
     tl.store(LSE + r, lse, mask=rmask)
