@@ -117,21 +117,12 @@ def _packet_prologue(VALUES, INDICES, LSE, ADJ, STATS, IND32, IDX, r, rmask, n, 
 
 
 @triton.jit
-def _distill_topk_fwd_kernel(
-    Z, VALUES, INDICES, LSE, ADJ, LOSS, STATS, IND32, IDX,  # the packet as it arrives
-    R, N, G, B, V, K,
-    sz0, sz1, sz2, sz3, sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, sa0, sa1,
-    tau_hi, tau_mid, tau_lo,
-    INCLUDE_SELF: tl.constexpr, HAS_REST: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
-    NW: tl.constexpr, LANES: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
-):
-    # outputs: LOSS [N·G·B]; STATS [3, N·G·B] = lse_t, logconf_t, L_rest; IND32 [N·G·B, K]; IDX
-    r, rmask, n, g, b, ln2, log2e, tau, scale = program_rows(R, N, G, B, tau_hi, tau_mid, tau_lo,
-                                                             ACC, ROWS)
-    zrow = n * sz0 + g * sz1 + b * sz2
-    j = _packet_prologue(VALUES, INDICES, LSE, ADJ, STATS, IND32, IDX, r, rmask, n, g, b, R, N, K,
-                         sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, sa0, sa1,
-                         INCLUDE_SELF, ACC, ROWS, K_BLOCK, BLOCK_J)
+def _bucket_kl(Z, zrow, sz3, VALUES, INDICES, LSE, j, rmask, g, b, V, K,
+               sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, ln2, log2e, tau, scale,
+               HAS_REST: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, NW: tl.constexpr,
+               LANES: tl.constexpr, K_BLOCK: tl.constexpr):
+    """max_confidence: (loss, L_rest) of the rows against the packets of their teachers j, the
+    KL over the K sent buckets and the rest in one pass over Z (module docstring)."""
     has, vrow, irow, lrow = _packet_rows(j, rmask, g, b, sv0, sv1, sv2, si0, si1, si2, sl0, sl1, sl2)
     lanes = tl.arange(0, LANES)
     m = tl.full([ROWS], float("-inf"), ACC)
@@ -171,9 +162,7 @@ def _distill_topk_fwd_kernel(
         log2q_rest = tl.log2(s_rest) - log2s
         kl2 += tl.where(p_rest != 0, p_rest * (tl.log2(p_rest) - log2q_rest), 0.0)
         l_rest = (base + tl.log2(s_rest)) * ln2
-    loss = tau * tau * ln2 * kl2
-    tl.store(LOSS + r, tl.where(has, loss, 0.0), mask=rmask)
-    tl.store(STATS + 2 * R + r, l_rest, mask=rmask)
+    return tau * tau * ln2 * kl2, l_rest
 
 
 @triton.jit
@@ -218,20 +207,12 @@ def _mixed_packets_tile(VALUES, INDICES, LSE, ADJ, sa0, sa1, n, g, b, has, inv_t
 
 
 @triton.jit
-def _distill_topk_mixed_fwd_kernel(
-    Z, VALUES, INDICES, LSE, ADJ, LOSS, STATS, IND32, IDX,  # as _distill_topk_fwd_kernel
-    R, N, G, B, V, K,
-    sz0, sz1, sz2, sz3, sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, sa0, sa1,
-    tau_hi, tau_mid, tau_lo,
-    AGG: tl.constexpr, INCLUDE_SELF: tl.constexpr, HAS_REST: tl.constexpr, ACC: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
-):
-    # STATS[2] is lse_z here (the dense backward's statistic)
-    r, rmask, n, g, b, ln2, log2e, tau, scale = program_rows(R, N, G, B, tau_hi, tau_mid, tau_lo,
-                                                             ACC, ROWS)
-    j = _packet_prologue(VALUES, INDICES, LSE, ADJ, STATS, IND32, IDX, r, rmask, n, g, b, R, N, K,
-                         sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, sa0, sa1,
-                         INCLUDE_SELF, ACC, ROWS, K_BLOCK, BLOCK_J)
+def _mixed_kl(Z, zrow, sz3, VALUES, INDICES, LSE, ADJ, sa0, sa1, j, rmask, n, g, b, N, V, K,
+              sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, ln2, tau, scale,
+              AGG: tl.constexpr, INCLUDE_SELF: tl.constexpr, HAS_REST: tl.constexpr,
+              ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """mean / confidence_weighted: (loss, lse_z) of the rows, the dense forward's KL against p̄
+    built from the candidates' packets tile by tile (module docstring)."""
     has = (j >= 0) & rmask
     total = tl.zeros([ROWS], ACC)
     for jj in range(0, N):
@@ -239,7 +220,6 @@ def _distill_topk_mixed_fwd_kernel(
         lse = tl.load(LSE + jj * sl0 + g * sl1 + b * sl2, mask=cand, other=0.0).to(ACC)
         total += _packet_weight(VALUES, jj * sv0 + g * sv1 + b * sv2, lse, cand, AGG, ACC)
     inv_total = 1.0 / tl.where(total > 0, total, 1.0)
-    zrow = n * sz0 + g * sz1 + b * sz2
     m, s, a, p_sum = kl_init(ROWS, ACC)
     for v0 in range(0, V, BLOCK_V):
         z, cols, cmask = student_tile(Z, zrow, sz3, rmask, v0, V, BLOCK_V)
@@ -248,9 +228,39 @@ def _distill_topk_mixed_fwd_kernel(
                                 AGG, INCLUDE_SELF, HAS_REST, ACC, ROWS, BLOCK_V)
         p = tl.where(cmask[None, :], p, 0.0)
         m, s, a, p_sum = kl_step(z.to(ACC) * scale, p, tl.log2(p), m, s, a, p_sum)
-    loss, lse_z = kl_finish(m, s, a, p_sum, tau, ln2)
-    tl.store(LOSS + r, tl.where(has, loss, 0.0), mask=rmask)
-    tl.store(STATS + 2 * R + r, lse_z, mask=rmask)
+    return kl_finish(m, s, a, p_sum, tau, ln2)
+
+
+@triton.jit
+def _distill_topk_fwd_kernel(
+    Z, VALUES, INDICES, LSE, ADJ, LOSS, STATS, IND32, IDX,  # the packet as it arrives
+    R, N, G, B, V, K,
+    sz0, sz1, sz2, sz3, sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, sa0, sa1,
+    tau_hi, tau_mid, tau_lo,
+    AGG: tl.constexpr, INCLUDE_SELF: tl.constexpr, HAS_REST: tl.constexpr, ACC: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr, K_BLOCK: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    # outputs: LOSS [N·G·B]; STATS [3, N·G·B] = lse_t, logconf_t and the backward's statistic
+    # (L_rest for max_confidence, lse_z otherwise); IND32 [N·G·B, K]; IDX
+    r, rmask, n, g, b, ln2, log2e, tau, scale = program_rows(R, N, G, B, tau_hi, tau_mid, tau_lo,
+                                                             ACC, ROWS)
+    zrow = n * sz0 + g * sz1 + b * sz2
+    j = _packet_prologue(VALUES, INDICES, LSE, ADJ, STATS, IND32, IDX, r, rmask, n, g, b, R, N, K,
+                         sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, sa0, sa1,
+                         INCLUDE_SELF, ACC, ROWS, K_BLOCK, BLOCK_J)
+    if AGG == 0:
+        loss, statistic = _bucket_kl(Z, zrow, sz3, VALUES, INDICES, LSE, j, rmask, g, b, V, K,
+                                     sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0, sl1, sl2, ln2,
+                                     log2e, tau, scale, HAS_REST, ACC, ROWS, BLOCK_V // LANES,
+                                     LANES, K_BLOCK)
+    else:
+        loss, statistic = _mixed_kl(Z, zrow, sz3, VALUES, INDICES, LSE, ADJ, sa0, sa1, j, rmask, n,
+                                    g, b, N, V, K, sv0, sv1, sv2, sv3, si0, si1, si2, si3, sl0,
+                                    sl1, sl2, ln2, tau, scale, AGG, INCLUDE_SELF, HAS_REST, ACC,
+                                    ROWS, BLOCK_V)
+    tl.store(LOSS + r, tl.where((j >= 0) & rmask, loss, 0.0), mask=rmask)
+    tl.store(STATS + 2 * R + r, statistic, mask=rmask)
 
 
 @triton.jit
@@ -388,21 +398,14 @@ def distill_topk_packets(student, values, indices, lse, adj, tau, include_self, 
     stats = torch.empty((3, n, g, b), dtype=acc, device=device)
     ind32 = torch.empty((n, g, b, k), dtype=torch.int32, device=device)
     idx = torch.empty((n, g, b), dtype=torch.int64, device=device)
-    args = (student, values, indices, lse, adj, loss, stats, ind32, idx, rows, n, g, b, v, k,
-            *student.stride(), *values.stride(), *indices.stride(), *lse.stride(), *adj.stride(),
-            *split_scalar(tau))
     block_j = min(triton.next_power_of_2(n), 32, max(1, 4096 // n_rows))
-    grid = (triton.cdiv(rows, n_rows),)
-    if aggregate == "max_confidence":
-        lanes = min(32, block_v)
-        _distill_topk_fwd_kernel[grid](
-            *args, INCLUDE_SELF=include_self, HAS_REST=k < v, ACC=acc_tl(acc), ROWS=n_rows,
-            NW=block_v // lanes, LANES=lanes, K_BLOCK=k_block, BLOCK_J=block_j, num_warps=num_warps)
-    else:
-        _distill_topk_mixed_fwd_kernel[grid](
-            *args, AGG=AGG_CODES[aggregate], INCLUDE_SELF=include_self, HAS_REST=k < v,
-            ACC=acc_tl(acc), ROWS=n_rows, BLOCK_V=block_v, K_BLOCK=k_block, BLOCK_J=block_j,
-            num_warps=num_warps)
+    # LANES: max_confidence reads a column tile as [BLOCK_V / LANES, LANES] (see _bucket_kl)
+    _distill_topk_fwd_kernel[(triton.cdiv(rows, n_rows),)](
+        student, values, indices, lse, adj, loss, stats, ind32, idx, rows, n, g, b, v, k,
+        *student.stride(), *values.stride(), *indices.stride(), *lse.stride(), *adj.stride(),
+        *split_scalar(tau), AGG=AGG_CODES[aggregate], INCLUDE_SELF=include_self, HAS_REST=k < v,
+        ACC=acc_tl(acc), ROWS=n_rows, BLOCK_V=block_v, LANES=min(32, block_v), K_BLOCK=k_block,
+        BLOCK_J=block_j, num_warps=num_warps)
     return loss, stats, ind32, idx
 
 
