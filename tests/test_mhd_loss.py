@@ -509,8 +509,6 @@ def test_opcheck_every_distill_op(backend):
     z = make_logits((n, h, b, v), seed=13).to(device).requires_grad_()
     t = make_logits((n, h - 1, b, v), torch.bfloat16, seed=14).to(device)
     adj = make_graph("ring", n).to(device)
-    lse_t, logconf_t = reference.teacher_stats(t, 1.3)
-    idx, _ = reference.select(logconf_t, adj, False)
     packet = _packet(t, k, 1.3, torch.bfloat16)
     rows = distill.distill_topk(z.detach(), *packet, adj, 1, 1.3, False, "max_confidence", backend)
     grad = torch.rand(n, h - 1, b, device=device)
@@ -518,16 +516,12 @@ def test_opcheck_every_distill_op(backend):
     lse_z = torch.logsumexp(zd[:, 1:] / 1.3, -1)
     checks = []
     for aggregate in AGGREGATES:
-        checks += [(distill.distill_fwd, (z, t, lse_t, logconf_t, idx, adj, 1, 1.3, False, aggregate, backend)),
-                   (distill.distill_bwd, (grad, zd, t, lse_t, logconf_t, idx, adj, lse_z, 1, 1.3, False, aggregate,
-                                          backend)),
-                   (distill.distill_topk, (z, *packet, adj, 1, 1.3, False, aggregate, backend))]
-        if backend in distill.FUSED_DENSE:
-            # (not mean with the unit gradient: its backward scales the op's unit output in place,
-            # which callers never read again but opcheck compares after the backward)
-            checks += [(distill.distill_dense, (z, t, adj, 1, 1.3, False, aggregate, need_grad, reduction, backend))
-                       for need_grad in (False, True) for reduction in ("none", "sum", "mean")
-                       if not (need_grad and reduction == "mean")]
+        checks += [(distill.distill_topk, (z, *packet, adj, 1, 1.3, False, aggregate, backend))]
+        # (not mean with the unit gradient: its backward scales the op's unit output in place,
+        # which callers never read again but opcheck compares after the backward)
+        checks += [(distill.distill_dense, (z, t, adj, 1, 1.3, False, aggregate, need_grad, reduction, backend))
+                   for need_grad in (False, True) for reduction in ("none", "sum", "mean")
+                   if not (need_grad and reduction == "mean")]
         if aggregate != "max_confidence":  # max_confidence packets save a backend-specific statistic
             checks += [(distill.distill_topk_bwd, (grad, zd, packet.values, rows[2], *rows[1].unbind(0)[:2],
                                                    rows[3], adj, lse_z, 1, 1.3, False, aggregate, backend))]

@@ -71,28 +71,19 @@ def select(logconf: Tensor, adj: Tensor, include_self: bool) -> tuple[Tensor, Te
     return idx, has
 
 
-def _distill(kernel, student: Tensor, dt: torch.dtype, outputs: dict, *, teacher, values, indices, idx, adj,
-             tau, include_self, aggregate, **rows: Tensor) -> None:
-    """Runs _C.distill_fwd or _C.distill_bwd. Per-row metadata ([N, G, B]: lse_t, logconf_t and,
-    backward, grad and lse_z) and packet values go to the accumulation dtype dt, indices to
-    int32 (no copy when they already are); the converted tensors stay referenced here until
-    the kernel returns, since _C only gets their pointers."""
+def _distill(kernel, student: Tensor, dt: torch.dtype, outputs: dict, *, values, indices, idx, adj, tau,
+             include_self, aggregate, **rows: Tensor) -> None:
+    """Runs _C.distill_bwd (or _C.distill_fwd, which takes the same arguments) against packet
+    teachers. Per-row metadata ([N, G, B]: lse_t, logconf_t and, backward, grad and lse_z) and
+    packet values go to the accumulation dtype dt, indices to int32 (no copy when they already
+    are); the converted tensors stay referenced here until the kernel returns, since _C only
+    gets their pointers."""
     rows = {name: t.to(dt) for name, t in rows.items()}
-    if values is not None:
-        values, indices = values.to(dt), indices.to(torch.int32)
-    kernel(student=_arg("student", student), teacher=None if teacher is None else _arg("teacher", teacher),
-           values=None if values is None else _arg("values", values),
-           indices=None if indices is None else _arg("indices", indices),
-           idx=_arg("idx", idx), adj=_arg("adj", adj), tau=float(tau), include_self=bool(include_self),
-           aggregate=_aggregate_code(aggregate), acc=_CODES[dt], threads=_threads(),
+    values, indices = values.to(dt), indices.to(torch.int32)
+    kernel(student=_arg("student", student), teacher=None, values=_arg("values", values),
+           indices=_arg("indices", indices), idx=_arg("idx", idx), adj=_arg("adj", adj), tau=float(tau),
+           include_self=bool(include_self), aggregate=_aggregate_code(aggregate), acc=_CODES[dt], threads=_threads(),
            **{name: _arg(name, t) for name, t in rows.items()}, **outputs)
-
-
-def _forward(student, dt, **args) -> tuple[Tensor, Tensor]:
-    loss = torch.empty(student.shape[:-1], dtype=dt)
-    lse_z = torch.empty(student.shape[:-1], dtype=dt)
-    _distill(_C.distill_fwd, student, dt, dict(loss=loss.data_ptr(), lse_z=lse_z.data_ptr()), **args)
-    return loss, lse_z
 
 
 def _backward(student, dt, out, **args) -> Tensor:
@@ -105,20 +96,6 @@ def _backward(student, dt, out, **args) -> Tensor:
     if d_student is not out:
         out.copy_(d_student)
     return out
-
-
-def distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, tau, include_self, aggregate):
-    """Dense teacher: (loss [N, G, B] = τ²·KL, lse_z [N, G, B] of Z/τ), accumulation dtype."""
-    return _forward(student, acc_dtype(student, teacher), teacher=teacher, values=None, indices=None,
-                    lse_t=lse_t, logconf_t=logconf_t, idx=idx, adj=adj, tau=tau, include_self=include_self,
-                    aggregate=aggregate)
-
-
-def distill_bwd(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z, tau, include_self, aggregate, out):
-    """Dense teacher: dZ = grad·τ·(q − p̄), a fresh contiguous tensor of Z's dtype."""
-    return _backward(student, acc_dtype(student, teacher), out, teacher=teacher, values=None, indices=None,
-                     lse_t=lse_t, logconf_t=logconf_t, idx=idx, adj=adj, tau=tau, include_self=include_self,
-                     aggregate=aggregate, grad=grad, lse_z=lse_z)
 
 
 def distill_topk_packets(student: Tensor, values: Tensor, indices: Tensor, lse: Tensor, adj: Tensor, tau: float,
@@ -155,7 +132,7 @@ def distill_topk_bwd(grad, student, values, indices, lse_t, logconf_t, idx, adj,
                      aggregate, out):
     """Top-k packet teacher: dZ by the bucket formula (reference.distill_topk; mean / confidence_weighted:
     grad·τ·(q − p̄) against the expanded packets)."""
-    return _backward(student, acc_dtype(student, values), out, teacher=None, values=values, indices=indices,
+    return _backward(student, acc_dtype(student, values), out, values=values, indices=indices,
                      lse_t=lse_t, logconf_t=logconf_t, idx=idx, adj=adj, tau=tau, include_self=include_self,
                      aggregate=aggregate, grad=grad, lse_z=lse_z)
 

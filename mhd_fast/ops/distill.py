@@ -20,8 +20,6 @@ one path for eager mode, torch.compile and opcheck alike:
                           mean included, in the student's dtype, scaled on the device)
   packet teacher          distill_topk: the packet's rows, choice and loss in one launch; the
                           backward distill_topk_bwd
-distill_fwd / distill_bwd, the dense loss in separate kernels after teacher_stats and select,
-are the kernel contract the packet backward of mean / confidence_weighted builds on.
 The ops take the FULL student logits [N, H, B, V] and a head offset: student group g is head
 head_offset + g, so that the backward writes the whole gradient at once (zeros in the other
 heads) instead of autograd zero-filling a full tensor and copying a slice into it.
@@ -31,9 +29,6 @@ any strides, fp32/fp16/bf16/fp64; row tensors [N, G, B] in the accumulation dtyp
 input is fp64, else fp32; packet values [N, G, B, K] in any float dtype, indices int32; inputs
 never written):
 
-  distill_fwd(Z, T, lse_t, logconf_t, idx, adj, tau, include_self, aggregate) -> (loss, lse_z)
-  distill_bwd(grad, Z, T, lse_t, logconf_t, idx, adj, lse_z, tau, include_self, aggregate, out)
-      -> out, filled with dZ = grad·τ·(q − p̄)
   distill_topk_packets(Z_full [N, H, B, V], values, indices, lse, adj, tau, include_self,
                        aggregate, head_offset)
       -> (loss, rows [3, N, G, B] = lse_t, logconf_t, row statistic; indices int32; idx): the
@@ -41,9 +36,6 @@ never written):
       int32 / int64 [N, ≥ G, B, K], lse [N, ≥ G, B])
   distill_topk_bwd(grad, Z, values, indices, lse_t, logconf_t, idx, adj, statistic, tau,
                    include_self, aggregate, out) -> out, the bucket formula (reference.py)
-
-and, for the backends in FUSED_DENSE (all):
-
   distill_dense(Z_full, T [N, ≥ G, B, V], adj, head_offset, tau, include_self, aggregate,
                 need_grad, groups, reduction)
       -> (loss, lse_z, unit [N, H, B, V] or empty, lse_t, logconf_t, idx); loss is the rows'
@@ -63,10 +55,8 @@ from .inputs import (LOGIT_DTYPE_SET, MAX_TAU, TopKLogits, check_adj, check_choi
                      check_teacher)
 from .pool import POOL
 from .reference import AGGREGATES, acc_dtype, reduce_loss
-from .select import select, teacher_stats
 
 REDUCTIONS = ("none", "mean", "sum")
-FUSED_DENSE = frozenset({"cpp", "triton"})  # backends with the one-launch dense loss (a constant: dynamo reads it)
 # Backends whose unit gradient is that of the op's output in the student's dtype, scaled by
 # scale_unit on the device: no host read in the backward (the cpp path reads a scalar gradient).
 UNIT_OF_OUTPUT = frozenset({"triton"})
@@ -138,7 +128,7 @@ def _fake_rows(student, g, dt):
     return student.new_empty((student.shape[0], g, student.shape[2]), dtype=dt)
 
 
-# ---- dense teacher, one launch (FUSED_DENSE) ------------------------------------------------
+# ---- dense teacher, one launch -------------------------------------------------------------
 #
 # The forward also writes the unit gradient τ(q − p̄) of the full student when it will be
 # needed; the backward scales it by the upstream gradient: not at all for the 1 of
@@ -256,61 +246,6 @@ def _backward_dense(ctx, grad_loss, *_):
 distill_dense.register_autograd(_backward_dense, setup_context=_setup_dense)
 
 
-# ---- dense teacher, separate kernels (the other backends) --------------------------------------
-
-@torch.library.custom_op("mhd_fast::distill_fwd", mutates_args=())
-def distill_fwd(student: Tensor, teacher: Tensor, lse_t: Tensor, logconf_t: Tensor, idx: Tensor,
-                adj: Tensor, head_offset: int, tau: float, include_self: bool, aggregate: str,
-                backend: str) -> tuple[Tensor, Tensor]:
-    g = teacher.shape[1]
-    return launchers(backend).distill_fwd(student[:, head_offset:head_offset + g], teacher, lse_t, logconf_t, idx,
-                                          adj, tau, include_self, aggregate)
-
-
-@distill_fwd.register_fake
-def _(student, teacher, lse_t, logconf_t, idx, adj, head_offset, tau, include_self, aggregate, backend):
-    dt = acc_dtype(student, teacher)
-    return _fake_rows(student, teacher.shape[1], dt), _fake_rows(student, teacher.shape[1], dt)
-
-
-@torch.library.custom_op("mhd_fast::distill_bwd", mutates_args=())
-def distill_bwd(grad: Tensor, student: Tensor, teacher: Tensor, lse_t: Tensor, logconf_t: Tensor,
-                idx: Tensor, adj: Tensor, lse_z: Tensor, head_offset: int, tau: float,
-                include_self: bool, aggregate: str, backend: str) -> Tensor:
-    g = teacher.shape[1]
-    d = _grad_buffer(student, head_offset, g, backend)
-    launchers(backend).distill_bwd(grad, student[:, head_offset:head_offset + g], teacher, lse_t, logconf_t, idx,
-                                   adj, lse_z, tau, include_self, aggregate, out=d[:, head_offset:head_offset + g])
-    return d
-
-
-@distill_bwd.register_fake
-def _(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z, head_offset, tau, include_self, aggregate,
-      backend):
-    return student.new_empty(student.shape)
-
-
-def _setup_fwd(ctx, inputs, output):
-    student, teacher, lse_t, logconf_t, idx, adj, head_offset, tau, include_self, aggregate, backend = inputs
-    ctx.save_for_backward(student, teacher, lse_t, logconf_t, idx, adj, output[1])
-    ctx.options = (head_offset, tau, include_self, aggregate, backend)
-
-
-def _backward_fwd(ctx, grad_loss, grad_lse_z):
-    student, teacher, lse_t, logconf_t, idx, adj, lse_z = ctx.saved_tensors
-    head_offset, tau, include_self, aggregate, backend = ctx.options
-    if torch.is_grad_enabled():  # create_graph=True
-        d = _differentiable_grad(grad_loss, student, head_offset, teacher.shape[1], lambda z: reference.distill_dense(
-            z, teacher, adj, tau=tau, include_self=include_self, aggregate=aggregate))
-    else:
-        d = distill_bwd(grad_loss.to(lse_z.dtype), student, teacher, lse_t, logconf_t, idx, adj, lse_z, head_offset,
-                        tau, include_self, aggregate, backend)
-    return (d,) + (None,) * 10
-
-
-distill_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
-
-
 # ---- top-k packet teacher ------------------------------------------------------------------
 
 @torch.library.custom_op("mhd_fast::distill_topk", mutates_args=())
@@ -399,20 +334,14 @@ def _distill(student: Tensor, teacher, adj: Tensor, head_offset: int, tau: float
         else:
             loss = distill_topk(student, *teacher, adj, head_offset, tau, include_self, aggregate, be)[0]
         return reduce_loss(loss, reduction)
-    if be in FUSED_DENSE:
-        need_grad = torch.is_grad_enabled() and student.requires_grad
-        return distill_dense(student, teacher, adj, head_offset, tau, include_self, aggregate, need_grad, reduction,
-                             be)[0]
-    teacher = teacher[:, :g].detach()  # predictions received from clients carry no gradient
     if be == "torch":
+        teacher = teacher[:, :g].detach()  # predictions received from clients carry no gradient
         loss = reference.distill_dense(student[:, head_offset:], teacher, adj, tau=tau, include_self=include_self,
                                        aggregate=aggregate)
-    else:
-        lse_t, logconf_t = teacher_stats(teacher, tau, be)
-        idx, _ = select(logconf_t, adj, include_self, be)
-        loss = distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, head_offset, tau, include_self, aggregate,
-                           be)[0]
-    return reduce_loss(loss, reduction)
+        return reduce_loss(loss, reduction)
+    need_grad = torch.is_grad_enabled() and student.requires_grad
+    return distill_dense(student, teacher, adj, head_offset, tau, include_self, aggregate, need_grad, reduction,
+                         be)[0]
 
 
 def distill_loss(student_logits: Tensor, teacher, adj: Tensor, *, tau: float = 1.0,

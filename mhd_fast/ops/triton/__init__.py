@@ -2,11 +2,13 @@
 and ``topk.py`` (one level up) on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``
 (how the tests run without a GPU).
 
-One kernel per file: ``stats`` (teacher statistics), ``select`` (teacher choice), ``distill``
-(dense teachers, separate forward and backward), ``dense`` (the dense loss in one
-launch and its backward), ``distill_topk`` (packet teachers), ``topk`` (compression); ``common``
-holds what they share. Every launcher allocates fresh outputs and makes one launch (two for the
-backward of packets with mean / confidence_weighted: expand, then the dense kernel). The
+One kernel per file: ``stats`` (teacher statistics), ``select`` (teacher choice), ``dense``
+(the dense loss in one launch and its backward), ``distill_topk`` (packet teachers),
+``distill`` (the teacher tiles and KL steps of ``dense`` and ``distill_topk``, and the backward
+that packets with mean / confidence_weighted run on their expansion), ``topk`` (compression);
+``common`` holds what they share.
+Every launcher allocates fresh outputs and makes one launch (two for the backward of packets
+with mean / confidence_weighted: expand, then the dense backward kernel). The
 arguments were checked by the op that calls it. No launcher syncs with the host, so the ops run
 inside CUDA graphs and ``torch.compile``. Importing this package raises ImportError when Triton
 is not installed.
@@ -23,7 +25,7 @@ import triton  # noqa: F401  (ImportError here tells backends.py that the backen
 from torch import Tensor
 
 from ..reference import acc_dtype, reduce_loss
-from . import dense, distill, distill_topk, select as select_kernel, stats, topk
+from . import dense, distill_topk, select as select_kernel, stats, topk
 
 
 def _rows(*tensors: Tensor) -> list[Tensor]:
@@ -60,20 +62,6 @@ def scale_unit(unit: Tensor, grad: Tensor, idx: Tensor, head_offset: int) -> Ten
     """The backward of distill_dense: unit · grad in place (grad [N, G, B] or one number), exact
     zeros kept for clients without candidate; one launch, no host read."""
     return dense.scale_unit(unit, grad, idx, head_offset)
-
-
-def distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, tau, include_self, aggregate):
-    """-> (loss [N, G, B], lse_z [N, G, B]) in the accumulation dtype."""
-    return distill.distill_fwd(student, teacher, *_rows(lse_t, logconf_t, idx), adj, tau, bool(include_self),
-                               aggregate, acc_dtype(student, teacher))
-
-
-def distill_bwd(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z, tau, include_self, aggregate, out=None):
-    """-> dZ of the student's shape and dtype, written into ``out`` (any strides) when given,
-    else fresh and contiguous."""
-    lse_t, logconf_t, idx, grad, lse_z = _rows(lse_t, logconf_t, idx, grad, lse_z)
-    return distill.distill_bwd(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z, tau, bool(include_self),
-                               aggregate, acc_dtype(student, teacher), out=out)
 
 
 def distill_topk_packets(student: Tensor, values: Tensor, indices: Tensor, lse: Tensor, adj: Tensor, tau: float,

@@ -1,5 +1,8 @@
-"""Distillation from dense teacher logits: τ²·KL(p̄ ‖ q) per student row, forward and backward,
-one launch each for all clients, groups and rows.
+"""Distillation from teacher logits over all V classes: τ²·KL(p̄ ‖ q) per student row. The
+teacher rows and tiles and the forward's sums over column tiles are the steps of the one-launch
+dense loss (``dense.py``) and of the packet forward of mean / confidence_weighted
+(``distill_topk.py``); the backward kernel, one launch for all clients, groups and rows, is the
+packet backward of mean / confidence_weighted on the expanded packets.
 
 Student row (i, g, b): q = softmax(Z[i, g, b] / τ). Teacher distribution p̄ over V:
   max_confidence       p̄ = p_{j*},   j* = idx[i, g, b]   (chosen by ``select.py``)
@@ -141,32 +144,6 @@ def kl_step(u, p, log2p, m, s, a, p_sum):
 
 
 @triton.jit
-def _distill_fwd_kernel(
-    Z, T, LSE_T, LOGCONF_T, MASS, IDX, ADJ, LOSS, LSE_Z,  # row tensors [N·G·B] contiguous
-    R, N, G, B, V,
-    sz0, sz1, sz2, sz3, st0, st1, st2, st3, sa0, sa1,
-    tau_hi, tau_mid, tau_lo,
-    AGG: tl.constexpr, INCLUDE_SELF: tl.constexpr, HAS_MASS: tl.constexpr, ACC: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    r, rmask, n, g, b, ln2, log2e, tau, scale = program_rows(R, N, G, B, tau_hi, tau_mid, tau_lo,
-                                                             ACC, ROWS)
-    jsel, has, inv_total, mass = teacher_rows(IDX, LOGCONF_T, MASS, ADJ, sa0, sa1, r, rmask, n, g,
-                                              b, N, G, B, AGG, INCLUDE_SELF, HAS_MASS, ACC)
-    zrow = n * sz0 + g * sz1 + b * sz2
-    m, s, a, p_sum = kl_init(ROWS, ACC)
-    for v0 in range(0, V, BLOCK_V):
-        z, cols, cmask = student_tile(Z, zrow, sz3, rmask, v0, V, BLOCK_V)
-        p, log2p = teacher_tile(T, st0, st1, st2, st3, LSE_T, LOGCONF_T, ADJ, sa0, sa1, N, G, B,
-                                n, g, b, jsel, has, inv_total, cols, cmask, scale, log2e,
-                                AGG, INCLUDE_SELF, ACC, ROWS, BLOCK_V)
-        m, s, a, p_sum = kl_step(z.to(ACC) * scale, p, log2p, m, s, a, p_sum)
-    loss, lse_z = kl_finish(m, s, a, p_sum, tau, ln2)
-    tl.store(LOSS + r, tl.where(has, loss, 0.0), mask=rmask)
-    tl.store(LSE_Z + r, lse_z, mask=rmask)
-
-
-@triton.jit
 def _distill_bwd_kernel(
     GRAD, Z, T, LSE_T, LOGCONF_T, MASS, IDX, ADJ, LSE_Z, DZ,  # DZ [N, G, B, V], any strides
     R, N, G, B, V,
@@ -202,22 +179,6 @@ def launch_config(student: torch.Tensor) -> tuple[int, int, int, int]:
     n, g, b, v = student.shape
     rows = n * g * b
     return (rows, *tile_shape(v, rows))
-
-
-def distill_fwd(student, teacher, lse_t, logconf_t, idx, adj, tau, include_self, aggregate, acc,
-                mass=None):
-    """-> (loss [N, G, B], lse_z [N, G, B]) in ``acc``; see the module docstring. ``mass``:
-    the teacher rows' total probabilities [N, G, B] when they are not softmaxes."""
-    n, g, b, v = student.shape
-    rows, n_rows, block_v, num_warps = launch_config(student)
-    loss = torch.empty((n, g, b), dtype=acc, device=student.device)
-    lse_z = torch.empty_like(loss)
-    _distill_fwd_kernel[(triton.cdiv(rows, n_rows),)](
-        student, teacher, lse_t, logconf_t, lse_t if mass is None else mass, idx, adj, loss, lse_z,
-        rows, n, g, b, v, *student.stride(), *teacher.stride(), *adj.stride(), *split_scalar(tau),
-        AGG=AGG_CODES[aggregate], INCLUDE_SELF=include_self, HAS_MASS=mass is not None,
-        ACC=acc_tl(acc), ROWS=n_rows, BLOCK_V=block_v, num_warps=num_warps)
-    return loss, lse_z
 
 
 def distill_bwd(grad, student, teacher, lse_t, logconf_t, idx, adj, lse_z, tau, include_self,
