@@ -541,10 +541,10 @@ def activation_floats(arch: Arch | ModuleArch, in_shape: tuple[int, ...], out_fe
         return max(trunk_info(arch, in_shape).widest, out_features)
     widest = max(math.prod(in_shape), out_features, *arch.hidden)
     if arch.kind == "cnn":
-        c, h, w = in_shape
+        _, h, w = in_shape
         for c_out in arch.channels:
             widest = max(widest, c_out * h * w)  # a conv's output, before its pooling
-            c, h, w = c_out, h // 2, w // 2
+            h, w = h // 2, w // 2
     return widest
 
 
