@@ -396,6 +396,10 @@ def conv_clients(x: Tensor, weight: Tensor, bias: Tensor | None, *, shared: bool
     [N, B, C_out, H', W']. loop=None picks by ``loop_conv``: N calls of conv2d or one grouped
     convolution."""
     n = weight.shape[0]
+    if shared and groups == 1:  # the same rows for all: one convolution with every client's filters
+        out = F.conv2d(x, weight.flatten(0, 1), None if bias is None else bias.flatten(),
+                       stride, padding, dilation)
+        return out.unflatten(1, (n, -1)).transpose(0, 1)
     if loop is None:
         loop = loop_conv(x.device, weight.shape[2])
     if loop:  # the looped kernel: N convolutions of one client each
@@ -468,14 +472,25 @@ def _module_trunk(g: Group, x: Tensor, shared: bool, train: bool, seed: int) -> 
 # ---- the batched forward -------------------------------------------------------------------
 
 def _conv_trunk(arch: Arch, params: dict[str, Tensor], x: Tensor, shared: bool) -> Tensor:
-    """x [N, B, C, H, W] (shared: [B, C, H, W]) -> features [N, B, F]."""
+    """x [N, B, C, H, W] (shared: [B, C, H, W]) -> features [N, B, F]. Between layers the
+    activations stay [B, N·C, H, W], the layout of a grouped convolution (client i's channels
+    at i·C ..), so no layer copies them to another layout and back."""
+    w0, b0 = params["conv0.weight"], params["conv0.bias"]
+    n = w0.shape[0]
+    if shared:  # the same rows for all: one convolution with every client's filters
+        h = F.conv2d(x, w0.flatten(0, 1), b0.flatten(), padding=1)
+    elif loop_conv(x.device, w0.shape[2]):
+        h = torch.stack([F.conv2d(x[i], w0[i], b0[i], padding=1) for i in range(n)], 1).flatten(1, 2)
+    else:
+        h = F.conv2d(x.transpose(0, 1).flatten(1, 2), w0.flatten(0, 1), b0.flatten(), padding=1,
+                     groups=n)
     for l in range(len(arch.channels)):
-        x = conv_clients(x, params[f"conv{l}.weight"], params[f"conv{l}.bias"], padding=1,
-                         shared=shared and l == 0)
-        n, b = x.shape[:2]
+        if l > 0:
+            w = params[f"conv{l}.weight"]
+            h = F.conv2d(h, w.flatten(0, 1), params[f"conv{l}.bias"].flatten(), padding=1, groups=n)
         # relu(max) = max(relu), gradients too: the relu runs on the pooled, 4x smaller tensor
-        x = F.relu(F.max_pool2d(x.flatten(0, 1), 2)).unflatten(0, (n, b))
-    return x.flatten(2)
+        h = F.relu(F.max_pool2d(h, 2))
+    return h.unflatten(1, (n, -1)).flatten(2).transpose(0, 1)  # [N, B, C·H·W]
 
 
 def _heads(params: dict[str, Tensor], emb: Tensor, num_heads: int) -> Tensor:
