@@ -9,6 +9,7 @@
         --clients 64,256 --memory-clients ''        # the module path against the hand-written MLP
     python bench/bench_round.py --cases cnn:16x32-64@fashion_mnist@2,resnet:8@fashion_mnist@1 \
         --clients 16,64 --rounds 2 --memory-clients '' --csv bench/results/round_models_cpu.csv
+    python bench/bench_round.py --clock cpu --threads 1 --flops ...   # a loaded machine
 
 A case is MODEL@DATASET[@STEPS] (steps per round, default 5); ``module-mlp:W1xW2`` is the same
 MLP as ``mlp:W1xW2`` built as an nn.Sequential and run by the module path (vmap; digits'
@@ -24,6 +25,8 @@ Each row also gives the training step's achieved GFLOP/s: the FLOPs of one step 
 analytically (torch.utils.flop_counter over the loop baseline's step: the matmuls and
 convolutions of every client, forward and backward) over the measured time, next to the
 machine's fp32 matmul rate (a 2048^3 torch.mm) measured in the same run.
+``--clock cpu --threads 1`` times every figure, the matmul's too, in CPU seconds of one
+thread: on a machine shared with other jobs the ratios then hold where wall times do not.
 Writes a table to stdout and CSV to bench/results/round_<device>.csv (or --csv).
 """
 from __future__ import annotations
@@ -90,6 +93,11 @@ def parse_case(text: str) -> dict:
     return {"model": [model], "dataset": dataset, "steps_per_round": steps}
 
 
+# time.perf_counter, or time.process_time (--clock cpu): CPU seconds of this process, which
+# the load of other jobs on a shared machine changes far less than wall time
+CLOCK = [time.perf_counter]
+
+
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     """The machine's fp32 matmul rate: the best of ``reps`` n^3 products."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -99,9 +107,9 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
 
 
 def _timed(fn) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK[0]()
     fn()
-    return time.perf_counter() - t0
+    return CLOCK[0]() - t0
 
 
 def step_flops(sim) -> float:
@@ -128,10 +136,10 @@ def time_rounds(fn, rounds: int, device: str) -> list[float]:
     _sync(device)
     times = []
     for r in range(1, rounds + 1):
-        t0 = time.perf_counter()
+        t0 = CLOCK[0]()
         fn(r)
         _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK[0]() - t0)
     return times
 
 
@@ -215,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default=BASE["dataset"], help="the simulator's --dataset (default: digits)")
     p.add_argument("--num-classes", type=int, default=None, help="the simulator's --num-classes (synthetic)")
     p.add_argument("--data-dir", default=None, help="the simulator's --data-dir")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this process's CPU time (with --threads 1 on a shared, "
+                        "loaded machine; CPU only)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--csv", default=None, help="CSV path (default bench/results/round_<device>.csv)")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
@@ -222,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.memory_child is not None:
         memory_child(a.memory_child, a.device, json.loads(a.extra))
         return 0
+    if a.clock == "cpu":
+        if a.device != "cpu":
+            p.error("--clock cpu times CPU work; a GPU's is not in it")
+        CLOCK[0] = time.process_time
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     data = {**({"num_classes": a.num_classes} if a.num_classes else {}),
             **({"data_dir": a.data_dir} if a.data_dir else {})}
     cases = ([c for c in a.cases.split(",") if c] if a.cases else
@@ -232,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-          f"{OMP_WAIT}, device {a.device}")
+          f"{OMP_WAIT}, device {a.device}, {a.clock} clock")
     print(f"# round = MODEL@DATASET[@STEPS] of each case ({BASE['steps_per_round']} steps unless it "
           f"says), {BASE['heads']} aux heads, private batch {BASE['batch_size']}, public batch "
           f"{BASE['public_batch_size']}, complete graph")
