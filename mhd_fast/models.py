@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.utils.checkpoint import checkpoint
 
 from . import nets
 from .config import factory_spec
@@ -275,6 +276,16 @@ def step_seed(train_seed: int, step: int) -> int:
     """The seed of one step's random layers (dropout): a function of the run's train seed and
     the step alone, so a resumed run draws the same masks."""
     digest = hashlib.sha256(f"mhd_fast:dropout:{train_seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def chunk_seed(seed: int, first: int) -> int:
+    """The seed of the random layers of the chunk of clients starting at client ``first``
+    (``forward_group`` with ``chunk``): the step's seed for the first chunk, another one for
+    each other chunk, so that chunks do not repeat each other's masks."""
+    if first == 0:
+        return seed
+    digest = hashlib.sha256(f"mhd_fast:chunk:{seed}:{first}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
@@ -520,22 +531,66 @@ def forward(arch: Arch, params: dict[str, Tensor], x: Tensor, *, shared: bool,
 
 
 def forward_group(g: Group, x: Tensor, *, shared: bool, num_heads: int, train: bool = True,
-                  seed: int = 0) -> tuple[Tensor, Tensor]:
+                  seed: int = 0, chunk: int = 0) -> tuple[Tensor, Tensor]:
     """forward() of one group of any architecture. A module trunk runs in train mode
-    (train=True: BatchNorm batch statistics, dropout with the masks of ``seed``) or eval mode."""
+    (train=True: BatchNorm batch statistics, dropout with the masks of ``seed``) or eval mode.
+    chunk: 0 = all clients at once; 0 < chunk < g.size: ``_chunked``, chunk clients at a time."""
+    if 0 < chunk < g.size:
+        return _chunked(g, x, shared=shared, num_heads=num_heads, train=train, seed=seed,
+                        chunk=chunk)
     if isinstance(g.arch, ModuleArch):
         emb = _module_trunk(g, x, shared, train, seed)
         return _heads(g.params, emb, num_heads), emb
     return forward(g.arch, g.params, x, shared=shared, num_heads=num_heads)
 
 
+def _sub(g: Group, a: int, b: int, buffers: dict[str, Tensor]) -> Group:
+    """Clients [a, b) of group g (views of its weights) with ``buffers`` as theirs."""
+    return Group(g.arch, 0, b - a, {k: p[a:b] for k, p in g.params.items()}, buffers, g.net)
+
+
+def _chunked(g: Group, x: Tensor, *, shared: bool, num_heads: int, train: bool, seed: int,
+             chunk: int) -> tuple[Tensor, Tensor]:
+    """forward_group() of g's clients ``chunk`` at a time, outputs concatenated.
+
+    Each client's outputs depend on its own weights and rows alone, so the chunks are
+    independent. With autograd on, a chunk runs under activation checkpointing: only its
+    inputs and outputs are kept, and the backward runs the chunk's forward again before its
+    own backward, so a step holds one chunk's activations instead of every client's. The
+    recompute draws the same masks (its seed is explicit: ``chunk_seed``) and runs on a copy
+    of the chunk's buffers as they were before the forward: BatchNorm's running statistics
+    are updated once, and a module that reads its buffers computes the same thing twice."""
+    outs = []
+    for a in range(0, g.size, chunk):
+        b = min(a + chunk, g.size)
+        xa = x if shared else x[a:b]
+        opts = dict(shared=shared, num_heads=num_heads, train=train, seed=chunk_seed(seed, a))
+        buffers = {k: t[a:b] for k, t in g.buffers.items()}  # views: updated in place
+        if not torch.is_grad_enabled():
+            outs.append(forward_group(_sub(g, a, b, buffers), xa, **opts))
+            continue
+        before = {k: t.clone() for k, t in buffers.items()}
+        runs = []
+
+        def run(xa, a=a, b=b, buffers=buffers, before=before, runs=runs, opts=opts):
+            own = buffers if not runs else {k: t.clone() for k, t in before.items()}
+            runs.append(True)
+            return forward_group(_sub(g, a, b, own), xa, **opts)
+
+        # RNG state: the chunk seeds its random layers itself, nothing to save and restore
+        outs.append(checkpoint(run, xa, use_reentrant=False, preserve_rng_state=False))
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
 def forward_groups(groups: list[Group], x: Tensor, *, shared: bool, num_heads: int,
-                   train: bool = True, seed: int = 0) -> tuple[Tensor, Tensor | None]:
+                   train: bool = True, seed: int = 0,
+                   chunk: int = 0) -> tuple[Tensor, Tensor | None]:
     """forward_group() of every group, concatenated on the client dimension -> logits
     [N, H1, B, V] and embeddings [N, B, E] (None when groups differ in E). The loop is over
-    architectures, not clients."""
+    architectures, not clients. chunk: clients per chunk of each group (0 = all at once)."""
     outs = [forward_group(g, x if shared else x[g.start:g.stop], shared=shared,
-                          num_heads=num_heads, train=train, seed=seed) for g in groups]
+                          num_heads=num_heads, train=train, seed=seed, chunk=chunk)
+            for g in groups]
     if len(outs) == 1:
         return outs[0]
     logits = torch.cat([o[0] for o in outs])

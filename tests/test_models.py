@@ -286,3 +286,80 @@ def test_module_trunk_counts_match_what_is_built():
     assert models.num_params(arch, (1, 8, 8), V, H1) == sum(p[0].numel() for p in params.values())
     assert "stem.1.running_mean" in buffers and buffers["stem.1.running_mean"].shape == (2, 16)
     assert models.activation_floats(arch, (1, 8, 8), 0) >= 16 * 8 * 8
+
+
+# ---- chunks of clients with activation checkpointing ----------------------------------------
+
+def _step(group, x, y, chunk, seed=0):
+    """One chunked (or not) forward, backward and SGD step of group -> (logits, emb, grads)."""
+    logits, emb = models.forward_group(group, x, shared=False, num_heads=H1, train=True,
+                                       seed=seed, chunk=chunk)
+    (sum(_loss(logits[i], y[i]) for i in range(len(y))) + emb.square().mean()).backward()
+    grads = {k: p.grad.clone() for k, p in group.params.items()}
+    torch.optim.SGD(group.params.values(), lr=0.1, momentum=0.9, fused=True).step()
+    return logits.detach(), emb.detach(), grads
+
+
+@pytest.mark.parametrize("spec", ["resnet:8:bn", "cnn:4-6", "mlp:16x8"])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_chunked_step_equals_the_unchunked_step(spec, chunk):
+    n, b = 5, 4  # chunks of 2 and 3 do not divide the 5 clients
+    group, _ = _build(spec, n, (1, 8, 8))
+    twin = models.Group(group.arch, 0, n, {k: p.detach().clone().requires_grad_()
+                                           for k, p in group.params.items()},
+                        {k: t.clone() for k, t in group.buffers.items()}, group.net)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, b, 1, 8, 8, generator=gen)
+    y = torch.randint(0, V, (n, b), generator=gen)
+    want = _step(group, x, y, 0)
+    got = _step(twin, x, y, chunk)
+    for w, g in zip(want[:2], got[:2]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    for k in want[2]:
+        torch.testing.assert_close(got[2][k], want[2][k], rtol=1e-4, atol=1e-6,
+                                   msg=lambda s, k=k: f"grad of {k}: {s}")
+        torch.testing.assert_close(twin.params[k], group.params[k], rtol=1e-5, atol=1e-6)
+    # BatchNorm's running statistics: updated once per step, not again by the recompute
+    assert twin.buffers.keys() == group.buffers.keys()
+    for k in group.buffers:
+        torch.testing.assert_close(twin.buffers[k], group.buffers[k], rtol=1e-5, atol=1e-6,
+                                   msg=lambda s, k=k: f"buffer {k}: {s}")
+    if spec == "resnet:8:bn":
+        assert int(twin.buffers["stem.1.num_batches_tracked"][0]) == 1
+
+
+def test_chunked_dropout_recompute_draws_the_forward_masks():
+    """A chunk draws its masks from chunk_seed(seed, first client): the backward's recompute
+    must draw them again, so the gradients equal those of the chunks run without it."""
+    n, b, chunk = 5, 6, 2
+    group, _ = _build(DropoutNet, n, (1, 8, 8))
+    twin = models.Group(group.arch, 0, n, {k: p.detach().clone().requires_grad_()
+                                           for k, p in group.params.items()}, {}, group.net)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, b, 1, 8, 8, generator=gen)
+    y = torch.randint(0, V, (n, b), generator=gen)
+    state = torch.get_rng_state()
+    got = _step(twin, x, y, chunk, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    # the same chunks with their seeds, every activation kept by autograd
+    outs = [models.forward_group(models._sub(group, a, min(a + chunk, n), {}), x[a:a + chunk],
+                                 shared=False, num_heads=H1, train=True,
+                                 seed=models.chunk_seed(7, a)) for a in range(0, n, chunk)]
+    logits, emb = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    (sum(_loss(logits[i], y[i]) for i in range(n)) + emb.square().mean()).backward()
+    torch.testing.assert_close(got[1], emb.detach(), rtol=0, atol=0)
+    for k, p in group.params.items():
+        torch.testing.assert_close(got[2][k], p.grad, rtol=1e-5, atol=1e-7)
+    zeros = got[1] == 0
+    assert not torch.equal(zeros[0], zeros[2])  # the second chunk does not repeat the first's masks
+    assert models.chunk_seed(7, 0) == 7 != models.chunk_seed(7, 2)
+
+
+def test_chunked_forward_without_autograd_equals_the_unchunked_one():
+    group, _ = _build("resnet:8:bn", 5, (1, 8, 8))
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = models.forward_group(group, x, shared=True, num_heads=H1, train=False)
+        got = models.forward_group(group, x, shared=True, num_heads=H1, train=False, chunk=2)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
