@@ -73,6 +73,7 @@ class Config:
     train_seed: int | None = None    # batches
     device: str = "cpu"              # cpu | cuda | cuda:N
     backend: str = "auto"            # fused-op backend: auto | torch | cpp | triton
+    client_chunk: int = 0            # clients whose activations a step keeps at once, the others recomputed in the backward (less memory, more compute); 0 = automatic: all, unless their activations exceed 1 GiB (CPU) or a quarter of the GPU's memory
     compile: bool = False            # torch.compile a step's forward, exchange and losses (CUDA graphs on CUDA when exchange_every = 1)
     name: str | None = None          # run name; None = DATASET-METHOD-sSEED
     out: str | None = None           # output folder; None = runs/NAME
@@ -269,6 +270,8 @@ def validate(cfg: Config) -> None:
         _need(value is None or 0 <= value <= MAX_SEED,
               f"{flag(name)} must be in [0, 2**63 - 1], got {value}")
     _need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
+    _need(cfg.client_chunk >= 0, f"--client-chunk must be 0 (automatic) or a number of clients "
+          f">= 1, got {cfg.client_chunk}")
     _need(cfg.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     _need(cfg.device == "cpu" or cfg.device == "cuda" or cfg.device.startswith("cuda:"),
           f"--device must be {DEVICES_HELP}, got {cfg.device!r}")

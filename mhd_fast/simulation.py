@@ -5,6 +5,7 @@ optimizer, after checking (``check``) everything that depends on the data, memor
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class Simulation:
                                     # over the steps since the last ``nonfinite`` check
     ema: Tensor | None = None     # --teacher-ema: [N, H1, P, V] the teachers' softmax(T/τ) per public row
     ema_seen: Tensor | None = None  # [P] bool: the rows some exchange has drawn
+    client_chunk: int = 0         # clients per chunk of a training step (``client_chunk``; 0 = all)
 
     @property
     def distills(self) -> bool:
@@ -140,40 +142,95 @@ def _check_memory(cfg: Config, needs: list[tuple[str, int, str]]) -> None:
                          + f", more than the {M.human_bytes(limit)} {where}")
 
 
+# The activations a step keeps at once, at most, when client_chunk = 0 (automatic). On the CPU
+# a fixed size, not a share of the machine: the chunks (and the masks of random layers, drawn
+# per chunk) are then the same on every machine; 1 GiB keeps a chunk of a few hundred rows of
+# 28x28 images per convolution, large enough for the CPU's kernels. A GPU needs large batches
+# to be busy: there, a quarter of its memory.
+CHUNK_BYTES = 2**30
+
+
+def _step_groups(cfg: Config, input_shape: tuple[int, ...], v: int, held: int | None):
+    """Per group of the run: (arch, clients held, floats per client and row of a step's
+    activations, whether its widest activation is the heads' output)."""
+    n_model = 1 if cfg.method == "centralized" else cfg.clients
+    held = n_model if held is None else held
+    out_features = (1 + cfg.heads) * v
+    archs = [models.parse_arch(m, option="--model") for m in cfg.model]
+    for arch, start, stop in models.split_groups(n_model, archs):
+        n = (stop - start) * held // n_model  # a sharded run splits every group over the ranks
+        width = models.activation_floats(arch, input_shape, out_features)
+        trunk_width = models.activation_floats(arch, input_shape, 0)
+        if isinstance(arch, models.ModuleArch):  # a deep trunk keeps every layer's output
+            trunk_width = max(trunk_width, models.trunk_info(arch, input_shape).activations)
+            width = max(width, trunk_width)
+        yield arch, n, width, width > trunk_width
+
+
+def _step_rows(cfg: Config) -> int:
+    return cfg.batch_size + (cfg.public_batch_size if cfg.method in ("mhd", "mean_distill") else 0)
+
+
+def client_chunk(cfg: Config, input_shape: tuple[int, ...], v: int,
+                 held: int | None = None) -> int:
+    """The clients per chunk of a training step (``models.forward_groups``' chunk; 0 = all at
+    once) of a process holding ``held`` clients: --client-chunk, or when 0 all at once if
+    their activations fit ``CHUNK_BYTES`` (a quarter of the GPU's memory on CUDA), else the
+    most clients whose activations fit it (at least 1)."""
+    if cfg.client_chunk > 0:
+        return cfg.client_chunk
+    device = resolve_device(cfg.device)
+    budget = _memory_limit(device)[0] // 4 if device.type == "cuda" else CHUNK_BYTES
+    per_client = [(n, _step_rows(cfg) * width * 4)
+                  for _, n, width, _ in _step_groups(cfg, input_shape, v, held)]
+    if sum(n * b for n, b in per_client) <= budget:
+        return 0
+    return max(1, budget // max(b for _, b in per_client))
+
+
 def memory_needs(cfg: Config, input_shape: tuple[int, ...], v: int,
                  held: int | None = None) -> list[tuple[str, int, str]]:
     """Lower bounds of what a process holding ``held`` of the clients (default all) needs,
     each with the option that sets it: the weights of the trunks and of the heads with their
     gradients and optimizer state, and one step's activations (the widest layer of every
-    client on its private and public rows)."""
+    client on its private and public rows; in chunks of clients (``client_chunk``), those of
+    one chunk and the inputs and outputs of all)."""
     n_model = 1 if cfg.method == "centralized" else cfg.clients
     held = n_model if held is None else held
     num_heads = 1 + cfg.heads
     copies = 4 * (2 + (2 if cfg.optimizer == "adam" else int(cfg.momentum > 0)))  # fp32 w, g, state
     public = cfg.public_batch_size if cfg.method in ("mhd", "mean_distill") else 0
-    trunks = heads = acts = 0
-    wide_heads = False  # whether the heads' output is a step's widest activation
-    archs = [models.parse_arch(m, option="--model") for m in cfg.model]
-    for arch, start, stop in models.split_groups(n_model, archs):
-        n = (stop - start) * held // n_model  # a sharded run splits every group over the ranks
+    rows = _step_rows(cfg)
+    chunk = client_chunk(cfg, input_shape, v, held)
+    trunks = heads = acts = live = 0
+    wide_heads = chunked = False
+    for arch, n, width, wide in _step_groups(cfg, input_shape, v, held):
         trunk = models.num_params(arch, input_shape, v, 0)
         trunks += n * trunk * copies
         heads += n * (models.num_params(arch, input_shape, v, num_heads) - trunk) * copies
-        width = models.activation_floats(arch, input_shape, num_heads * v)
-        trunk_width = models.activation_floats(arch, input_shape, 0)
-        if isinstance(arch, models.ModuleArch):  # a deep trunk keeps every layer's output
-            trunk_width = max(trunk_width, models.trunk_info(arch, input_shape).activations)
-            width = max(width, trunk_width)
-        acts += n * (cfg.batch_size + public) * width * 4
-        wide_heads |= width > trunk_width
-    rows = (f"--batch-size {cfg.batch_size}" if cfg.batch_size >= public
-            else f"--public-batch-size {cfg.public_batch_size}")
+        if 0 < chunk < n:  # one chunk's activations at a time; every client's inputs and outputs
+            kept = math.prod(input_shape) + num_heads * v + models.emb_dim(arch, input_shape)
+            acts += n * rows * kept * 4
+            live = max(live, chunk * rows * width * 4)
+            chunked = True
+        else:
+            acts += n * rows * width * 4
+        wide_heads |= wide
+    option = (f"--batch-size {cfg.batch_size}" if cfg.batch_size >= public
+              else f"--public-batch-size {cfg.public_batch_size}")
+    if wide_heads:
+        option = f"--heads {cfg.heads}"
+    what = f"one step's activations of {held} clients on {rows} rows each"
+    if chunked:
+        if cfg.client_chunk:  # a chunk of 1 (automatic at worst) leaves the rows to blame
+            option = f"--client-chunk {cfg.client_chunk}"
+        what = (f"one step's activations of {chunk} clients at a time and the inputs and "
+                f"outputs of all {held} on {rows} rows each")
     state = "with their gradients and optimizer state"
     return [(f"--model {model_names(cfg)}", trunks, f"the weights of {held} clients {state}"),
             (f"--heads {cfg.heads}", heads, f"the heads of {held} clients ({num_heads} of "
              f"{v} classes each) {state}"),
-            (f"--heads {cfg.heads}" if wide_heads else rows, acts,
-             f"one step's activations of {held} clients on {cfg.batch_size + public} rows each")]
+            (option, acts + live, what)]
 
 
 def _check_models(cfg: Config, input_shape: tuple[int, ...]) -> None:
@@ -220,8 +277,8 @@ def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
     public_idx, parts, schedule = _split(cfg, data, seeds)
     label_dist = label_distribution(data.y_train, parts, v)
     _check_models(cfg, data.input_shape)
-    _check_memory(cfg, memory_needs(cfg, data.input_shape, v,
-                                    held=None if cfg.method == "centralized" else shard.size))
+    held = None if cfg.method == "centralized" else shard.size
+    _check_memory(cfg, memory_needs(cfg, data.input_shape, v, held=held))
 
     if cfg.method == "centralized":  # one model on the union of private data (upper bound)
         parts = [torch.cat(parts)]
@@ -270,4 +327,5 @@ def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
                       public_idx.to(device), label_dist[shard.start:shard.stop].to(device), groups,
                       optimizer, schedule, num_heads,
                       heads_sent(num_heads, nu_aux=cfg.nu_aux, nu_main=cfg.nu_main),
-                      torch.Generator().manual_seed(cfg.train_seed))
+                      torch.Generator().manual_seed(cfg.train_seed),
+                      client_chunk=client_chunk(cfg, data.input_shape, v, held))

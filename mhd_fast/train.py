@@ -174,7 +174,8 @@ def _step_loss(sim: Simulation, x: Tensor, y: Tensor, route: ex.Route | None,
     cfg = sim.cfg
     bp = cfg.batch_size
     logits, emb = models.forward_groups(sim.groups, x, shared=False, num_heads=sim.num_heads,
-                                        train=True, seed=models.step_seed(cfg.train_seed, sim.step))
+                                        train=True, seed=models.step_seed(cfg.train_seed, sim.step),
+                                        chunk=sim.client_chunk)
     v = logits.shape[-1]
     ce = F.cross_entropy(logits[:, 0, :bp].reshape(-1, v), y.reshape(-1), reduction="none")
     ce = ce.view(-1, bp).mean(dim=1)                                     # [n] each client's mean

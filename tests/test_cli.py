@@ -71,6 +71,7 @@ def test_progress_bar_shows_mean_accuracies(tmp_path):
     (["--tau", "inf"], "--tau"),
     (["--dist-timeout", "inf"], "--dist-timeout"),
     (["--lr", "nan"], "--lr"),
+    (["--client-chunk", "-2"], "--client-chunk"),
     (["--split-seed", str(2**70)], "--split-seed"),
     (["--clients", "2", "--model", "mlp:16", "mlp:8", "mlp:4"], "--model"),
     (["--graph", "ring", "--graph-options", "k=2"], "--graph-options"),

@@ -345,6 +345,37 @@ def test_the_memory_check_counts_every_layer_output_of_a_module_trunk():
     assert option == "--public-batch-size 16" and info.activations > 16 * 8 * 8 * 10
 
 
+def test_chunks_of_clients_shrink_the_memory_check_and_automatic_picks_them(monkeypatch):
+    info = models.trunk_info(models.parse_arch("resnet:8"), (1, 8, 8))
+    whole = simulation.memory_needs(small(model=["resnet:8"]), (1, 8, 8), 10)[-1]
+    option, acts, _ = simulation.memory_needs(small(model=["resnet:8"], client_chunk=4),
+                                              (1, 8, 8), 10)[-1]
+    # one chunk's activations, then every client's inputs, logits (3 heads x 10) and embedding
+    assert acts == 4 * 24 * info.activations * 4 + 6 * 24 * (64 + 30 + 64) * 4 < whole[1]
+    assert option == "--client-chunk 4"
+    assert simulation.client_chunk(small(model=["resnet:8"]), (1, 8, 8), 10) == 0  # all fit
+    monkeypatch.setattr(simulation, "CHUNK_BYTES", 3 * 24 * info.activations * 4)
+    assert simulation.client_chunk(small(model=["resnet:8"]), (1, 8, 8), 10) == 3
+    # 256 resnet:8 clients on Fashion-MNIST: chunks of what fits the budget, no longer ~19 GB
+    monkeypatch.undo()
+    big = small(dataset="fashion_mnist", clients=256, model=["resnet:8"], heads=3,
+                batch_size=32, public_batch_size=64)
+    assert simulation.client_chunk(big, (1, 28, 28), 10) >= 1
+    assert simulation.memory_needs(big, (1, 28, 28), 10)[-1][0] == "--public-batch-size 64"
+    assert sum(n for _, n, _ in simulation.memory_needs(big, (1, 28, 28), 10)) < 4 * 2**30
+
+
+def test_a_chunked_round_trains_like_the_unchunked_one():
+    kw = dict(model=["resnet:8:bn"], optimizer="sgd", lr=0.1)
+    whole, chunked = simulation.setup(small(**kw)), simulation.setup(small(client_chunk=4, **kw))
+    assert whole.client_chunk == 0 and chunked.client_chunk == 4  # chunks of 4 and 2 clients
+    train.train_round(whole, 0)
+    train.train_round(chunked, 0)
+    want, got = _stacked(whole), _stacked(chunked)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=lambda s, k=k: f"{k}: {s}")
+
+
 @pytest.mark.parametrize("method", ["mhd", "isolated", "fedavg", "mean_distill", "centralized"])
 def test_every_method_runs_module_clients(method):
     sim = simulation.setup(small(method=method, model=["resnet:8:bn"], topk=3 if method == "mhd" else 0))
