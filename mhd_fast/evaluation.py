@@ -80,9 +80,12 @@ def measure_gap(sim: Simulation, r: int) -> dict:
             seen = sim.ema_seen[:len(rows)][:, None]
             got.teacher = torch.where(seen, sim.cfg.tau * sim.ema[:, :, :len(rows)].log(),
                                       got.teacher)
-        right, has = M.teacher_hits(got.teacher[:, :-1], got.adj, y, tau=sim.cfg.tau,
-                                    include_self=sim.cfg.include_self,
-                                    aggregate=sim.cfg.aggregate)
+        # rows in chunks: the reference holds [M, M, G, rows] tensors (~128 MB each at most)
+        step = max(1, 2**25 // (got.adj.shape[0] ** 2 * g))
+        parts = [M.teacher_hits(got.teacher[:, :-1, s:s + step], got.adj, y[s:s + step],
+                                tau=sim.cfg.tau, include_self=sim.cfg.include_self,
+                                aggregate=sim.cfg.aggregate) for s in range(0, len(y), step)]
+        right, has = sum(p[0] for p in parts), parts[0][1]
         hits, teachers = right[got.rows].sum(0), has[got.rows].sum()
     # every rank holds the whole ensemble: rank 0 alone counts its hits
     counts = torch.cat([hits, teachers[None], (pred == y).sum((0, 2)), (pred == ens).sum((0, 2)),
