@@ -62,8 +62,9 @@ def measure_gap(sim: Simulation, r: int) -> dict:
     # clients in chunks, as evaluate's test rows: ~128 MB per activation of a chunk
     widest = max(models.activation_floats(g.arch, sim.data.input_shape,
                                           sim.num_heads * sim.data.num_classes) for g in sim.groups)
+    # eval mode, as evaluate: a measurement updates no BatchNorm statistics, draws no dropout
     logits, _ = models.forward_groups(sim.groups, sim.data.x_train[rows], shared=True,
-                                      num_heads=sim.num_heads,
+                                      num_heads=sim.num_heads, train=False,
                                       chunk=max(1, 2**25 // (len(rows) * widest)))  # [n, H1, B, V]
     votes = logits[:, 0].float().softmax(-1).sum(0, dtype=torch.float64)
     D.all_sum(votes, sim.shard, "the ensemble's votes on public rows")

@@ -213,6 +213,17 @@ def test_each_round_records_the_gap_to_the_ensemble(tmp_path):
         "public_acc", "ensemble_public_acc", "ensemble_agreement"}
 
 
+def test_measuring_the_gap_changes_no_model_state():
+    # BatchNorm statistics: a measurement in train mode would update them on public rows
+    sim = simulation.setup(small(clients=3, model=["resnet:8:bn"]))
+    train.train_round(sim, 0)
+    before = _stacked(sim)
+    first = evaluation.measure_gap(sim, 0)
+    for k, t in _stacked(sim).items():
+        torch.testing.assert_close(t, before[k], rtol=0, atol=0, msg=k)
+    assert evaluation.measure_gap(sim, 0) == first
+
+
 def test_teacher_ema_averages_the_distributions_each_row_was_sent():
     sim = simulation.setup(small(clients=3, teacher_ema=0.75, tau=2.0))
     rows = sim.public_rows[[0, 1, 1]]  # a row drawn twice in one batch
