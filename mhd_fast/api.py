@@ -31,8 +31,8 @@ def simulate(*, out: str | os.PathLike | None = None, resume: bool = False,
         ``mhd-fast run --out PATH`` writes there, checkpoint included.
     resume: continue the run whose checkpoint is in ``out`` (``mhd-fast run --resume``).
     on_round: called as ``on_round(round, record)`` after each round (0-based), with the
-        record that metrics["rounds"] gets; an exception it raises ends the run (the
-        round's checkpoint is written first).
+        record that metrics["rounds"] gets (no accuracies in a round that ``eval_every``
+        skips); an exception it raises ends the run (the round's checkpoint is written first).
 
     Under torchrun, the processes other than rank 0 return None. The caller's global state
     (torch's RNG, the environment, the thread count, torch's defaults) is left as it was.

@@ -57,7 +57,7 @@ class Config:
     exchange_every: int = 1          # refresh the received predictions every this many steps (stale in between)
     teacher_ema: float = 0.0         # beta of an EMA, per public row, of the teachers' distributions over the exchanges that drew it (0 = off: the method as specified; dense logits, one process)
     # ---- optimisation ------------------------------------------------------------------
-    rounds: int = 40                 # rounds; metrics are taken after each
+    rounds: int = 40                 # rounds; metrics are taken after each (or every eval_every)
     steps_per_round: int = 20        # local steps per round, each one private + one public batch
     batch_size: int = 32             # private rows per client per step
     public_batch_size: int = 64      # public rows per step (the same rows for every client)
@@ -79,6 +79,7 @@ class Config:
     out: str | None = None           # output folder; None = runs/NAME
     progress: bool = True            # tqdm bar per round
     checkpoint: bool = True          # write OUT/checkpoint.pt atomically after every round
+    eval_every: int = 1              # measure the accuracies after every this many rounds and after the last (other rounds: time, bytes, losses)
     tensorboard: str | None = None   # folder of TensorBoard logs, a subfolder per run NAME (needs the tensorboard package); None = none
     dist_timeout: float = 300.0      # seconds a process of a torchrun launch waits for the others before it stops with an error
 
@@ -257,6 +258,7 @@ def validate(cfg: Config) -> None:
     _need(cfg.teacher_ema == 0 or cfg.topk == 0, "--teacher-ema averages dense distributions, so "
           f"it needs --topk 0, got --topk {cfg.topk}")
     _need(cfg.rounds >= 1, f"--rounds must be >= 1, got {cfg.rounds}")
+    _need(cfg.eval_every >= 1, f"--eval-every must be >= 1, got {cfg.eval_every}")
     _need(cfg.steps_per_round >= 1, f"--steps-per-round must be >= 1, got {cfg.steps_per_round}")
     _need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
     _need(cfg.public_batch_size >= 1, f"--public-batch-size must be >= 1, got {cfg.public_batch_size}")

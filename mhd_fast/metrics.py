@@ -52,19 +52,27 @@ def by_head(values: Tensor) -> dict[str, float]:
     return {f"head{h}": float(v) for h, v in enumerate(values.tolist())}
 
 
-def round_record(r: int, time_s: float, bytes_sent: int, private: Tensor, shared: Tensor,
-                 bytes_dense: int, bytes_cross_rank: int = 0,
+def round_record(r: int, time_s: float, bytes_sent: int, private: Tensor | None,
+                 shared: Tensor | None, bytes_dense: int, bytes_cross_rank: int = 0,
                  loss_sum: dict[str, float] | None = None, gap: dict | None = None) -> dict:
     """One entry of metrics.json's "rounds": per-head means over clients and worst-10 %.
     bytes_cross_rank: what the processes of a sharded run sent each other (0 in one process).
     loss_sum: the round's loss terms by name, each summed over its steps and the clients;
-    gap: the ``gap_record`` of the round, merged in."""
-    return {"round": r, "time_s": time_s, "bytes_sent": bytes_sent, "bytes_dense": bytes_dense,
-            "bytes_cross_rank": bytes_cross_rank,
-            "private_acc": by_head(private.mean(0)), "shared_acc": by_head(shared.mean(0)),
-            "worst10_private_acc": by_head(worst_fraction(private)),
-            "worst10_shared_acc": by_head(worst_fraction(shared)),
-            "loss_sum": dict(loss_sum or {}), **(gap or {})}
+    gap: the ``gap_record`` of the round, merged in. private = shared = None: a round that
+    was not measured (--eval-every), whose record holds no accuracy (``measured``)."""
+    rec = {"round": r, "time_s": time_s, "bytes_sent": bytes_sent, "bytes_dense": bytes_dense,
+           "bytes_cross_rank": bytes_cross_rank}
+    if private is not None:
+        rec.update({"private_acc": by_head(private.mean(0)), "shared_acc": by_head(shared.mean(0)),
+                    "worst10_private_acc": by_head(worst_fraction(private)),
+                    "worst10_shared_acc": by_head(worst_fraction(shared))})
+    return {**rec, "loss_sum": dict(loss_sum or {}), **(gap or {})}
+
+
+def measured(rounds: list[dict]) -> list[dict]:
+    """The records of the rounds whose accuracies were measured (all of them with
+    --eval-every 1; with k, every k-th round and the last)."""
+    return [rec for rec in rounds if "shared_acc" in rec]
 
 
 def teacher_hits(teacher: Tensor, adj: Tensor, y: Tensor, *, tau: float, include_self: bool,
@@ -124,15 +132,18 @@ def best_aux(shared_acc: dict[str, float]) -> tuple[str, float] | None:
 
 def rounds_csv(metrics: dict) -> str:
     """One row per (round, head): round, time_s, bytes_sent, bytes_dense, bytes_cross_rank,
-    head, private, shared."""
+    head, private, shared; a round not measured has one row, its last three cells empty."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["round", "time_s", "bytes_sent", "bytes_dense", "bytes_cross_rank", "head",
                 "private_acc", "shared_acc"])
     for rec in metrics["rounds"]:
-        for head, priv in rec["private_acc"].items():
-            w.writerow([rec["round"], f"{rec['time_s']:.4f}", rec["bytes_sent"], rec["bytes_dense"],
-                        rec["bytes_cross_rank"], head, f"{priv:.6f}", f"{rec['shared_acc'][head]:.6f}"])
+        cells = [rec["round"], f"{rec['time_s']:.4f}", rec["bytes_sent"], rec["bytes_dense"],
+                 rec["bytes_cross_rank"]]
+        if "shared_acc" not in rec:  # not measured: one row, head and accuracies empty
+            w.writerow(cells + ["", "", ""])
+        for head, priv in rec.get("private_acc", {}).items():
+            w.writerow(cells + [head, f"{priv:.6f}", f"{rec['shared_acc'][head]:.6f}"])
     return buf.getvalue()
 
 
@@ -148,24 +159,27 @@ def clients_csv(private: Tensor, shared: Tensor) -> str:
 
 
 def plot(metrics: dict, out: str) -> list[str]:
-    """accuracy.png (mean private and shared accuracy per head vs round) and bytes.png
-    (cumulative bytes sent vs round, dense fp32 for comparison). Returns the file names."""
+    """accuracy.png (mean private and shared accuracy per head vs the rounds measured) and
+    bytes.png (cumulative bytes sent vs round, dense fp32 for comparison). Returns the file
+    names."""
     # Figures without pyplot: files only, and the caller's matplotlib backend stays theirs.
     from matplotlib.figure import Figure
 
     rounds = [rec["round"] for rec in metrics["rounds"]]
-    heads = list(metrics["rounds"][0]["shared_acc"])
+    recs = measured(metrics["rounds"])
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2, sharey=True)
     for ax, key, title in ((axes[0], "private_acc", "private accuracy"),
                            (axes[1], "shared_acc", "shared accuracy")):
-        for head in heads:
-            ax.plot(rounds, [rec[key][head] for rec in metrics["rounds"]], label=head)
+        for head in recs[0][key] if recs else ():
+            ax.plot([rec["round"] for rec in recs], [rec[key][head] for rec in recs],
+                    marker="." if len(recs) < len(rounds) else None, label=head)
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean over clients")
-    axes[1].legend()
+    if recs:
+        axes[1].legend()
     fig.suptitle(metrics["config"]["name"])
     fig.tight_layout()
     _save(fig, os.path.join(out, "accuracy.png"))
@@ -215,7 +229,7 @@ def log_round(writer, rec: dict) -> None:
     time/round_s. Flushed, so a killed run keeps every round it logged."""
     step = rec["round"]
     for kind in ("private", "shared", "worst10_private", "worst10_shared"):
-        for head, acc in rec[f"{kind}_acc"].items():
+        for head, acc in rec.get(f"{kind}_acc", {}).items():  # none in a round not measured
             writer.add_scalar(f"accuracy/{kind}/{head}", acc, step)
     for term, value in rec["loss_sum"].items():
         writer.add_scalar(f"loss/{term}", value, step)
@@ -253,14 +267,17 @@ def report_md(metrics: dict, graph_info: dict) -> str:
              f"method **{cfg['method']}** on **{cfg['dataset']}**: {cfg['clients']} clients, "
              f"partition {cfg['partition']}, graph {cfg['graph']} (spectral gap "
              f"{graph_info.get('spectral_gap', float('nan')):.3f}), model {' + '.join(cfg['model'])}, "
-             f"{cfg['heads']} aux heads, {len(metrics['rounds'])} rounds x {cfg['steps_per_round']} steps.",
+             f"{cfg['heads']} aux heads, {len(metrics['rounds'])} rounds x {cfg['steps_per_round']} steps"
+             + (f", accuracies measured every {cfg['eval_every']} rounds and after the last."
+                if cfg.get("eval_every", 1) > 1 else "."),
              ""]
     if metrics.get("status") == "diverged":
         lines += [f"**The run diverged**: {divergence(metrics)}. It has no final accuracies; "
                   "lower --lr, or the loss weights, and run again.", ""]
-        if metrics["rounds"]:
-            last = metrics["rounds"][-1]
-            lines += [f"Mean accuracies after round {last['round']}, the last finite one:", "",
+        recs = measured(metrics["rounds"])
+        if recs:
+            last = recs[-1]
+            lines += [f"Mean accuracies after round {last['round']}, the last finite one measured:", "",
                       "| head | private acc | shared acc |", "|---|---|---|"]
             lines += [f"| {h} | {last['private_acc'][h]:.4f} | {last['shared_acc'][h]:.4f} |"
                       for h in last["shared_acc"]]

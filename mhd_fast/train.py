@@ -327,6 +327,12 @@ def _run(cfg: Config, resume: bool, on_round) -> dict | None:
             held.release()
 
 
+def measures(cfg: Config, r: int) -> bool:
+    """Whether round r (0-based) measures the accuracies: every eval_every-th round (1-based
+    r + 1 a multiple of it) and the last round."""
+    return (r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1
+
+
 def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict,
             on_round, board) -> dict | None:
     """Rounds start .. cfg.rounds − 1, then the outputs (rank 0's metrics, None elsewhere).
@@ -357,14 +363,19 @@ def _rounds(sim: Simulation, start: int, history: list[dict], totals: dict,
         losses = D.all_sum(losses, sim.shard, "the loss sums").tolist()
         totals["edge_bytes"] += edge_sent.cpu()
         totals["bytes_dense"] += dense
-        private, shared, ensemble = evaluate(sim)
-        gap = dict(measure_gap(sim, r), ensemble_shared_acc=ensemble)
-        evaluated = True
+        # A function of r alone, so every rank takes the same branch and a resumed run
+        # measures the rounds an unbroken one does (the last round always).
+        evaluated = measures(cfg, r)
+        private = shared = gap = None
+        if evaluated:
+            private, shared, ensemble = evaluate(sim)
+            gap = dict(measure_gap(sim, r), ensemble_shared_acc=ensemble)
         if lead:
             rec = M.round_record(r, time_s, sent, private, shared, dense, bytes_cross_rank=cross,
                                  loss_sum=_loss_record(sim, losses), gap=gap)
             history.append(rec)
-            bar.set_postfix(_postfix(rec))
+            if evaluated:
+                bar.set_postfix(_postfix(rec))
             if board is not None:  # before the checkpoint: a resume re-logs, never skips, a round
                 M.log_round(board, rec)
         if cfg.checkpoint and writes:

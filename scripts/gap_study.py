@@ -19,6 +19,7 @@ import os
 import time
 
 from mhd_fast import config as C
+from mhd_fast import metrics as M
 from mhd_fast import sweep
 
 import study as S  # scripts/study.py: the page helpers
@@ -46,8 +47,9 @@ def seed_numbers(m: dict) -> dict:
     head 1 (whose teachers are main heads); public: the best aux head's own accuracy on those
     rows (against teacher: how much of its teacher it learnt); agree: its agreement with the
     ensemble on those rows; peak: the best aux head's best round; jitter: the mean change of the
-    best aux accuracy from one round to the next over the second half of the run."""
-    fin, last = m["final"], m["rounds"][-1]
+    best aux accuracy from one measured round to the next over the second half of the run."""
+    recs = M.measured(m["rounds"])
+    fin, last = m["final"], recs[-1]
     aux = aux_heads(fin["shared_acc"])
     head = max(aux, key=aux.get) if aux else "head0"
     best = fin["shared_acc"][head]
@@ -58,7 +60,7 @@ def seed_numbers(m: dict) -> dict:
         out["teacher"] = last["teacher_acc"][head]
         out["teacher1"] = last["teacher_acc"]["head1"]
     curve = [max(aux_heads(r["shared_acc"]).values() or [r["shared_acc"]["head0"]])
-             for r in m["rounds"]]
+             for r in recs]
     out["peak"] = max(curve)
     half = curve[len(curve) // 2:]
     out["jitter"] = (sum(abs(b - a) for a, b in zip(half, half[1:])) / (len(half) - 1)
@@ -86,22 +88,22 @@ def numbers(plan: sweep.Plan, row: dict) -> dict:
     return out
 
 
-def curves(plan: sweep.Plan, row: dict) -> dict:
-    """Per round, mean over seeds: shared accuracy of every head, the ensemble, the teachers."""
-    runs = load_runs(plan, row)
-    rounds = len(runs[0]["rounds"])
+def curves(plan: sweep.Plan, row: dict) -> tuple[list[int], dict]:
+    """The rounds measured (0-based) and, per round, means over seeds: shared accuracy of
+    every head, the ensemble, the teachers."""
+    runs = [M.measured(m["rounds"]) for m in load_runs(plan, row)]
     out: dict[str, list[float]] = {}
 
     def add(name, pick):
-        vals = [[pick(m["rounds"][r]) for m in runs] for r in range(rounds)]
+        vals = [[pick(recs[r]) for recs in runs] for r in range(len(runs[0]))]
         out[name] = [sum(v) / len(v) for v in vals]
 
-    for h in runs[0]["rounds"][0]["shared_acc"]:
+    for h in runs[0][0]["shared_acc"]:
         add(f"shared {h}", lambda rec, h=h: rec["shared_acc"][h])
     add("ensemble", lambda rec: rec["ensemble_shared_acc"])
-    for h in runs[0]["rounds"][0].get("teacher_acc", {}):
+    for h in runs[0][0].get("teacher_acc", {}):
         add(f"teacher {h}", lambda rec, h=h: rec["teacher_acc"][h])
-    return out
+    return [rec["round"] for rec in runs[0]], out
 
 
 # ---- the section -----------------------------------------------------------------------------
@@ -200,8 +202,7 @@ def section(plans: list[tuple[str, sweep.Plan]], summaries: list[list[dict]], co
         fig, axes = plt.subplots(1, len(show), figsize=(4.2 * len(show), 3.6), squeeze=False,
                                  sharey=True)
         for ax, r in zip(axes[0], show):
-            c = curves(plan, r)
-            xs = list(range(len(c["ensemble"])))
+            xs, c = curves(plan, r)
             for k, v in c.items():
                 style = "--" if k.startswith("teacher") else ("k-" if k == "ensemble" else "-")
                 ax.plot(xs, [100 * y for y in v], style, label=k, lw=1.2)
@@ -242,16 +243,17 @@ def section(plans: list[tuple[str, sweep.Plan]], summaries: list[list[dict]], co
             axes.flat[len(grids) - 1].legend(fontsize=7)
             save(fig, f"gap_knobs_{variant}", f"{name}: final best aux head, its teacher and "
                  "the ensemble of main heads, one knob at a time (mean ± std over seeds)")
-        c = curves(plan, base)
+        rounds, c = curves(plan, base)
         if "teacher head1" in c:
             t, e = c["teacher head1"], c["ensemble"]
             peak = max(range(len(t)), key=t.__getitem__)
             findings.append(
                 f"{name}, base run: the teacher of head 1 (the most confident neighbour's main "
-                f"head) is right on {100 * t[0]:.1f}% of the public rows after round 0, when the "
-                f"ensemble of main heads is at {100 * e[0]:.1f}% shared; it peaks at "
-                f"{100 * t[peak]:.1f}% in round {peak} and ends at {100 * t[-1]:.1f}%, while the "
-                f"ensemble ends at {100 * e[-1]:.1f}% (means over seeds).")
+                f"head) is right on {100 * t[0]:.1f}% of the public rows after round "
+                f"{rounds[0]}, when the ensemble of main heads is at {100 * e[0]:.1f}% shared; "
+                f"it peaks at {100 * t[peak]:.1f}% in round {rounds[peak]} and ends at "
+                f"{100 * t[-1]:.1f}%, while the ensemble ends at {100 * e[-1]:.1f}% (means over "
+                "seeds).")
         unique: dict = {}
         for key in found:  # a run listed under two grids counts once, under the first
             unique.setdefault(key[1], key)

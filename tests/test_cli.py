@@ -64,6 +64,7 @@ def test_progress_bar_shows_mean_accuracies(tmp_path):
     (["--config", "/nonexistent/run.toml"], "--config"),
     (["--skew", "2"], "--skew"),
     (["--rounds", "0"], "--rounds"),
+    (["--eval-every", "0"], "--eval-every"),
     (["--rounds", "many"], "--rounds"),
     (["--graph", "kring", "--graph-options", "q=1"], "--graph-options"),
     (["--device", "cuda:99"], "--device"),

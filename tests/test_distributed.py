@@ -228,8 +228,9 @@ def test_two_processes_give_the_metrics_of_one(tmp_path):
 
 def test_uneven_shards_of_three_processes_and_a_resume_from_one(tmp_path, monkeypatch):
     kw = dict(clients=7, model=["mlp:16x8", "cnn:4-8"], nu_emb=0.5, topk=4, aggregate="mean",
-              include_self=True, graph="exponential", exchange_every=2, rounds=4)
-    # a one-process run that dies in round 2, to be resumed by three processes
+              include_self=True, graph="exponential", exchange_every=2, rounds=4, eval_every=3)
+    # a one-process run that dies in round 2 (rounds 0 and 1 not measured), to be resumed by
+    # three processes, which all measure rounds 2 and 3 alone
     cut = small(tmp_path / "cut", **kw)
     run_killed_in_round(cut, monkeypatch, 2)
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["rounds_done"] == 2

@@ -80,6 +80,35 @@ def test_csv_plots_and_report(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
+def test_rounds_not_measured_keep_time_bytes_and_losses(tmp_path):
+    metrics, p = _metrics()
+    metrics["config"]["eval_every"] = 2
+    metrics["rounds"][0] = M.round_record(0, 0.5, 1000, None, None, 4000, loss_sum={"ce": 2.0})
+    assert set(metrics["rounds"][0]) == {"round", "time_s", "bytes_sent", "bytes_dense",
+                                         "bytes_cross_rank", "loss_sum"}
+    assert [r["round"] for r in M.measured(metrics["rounds"])] == [1, 2]
+    M.write_outputs(str(tmp_path), metrics, p, p / 2, {"spectral_gap": 0.25})
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "metrics.csv").read_text())))
+    assert len(rows) == 1 + 2 * 2
+    assert (rows[0]["round"], rows[0]["head"], rows[0]["shared_acc"]) == ("0", "", "")
+    assert (tmp_path / "accuracy.png").exists()
+    assert "measured every 2 rounds" in (tmp_path / "report.md").read_text()
+
+    class Board:
+        def __init__(self):
+            self.tags = []
+
+        def add_scalar(self, tag, value, step):
+            self.tags.append(tag)
+
+        def flush(self):
+            pass
+
+    board = Board()
+    M.log_round(board, metrics["rounds"][0])
+    assert "loss/ce" in board.tags and not any(t.startswith("accuracy/") for t in board.tags)
+
+
 def test_atomic_write_replaces_whole_files(tmp_path):
     path = str(tmp_path / "f.txt")
     M.atomic_write(path, "one")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mhd_fast import config as C
+from mhd_fast import metrics as M
 from mhd_fast import evaluation, models, simulation, train
 from mhd_fast.exchange import exchange, route
 
@@ -279,6 +280,33 @@ def test_resume_after_a_crash_reaches_the_same_metrics(tmp_path, monkeypatch, kw
     assert not os.path.exists(os.path.join(cfg.out, "metrics.json"))  # no final output
     state = torch.load(os.path.join(cfg.out, "checkpoint.pt"), weights_only=True)
     assert state["rounds_done"] == 2 and state["received"] is not None  # stale buffers saved
+    resumed = train.run(cfg, resume=True)
+    full["config"].pop("out"), resumed["config"].pop("out")
+    assert _final(resumed) == _final(full)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(model=["resnet:8:bn", dropout_trunk], clients=4)])
+def test_eval_every_measures_every_kth_round_and_the_last_and_changes_no_number(tmp_path, kw):
+    every = train.run(small(tmp_path / "every", rounds=5, **kw))
+    sparse = train.run(small(tmp_path / "sparse", rounds=5, eval_every=3, **kw))
+    assert [train.measures(C.load(None, dict(rounds=5, eval_every=3)), r) for r in range(5)] == [
+        False, False, True, False, True]
+    assert [r["round"] for r in sparse["rounds"]] == list(range(5))
+    assert [r["round"] for r in M.measured(sparse["rounds"])] == [2, 4]  # rounds 3 and 5, 1-based
+    assert set(sparse["rounds"][0]) == {"round", "time_s", "bytes_sent", "bytes_dense",
+                                        "bytes_cross_rank", "loss_sum"}
+    # measuring draws nothing from training and changes no state (BatchNorm, dropout included)
+    a, b = _final(every), _final(sparse)
+    assert a["final"] == b["final"]
+    for ra, rb in zip(a["rounds"], b["rounds"]):
+        assert rb == (ra if "shared_acc" in rb else {k: ra[k] for k in rb})
+
+
+@pytest.mark.parametrize("killed", [1, 3])  # after a round not measured, after one measured
+def test_resume_across_rounds_not_measured_reaches_the_same_metrics(tmp_path, monkeypatch, killed):
+    full = train.run(small(tmp_path, rounds=5, eval_every=3))
+    cfg = small(tmp_path, rounds=5, eval_every=3, out=str(tmp_path / "cut"))
+    run_killed_in_round(cfg, monkeypatch, killed)
     resumed = train.run(cfg, resume=True)
     full["config"].pop("out"), resumed["config"].pop("out")
     assert _final(resumed) == _final(full)
