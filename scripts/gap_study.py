@@ -311,13 +311,10 @@ def section(plans: list[tuple[str, sweep.Plan]], summaries: list[list[dict]], co
         "Fashion-MNIST the teacher is right more often than the ensemble and the aux heads stay "
         "below their teacher, by about 2 points on the public rows they distil on and more on "
         "the test set: there the gap is what the heads have not learnt of it.", "",
-        "Larger scale (cnn:16x32-64 clients on Fashion-MNIST, 64 clients) was not run. On this "
-        "machine one local step of such a run takes 4.7 s of CPU time and one evaluation of all "
-        "64 clients on the 10,000 test images 239 s (one thread, 256 images per client, 3 aux "
-        "heads, measured with `simulation.setup`, `train.train_round` and `evaluation.evaluate` on a 5-step "
-        "round): 40 rounds x 20 steps would take about 3.7 h of CPU per run (1.0 h of steps, "
-        "2.7 h of evaluation), so a study of 10 or more runs needs a GPU or a far cheaper "
-        "evaluation, not 60 minutes of 2 cores.", ""]
+        "The larger scale (64 CNN clients on Fashion-MNIST) is section 9 "
+        "(`python scripts/study_cnn.py`): there one evaluation of all clients on the 10,000 "
+        "test images costs as much as 50 to 200 local steps, so its runs measure the "
+        "accuracies every few rounds (`--eval-every`).", ""]
     return lines, findings
 
 
@@ -330,17 +327,6 @@ def _pearson(xs: list[float], ys: list[float]) -> float:
 
 
 # ---- the page --------------------------------------------------------------------------------
-
-def splice(page: str, section_text: str) -> str:
-    """``page`` with its section 8 (from its heading to the next '## ' heading or the end)
-    replaced by ``section_text``, or with ``section_text`` appended."""
-    if MARK in page:
-        start = page.index(MARK)
-        rest = page.find("\n## ", start + 1)
-        tail = page[rest + 1:] if rest >= 0 else ""
-        return page[:start] + section_text + ("\n" + tail if tail else "")
-    return page.rstrip("\n") + "\n\n" + section_text
-
 
 def main(argv: list[str] | None = None) -> int:
     args = S.parser(__doc__, "gap", "to add section 8 to").parse_args(argv)
@@ -377,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 page = f.read()
         os.makedirs(results_dir, exist_ok=True)
         with open(results, "w") as f:
-            f.write(splice(page, "\n".join(lines)))
+            f.write(S.splice(page, MARK, "\n".join(lines)))
         return f"wrote section 8 of {results}"
 
     return S.reporting("gap_study", work)

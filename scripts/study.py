@@ -16,6 +16,7 @@ import csv
 import json
 import os
 import platform
+import resource
 import sys
 import time
 import warnings
@@ -532,7 +533,9 @@ def _timing(sessions: list[dict]) -> str:
     wall = sum(x["wall_s"] for x in sessions)
     ran = sum(x["ran"] for x in sessions)
     parts = [f"{x['wall_s'] / 60:.1f} min for {x['ran']} runs ({x['jobs']} jobs × {x['threads']} "
-             f"thread(s), 1-min load average {x['load_start']:.1f} at the start, "
+             f"thread(s)"
+             + (f", {x['cpu_s'] / 60:.1f} CPU-min" if "cpu_s" in x else "")
+             + f", 1-min load average {x['load_start']:.1f} at the start, "
              f"{x['load_end']:.1f} at the end)" for x in sessions]
     if len(sessions) == 1:
         return f"Wall time of this study: {parts[0]}."
@@ -622,6 +625,58 @@ def reporting(prog: str, work) -> int:
     return 0
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and of its children that have ended (the
+    sweep's workers, once their pool has shut down)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_timed(plan: sweep.Plan, args: argparse.Namespace,
+              partial: bool = False) -> tuple[list[dict], list[dict]]:
+    """Run ``plan`` (or, with --report-only, read the runs made) -> (summary rows, sessions).
+    Each invocation that ran part of the sweep adds a session to OUT/study.json: its wall and
+    CPU time, jobs, threads and the machine's load, so a resumed study adds up. ValueError
+    when a run is missing, unless ``partial`` (the rows then hold the seeds that finished)."""
+    stamp = os.path.join(plan.out, STUDY_JSON)
+    sessions = []
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            sessions = json.load(f)["sessions"]
+    if args.report_only:
+        if not sessions:
+            raise ValueError(f"--report-only: no study has run in {plan.out!r}")
+        rows = sweep.summarize(plan)
+    else:
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+        load = os.getloadavg()[0]
+        t0, cpu0 = time.perf_counter(), _cpu_s()
+        result = sweep.run_plan(plan, jobs=args.jobs, threads=threads, progress=args.progress)
+        sessions.append({"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - cpu0,
+                         "ran": result["ran"], "skipped": result["skipped"], "jobs": args.jobs,
+                         "threads": threads, "load_start": load, "load_end": os.getloadavg()[0]})
+        with open(stamp, "w") as f:
+            json.dump({"sessions": sessions}, f, indent=1)
+        rows = result["summary"]
+    missing = [f"{r['variant']}/{r['run']}" for r in rows
+               if len(r["seeds"]) + len(r["diverged"]) < len(plan.seeds)]
+    if missing and not partial:
+        raise ValueError(f"runs not finished: {', '.join(sorted(set(missing)))} "
+                         "(run without --report-only to make them)")
+    return rows, sessions
+
+
+def splice(page: str, mark: str, section_text: str) -> str:
+    """``page`` with the section whose heading starts with ``mark`` (up to the next '## '
+    heading or the end) replaced by ``section_text``, or with ``section_text`` appended."""
+    if mark in page:
+        start = page.index(mark)
+        rest = page.find("\n## ", start + 1)
+        tail = page[rest + 1:] if rest >= 0 else ""
+        return page[:start] + section_text + ("\n" + tail if tail else "")
+    return page.rstrip("\n") + "\n\n" + section_text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser(__doc__, "study", "to write").parse_args(argv)
 
@@ -633,31 +688,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> str:
         plan = sweep.load_plan(CONFIG, out, quick=args.quick)
-        stamp = os.path.join(out, STUDY_JSON)
-        sessions = []  # one entry per invocation that ran the sweep: a resumed study adds up
-        if os.path.exists(stamp):
-            with open(stamp) as f:
-                sessions = json.load(f)["sessions"]
-        if args.report_only:
-            if not sessions:
-                raise ValueError(f"--report-only: no study has run in {out!r}")
-            rows = sweep.summarize(plan)
-        else:
-            threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-            load = os.getloadavg()[0]
-            t0 = time.perf_counter()
-            result = sweep.run_plan(plan, jobs=args.jobs, threads=threads, progress=args.progress)
-            sessions.append({"wall_s": time.perf_counter() - t0, "ran": result["ran"],
-                             "skipped": result["skipped"], "jobs": args.jobs, "threads": threads,
-                             "load_start": load, "load_end": os.getloadavg()[0]})
-            with open(stamp, "w") as f:
-                json.dump({"sessions": sessions}, f, indent=1)
-            rows = result["summary"]
-        missing = [f"{r['variant']}/{r['run']}" for r in rows
-                   if len(r["seeds"]) + len(r["diverged"]) < len(plan.seeds)]
-        if missing:
-            raise ValueError(f"runs not finished: {', '.join(sorted(set(missing)))} "
-                             "(run without --report-only to make them)")
+        rows, sessions = run_timed(plan, args)
         write_page(Study(plan, rows), results, command, sessions)
         return f"wrote {results} and its plots in {os.path.join(os.path.dirname(results), 'plots')}"
 
