@@ -124,7 +124,7 @@ def section(plan: sweep.Plan, rows: list[dict], sessions: list[dict], command: s
                 "bytes sent", "train s", "seeds"], body)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    conv_body = []
+    conv_body, changes = [], []
     rounds = []
     for i, r in enumerate(rows):
         method = r["point"]["method"]
@@ -134,6 +134,9 @@ def section(plan: sweep.Plan, rows: list[dict], sessions: list[dict], command: s
         if S.stat(r, "best_aux_shared_acc") is not None:
             S._errorbar(axes[1], rounds, c["shared best aux"], label=f"{method} best aux",
                         color=f"C{i}", linestyle="--")
+        best = c["shared best aux"]
+        if len(best) > 1:
+            changes.append((method, best[-1]["mean"] - best[-2]["mean"]))
         conv_body.append([method, "shared head 0"] + [S.pct(s) for s in c["shared head 0"]])
         if S.stat(r, "best_aux_shared_acc") is not None:
             conv_body.append([method, "shared best aux"] + [S.pct(s) for s in c["shared best aux"]])
@@ -172,6 +175,12 @@ def section(plan: sweep.Plan, rows: list[dict], sessions: list[dict], command: s
               "head (dashed) at each measured round, and the training cross-entropy of head 0 "
               "on the private batches every round; mean ± std over seeds")
 
+    if len(rounds) > 1:
+        findings.append(
+            f"Change of the shared accuracy of the best head from round {rounds[-2]} to round "
+            f"{rounds[-1]} (points): " + ", ".join(
+                f"{m} {S.signed(d)}" for m, d in changes) + "; a method still rising there "
+            "has not converged in this budget.")
     ranked = sorted(rows, key=lambda r: -S.best_shared(r)["mean"])
     findings.append("By shared accuracy (the best head): " + ", ".join(
         f"{r['point']['method']} {S.pct(S.best_shared(r))}%" for r in ranked) + ".")
@@ -202,8 +211,8 @@ def section(plan: sweep.Plan, rows: list[dict], sessions: list[dict], command: s
     compute.append(f"The training parts of the {runs} runs took {train_s / 60:.1f} min of wall "
                    f"time in all, {100 * train_s / max(1e-9, jobs * wall):.0f}% of the sweep's "
                    f"{jobs} workers × {wall / 60:.1f} min; the rest is evaluation (each run "
-                   f"measures {len(rounds)} rounds of {base.rounds}) and setup. The machine was "
-                   "shared with other work: the wall times include waiting for the cores.")
+                   f"measures {len(rounds)} rounds of {base.rounds}) and setup; the wall times "
+                   "include waiting for the cores.")
     page.add("Findings:", "", *(f"- {f}" for f in findings), "", " ".join(compute), "")
     return page.lines
 
