@@ -332,10 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args = S.parser(__doc__, "gap", "to add section 8 to").parse_args(argv)
 
     os.chdir(ROOT)
-    out = args.out or os.path.join("runs", "gap-quick" if args.quick else "gap")
-    results = args.results or (os.path.join(out, "RESULTS.md") if args.quick
-                               else os.path.join("docs", "RESULTS.md"))
-    command = "python scripts/gap_study.py" + (" --quick" if args.quick else "")
+    out, results, command = S.places(args, "gap", "gap_study.py")
 
     def work() -> str:
         plans, summaries = [], []
@@ -357,13 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                                   results_dir)
         at = next(i for i, line in enumerate(lines) if line.startswith("The defaults of")) + 2
         lines[at:at] = ["Findings:", "", *(f"- {f}" for f in findings), ""]
-        page = ""
-        if os.path.exists(results):
-            with open(results) as f:
-                page = f.read()
-        os.makedirs(results_dir, exist_ok=True)
-        with open(results, "w") as f:
-            f.write(S.splice(page, MARK, "\n".join(lines)))
+        S.write_section(results, MARK, lines)
         return f"wrote section 8 of {results}"
 
     return S.reporting("gap_study", work)

@@ -677,14 +677,31 @@ def splice(page: str, mark: str, section_text: str) -> str:
     return page.rstrip("\n") + "\n\n" + section_text
 
 
+def places(args: argparse.Namespace, runs: str, script: str) -> tuple[str, str, str]:
+    """(runs folder, page to write, the command that writes it) of a study script's options:
+    runs/RUNS[-quick] and docs/RESULTS.md (with --quick: the runs folder's RESULTS.md)."""
+    out = args.out or os.path.join("runs", f"{runs}-quick" if args.quick else runs)
+    results = args.results or (os.path.join(out, "RESULTS.md") if args.quick
+                               else os.path.join("docs", "RESULTS.md"))
+    return out, results, f"python scripts/{script}" + (" --quick" if args.quick else "")
+
+
+def write_section(results: str, mark: str, lines: list[str]) -> None:
+    """The page ``results`` (made if missing) with its section ``mark`` replaced by ``lines``."""
+    page = ""
+    if os.path.exists(results):
+        with open(results) as f:
+            page = f.read()
+    os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
+    with open(results, "w") as f:
+        f.write(splice(page, mark, "\n".join(lines)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser(__doc__, "study", "to write").parse_args(argv)
 
     os.chdir(ROOT)  # the config, runs/ and docs/ are relative to the repository
-    out = args.out or os.path.join("runs", "study-quick" if args.quick else "study")
-    results = args.results or (os.path.join(out, "RESULTS.md") if args.quick
-                               else os.path.join("docs", "RESULTS.md"))
-    command = "python scripts/study.py" + (" --quick" if args.quick else "")
+    out, results, command = places(args, "study", "study.py")
 
     def work() -> str:
         plan = sweep.load_plan(CONFIG, out, quick=args.quick)

@@ -224,10 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     os.chdir(ROOT)
-    out = args.out or os.path.join("runs", "study_cnn-quick" if args.quick else "study_cnn")
-    results = args.results or (os.path.join(out, "RESULTS.md") if args.quick
-                               else os.path.join("docs", "RESULTS.md"))
-    command = "python scripts/study_cnn.py" + (" --quick" if args.quick else "")
+    out, results, command = S.places(args, "study_cnn", "study_cnn.py")
 
     def work() -> str:
         plan = sweep.load_plan(CONFIG, out, quick=args.quick)
@@ -235,13 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         results_dir = os.path.dirname(os.path.abspath(results))
         lines = section(plan, rows, sessions, command, os.path.join(results_dir, "plots"),
                         results_dir)
-        page = ""
-        if os.path.exists(results):
-            with open(results) as f:
-                page = f.read()
-        os.makedirs(results_dir, exist_ok=True)
-        with open(results, "w") as f:
-            f.write(S.splice(page, MARK, "\n".join(lines)))
+        S.write_section(results, MARK, lines)
         return f"wrote section 9 of {results}"
 
     return S.reporting("study_cnn", work)
