@@ -1,5 +1,5 @@
 """One convolution layer of N clients, forward + backward, three ways: N conv2d calls (NCHW),
-the same in channels-last, and one grouped convolution (groups = N) — what models.loop_conv
+the same in channels-last, and one grouped convolution (groups = N) — what conv.loop_conv
 decides from. CIFAR-ResNet / cnn layer shapes on 28x28 inputs.
 
     python bench/bench_conv.py [--clients 64] [--rows 96] [--reps 1]
