@@ -45,12 +45,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import csv
 import dataclasses
-import io
 import itertools
 import json
-import math
 import multiprocessing
 import os
 import re
@@ -62,8 +59,8 @@ from dataclasses import dataclass
 
 from . import config as C
 from .cmdline import PROG, Parser
-SUMMARY_JSON = "summary.json"
-SUMMARY_CSV = "summary.csv"
+from .summary import (SUMMARY_CSV, SUMMARY_JSON, format_table, mean_std, point_value,
+                      run_metrics, write_summary)
 _TOP_KEYS = ("seeds", "base", "variants", "grid", "quick")
 # Per-run keys the sweep sets itself: no layer of the file may set them.
 _SWEEP_OWNED = ("seed", "name", "out", "progress")
@@ -203,20 +200,12 @@ def _axis(key: str, value, where: str) -> list:
     return value
 
 
-def _fmt(value) -> str:
-    if isinstance(value, list):
-        return "+".join(map(_fmt, value))
-    if isinstance(value, dict):
-        return "+".join(f"{k}-{_fmt(v)}" for k, v in sorted(value.items()))
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def run_name(overrides: dict) -> str:
     """'graph=ring,heads=4' from {'heads': 4, 'graph': 'ring'}; 'base' for no overrides.
     Characters outside [A-Za-z0-9._=+,:-] become '_' so the name is a plain folder name."""
     if not overrides:
         return "base"
-    return _UNSAFE.sub("_", ",".join(f"{k}={_fmt(v)}" for k, v in sorted(overrides.items())))
+    return _UNSAFE.sub("_", ",".join(f"{k}={point_value(v)}" for k, v in sorted(overrides.items())))
 
 
 def _check_layer(layer: dict, where: str) -> None:
@@ -474,35 +463,6 @@ def _unique_runs(rows: list[dict]) -> list[dict]:
 
 # ---- summary -------------------------------------------------------------------------------
 
-def run_metrics(final: dict, rounds: list[dict]) -> dict[str, float]:
-    """The numbers of one finished run, flat: 'shared_acc.head0', 'best_aux_shared_acc', ...
-    (best aux: the aux head with the highest mean shared accuracy, absent without aux heads)."""
-    from .metrics import best_aux
-
-    out: dict[str, float] = {}
-    for key in ("shared_acc", "private_acc", "worst10_shared_acc", "worst10_private_acc"):
-        for head, value in final.get(key, {}).items():
-            out[f"{key}.{head}"] = value
-    best = best_aux(final["shared_acc"])
-    if best is not None:
-        out["best_aux_shared_acc"] = best[1]
-        last = max(final["shared_acc"], key=lambda h: int(h[4:]))
-        out["last_head_shared_acc"] = final["shared_acc"][last]
-    for key in ("ensemble_shared_acc", "bytes_sent", "bytes_dense", "bytes_per_edge"):
-        if key in final:
-            out[key] = final[key]
-    out["train_time_s"] = sum(r["time_s"] for r in rounds)
-    return out
-
-
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (ddof = 1; None for a single value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
 def summarize(plan: Plan) -> list[dict]:
     """One row per variant and grid point: {"variant", "grid", "point", "run", "seeds", "dirs"
     (run folders relative to OUT), "diverged" (the seeds whose run diverged), "metrics":
@@ -535,61 +495,6 @@ def summarize(plan: Plan) -> list[dict]:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     # Stable sort: by variant, then grid in file order, then points in the order they were made.
     return sorted(rows, key=lambda r: (variants.index(r["variant"]), plan.grids.index(r["grid"])))
-
-
-def summary_csv(rows: list[dict]) -> str:
-    """variant, grid, run, point (key=value;...), n_seeds (finished), n_diverged, then
-    METRIC_mean / METRIC_std columns."""
-    names = sorted({k for r in rows for k in r["metrics"]})
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["variant", "grid", "run", "point", "n_seeds", "n_diverged"]
-               + [f"{n}_{s}" for n in names for s in ("mean", "std")])
-    for r in rows:
-        cells = []
-        for n in names:
-            st = r["metrics"].get(n)
-            cells += ["", ""] if st is None else [
-                f"{st['mean']:.6g}", "" if st["std"] is None else f"{st['std']:.6g}"]
-        w.writerow([r["variant"], r["grid"], r["run"], ";".join(f"{k}={_fmt(v)}" for k, v in r["point"].items()),
-                    len(r["seeds"]), len(r["diverged"])] + cells)
-    return buf.getvalue()
-
-
-def write_summary(out: str, rows: list[dict]) -> None:
-    from .metrics import atomic_write
-
-    os.makedirs(out, exist_ok=True)
-    atomic_write(os.path.join(out, SUMMARY_CSV), summary_csv(rows))
-    atomic_write(os.path.join(out, SUMMARY_JSON), json.dumps(rows, indent=1) + "\n")
-
-
-def load_summary(out: str) -> list[dict]:
-    """The rows of OUT/summary.json. ValueError when the sweep has not written one."""
-    path = os.path.join(out, SUMMARY_JSON)
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except OSError as e:
-        raise ValueError(f"--out: no sweep summary at {path!r} ({e.strerror or e})") from None
-
-
-def format_table(rows: list[dict]) -> str:
-    """A short text table: grid, run, finished and diverged seeds, shared accuracy of head 0
-    and of the best aux."""
-    def cell(st):
-        if st is None:
-            return "-"
-        return f"{st['mean']:.4f}" + ("" if st["std"] is None else f" ± {st['std']:.4f}")
-
-    lines = [f"{'grid':<14} {'run':<48} {'seeds':>5} {'diverged':>8}  {'shared head0':>17}  "
-             f"{'best aux shared':>17}"]
-    for r in rows:
-        m = r["metrics"]
-        run = os.path.join(r["variant"], r["run"]) if r["variant"] else r["run"]
-        lines.append(f"{r['grid']:<14} {run:<48} {len(r['seeds']):>5} {len(r['diverged']):>8}  "
-                     f"{cell(m.get('shared_acc.head0')):>17}  {cell(m.get('best_aux_shared_acc')):>17}")
-    return "\n".join(lines)
 
 
 # ---- command line --------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import time
 
 from mhd_fast import config as C
 from mhd_fast import metrics as M
-from mhd_fast import sweep
+from mhd_fast import summary, sweep
 
 import study as S  # scripts/study.py: the page helpers
 
@@ -83,7 +83,7 @@ def numbers(plan: sweep.Plan, row: dict) -> dict:
     out = {}
     for key in per_seed[0]:
         vals = [p[key] for p in per_seed]
-        mean, std = sweep.mean_std(vals)
+        mean, std = summary.mean_std(vals)
         out[key] = {"mean": mean, "std": std, "values": vals}
     return out
 

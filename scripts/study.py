@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from mhd_fast import config as C
-from mhd_fast import models, sweep, topology
+from mhd_fast import models, summary, sweep, topology
 from mhd_fast.metrics import human_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -335,7 +335,7 @@ def _group_stats(study: Study, row: dict) -> list[tuple[str, dict, dict]]:
             best.append(max(means[h] for h in heads[1:]) if len(heads) > 1 else means["head0"])
     out = []
     for (arch, _, _), (h0, best) in zip(spans, per_group):
-        out.append((str(arch), *({"mean": m, "std": sd} for m, sd in map(sweep.mean_std, (h0, best)))))
+        out.append((str(arch), *({"mean": m, "std": sd} for m, sd in map(summary.mean_std, (h0, best)))))
     return out
 
 

@@ -17,7 +17,7 @@ import json
 import os
 
 from mhd_fast import metrics as M
-from mhd_fast import sweep
+from mhd_fast import summary, sweep
 
 import study as S  # scripts/study.py: the page helpers
 
@@ -38,7 +38,7 @@ def round_records(plan: sweep.Plan, row: dict) -> list[list[dict]]:
 
 
 def _over_seeds(vals: list[float]) -> dict:
-    mean, std = sweep.mean_std(vals)
+    mean, std = summary.mean_std(vals)
     return {"mean": mean, "std": std, "values": vals}
 
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from mhd_fast import outdir, sweep, train
+from mhd_fast import outdir, summary, sweep, train
 
 TINY = """
 seeds = [0, 1]
@@ -218,7 +218,7 @@ def test_run_skip_and_summary(tmp_path):
     again = sweep.run_plan(plan, progress=False, threads=1)
     assert (again["ran"], again["skipped"]) == (0, 4)
 
-    rows = sweep.load_summary(plan.out)
+    rows = summary.load_summary(plan.out)
     assert [(r["grid"], r["run"], r["seeds"]) for r in rows] == [("g", "heads=1", [0, 1]),
                                                                 ("g", "base", [0, 1])]
     done = finals(plan)
@@ -234,7 +234,7 @@ def test_run_skip_and_summary(tmp_path):
     assert [t["run"] for t in table] == ["heads=1", "base"]
     assert float(table[1]["shared_acc.head2_mean"]) == pytest.approx(st["mean"], rel=1e-5)
     assert table[0]["shared_acc.head2_mean"] == ""
-    text = sweep.format_table(rows)
+    text = summary.format_table(rows)
     assert "heads=1" in text and "±" in text
 
 
@@ -285,8 +285,8 @@ def test_parallel_jobs_match_one_job(tmp_path):
 
 
 def test_mean_std():
-    assert sweep.mean_std([1.0]) == (1.0, None)
-    m, s = sweep.mean_std([1.0, 2.0, 3.0])
+    assert summary.mean_std([1.0]) == (1.0, None)
+    m, s = summary.mean_std([1.0, 2.0, 3.0])
     assert m == 2.0 and s == pytest.approx(1.0)
 
 
@@ -340,7 +340,7 @@ def test_diverged_runs_are_reported_and_not_run_again(tmp_path, capsys):
         assert std.err == ('mhd-fast: 1 run(s) diverged (status "diverged" in their metrics.json): '
                            f"{os.path.join('lr=1e+30', 's0')}\n")
     assert "0 run(s) made, 2 already done" in std.out
-    rows = {r["run"]: r for r in sweep.load_summary(out)}
+    rows = {r["run"]: r for r in summary.load_summary(out)}
     assert rows["lr=1e+30"]["diverged"] == [0] and rows["lr=1e+30"]["seeds"] == []
     assert rows["lr=1e+30"]["metrics"] == {}
     assert rows["lr=0.01"]["diverged"] == [] and rows["lr=0.01"]["seeds"] == [0]
