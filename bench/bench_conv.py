@@ -1,8 +1,9 @@
 """One convolution layer of N clients, forward + backward, three ways: N conv2d calls (NCHW),
-the same in channels-last, and one grouped convolution (groups = N) — what conv.loop_conv
-decides from. CIFAR-ResNet / cnn layer shapes on 28x28 inputs.
+the same in channels-last, and one grouped convolution (groups = N) — what the ``conv``
+option's auto choice (conv.loop_conv) rests on. CIFAR-ResNet / cnn layer shapes on 28x28.
 
     python bench/bench_conv.py [--clients 64] [--rows 96] [--reps 1]
+    OMP_NUM_THREADS=1 python bench/bench_conv.py --csv bench/results/conv_cpu_1thread.csv
 
 Writes bench/results/conv_<device>.csv (or --csv); times are the best of --reps after one
 warm-up, from one run, so the ratios between columns are what to read.

@@ -22,6 +22,7 @@ import yaml
 
 METHODS = ("mhd", "isolated", "fedavg", "mean_distill", "centralized")
 OPTIMIZERS = ("adam", "sgd")
+CONV_MODES = ("auto", "loop", "grouped")
 DEVICES_HELP = "cpu, cuda or cuda:N"
 
 
@@ -73,6 +74,7 @@ class Config:
     train_seed: int | None = None    # batches
     device: str = "cpu"              # cpu | cuda | cuda:N
     backend: str = "auto"            # fused-op backend: auto | torch | cpp | triton
+    conv: str = "auto"               # how a group's per-client convolutions run: loop (N calls) | grouped (one convolution, groups = N) | auto (loop on CPU, grouped on GPU); bench/bench_conv.py measures both
     client_chunk: int = 0            # clients whose activations a step keeps at once, the others recomputed in the backward (less memory, more compute); 0 = automatic: all, unless their activations exceed 1 GiB (CPU) or a quarter of the GPU's memory
     compile: bool = False            # torch.compile a step's forward, exchange and losses (CUDA graphs on CUDA when exchange_every = 1)
     name: str | None = None          # run name; None = DATASET-METHOD-sSEED
@@ -274,6 +276,7 @@ def validate(cfg: Config) -> None:
     _need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
     _need(cfg.client_chunk >= 0, f"--client-chunk must be 0 (automatic) or a number of clients "
           f">= 1, got {cfg.client_chunk}")
+    _need(cfg.conv in CONV_MODES, f"--conv must be one of {', '.join(CONV_MODES)}, got {cfg.conv!r}")
     _need(cfg.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     _need(cfg.device == "cpu" or cfg.device == "cuda" or cfg.device.startswith("cuda:"),
           f"--device must be {DEVICES_HELP}, got {cfg.device!r}")

@@ -16,6 +16,7 @@ from . import distributed as D
 from . import metrics as M
 from . import models
 from .config import Config, model_names
+from .conv import loop_conv
 from .data import Dataset, load_dataset, split_public, synthetic_bytes
 from .exchange import Received, heads_sent
 from .partition import label_distribution, partition
@@ -290,7 +291,7 @@ def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
     archs = [models.parse_arch(s, option="--model") for s in cfg.model]
     layout = models.split_groups(n_model, archs)
     init_gen = torch.Generator().manual_seed(cfg.init_seed)
-    groups = []
+    groups, loop = [], loop_conv(cfg.conv, device)
     for arch, start, stop in layout:  # every group is drawn, so the generator runs as in one process
         keep = D.overlap(range(start, stop), mine)
         # FedAvg starts every client from one (server) model, its first client's: averaging
@@ -300,7 +301,8 @@ def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
         net, buffers = None, {}
         if isinstance(arch, models.ModuleArch):
             net, params, buffers = models.init_module(arch, stop - start, data.input_shape, v,
-                                                      num_heads, init_gen, rows=drawn, device=device)
+                                                      num_heads, init_gen, rows=drawn, device=device,
+                                                      loop_conv=loop)
         else:
             params = models.init_params(arch, stop - start, data.input_shape, v, num_heads,
                                         init_gen, rows=drawn)
@@ -311,7 +313,7 @@ def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
             continue
         params = {k: p.to(device).requires_grad_() for k, p in params.items()}
         groups.append(models.Group(arch, keep.start - mine.start, keep.stop - mine.start, params,
-                                   buffers, net))
+                                   buffers, net, loop))
     params = models.parameters(groups)
     # Both are elementwise, so the state of stacked weights is per client; the fused kernels
     # update all of a tensor in one pass (~10x faster than the per-op loop on CPU).

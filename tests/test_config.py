@@ -77,7 +77,7 @@ def test_a_partition_option_picks_its_partition():
     ("exchange_every", 0, "--exchange-every"), ("lr", 0.0, "--lr"), ("name", "a/b", "--name"),
     ("heads", 0, "--heads"), ("partition", "zipf", "--partition"), ("backend", "cuda", "--backend"),
     ("teacher_ema", 1.0, "--teacher-ema"), ("teacher_ema", -0.1, "--teacher-ema"),
-    ("client_chunk", -1, "--client-chunk"),
+    ("client_chunk", -1, "--client-chunk"), ("conv", "winograd", "--conv"),
 ])
 def test_bad_values_name_the_option(key, value, flag):
     with pytest.raises(ValueError, match=flag):

@@ -140,12 +140,13 @@ def make():
 """
 
 
-def _build(spec, n, in_shape):
-    """The batched group and, for each client, its own copy: (module or None, params)."""
+def _build(spec, n, in_shape, loop_conv=False):
+    """The batched group and, for each client, its own copy: (module or None, params).
+    loop_conv: the group's convolutions run as N calls, else one grouped convolution."""
     arch = models.parse_arch(spec)
     gen = torch.Generator().manual_seed(0)
     if isinstance(arch, models.ModuleArch):
-        net, params, buffers = models.init_module(arch, n, in_shape, V, H1, gen)
+        net, params, buffers = models.init_module(arch, n, in_shape, V, H1, gen, loop_conv=loop_conv)
     else:
         net, params, buffers = None, models.init_params(arch, n, in_shape, V, H1, gen), {}
     params = {k: p.requires_grad_() for k, p in params.items()}
@@ -160,7 +161,7 @@ def _build(spec, n, in_shape):
             p = {**{f"trunk.{k}": v for k, v in m.named_parameters()},
                  "heads.weight": p["heads.weight"], "heads.bias": p["heads.bias"]}
         clients.append((m, p))
-    return models.Group(arch, 0, n, params, buffers, net), clients
+    return models.Group(arch, 0, n, params, buffers, net, loop_conv), clients
 
 
 def _client_forward(arch, m, p, x, train):
@@ -190,9 +191,8 @@ def test_batched_clients_equal_a_loop_over_the_same_modules(spec, in_shape, trai
     if isinstance(spec, str) and spec.startswith("module:"):
         (tmp_path / "user_trunk_file.py").write_text(USER_FILE)
         monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(models, "loop_conv", lambda device, in_per_group: loop_conv)
     n, b = 3, 5
-    group, clients = _build(spec, n, in_shape)
+    group, clients = _build(spec, n, in_shape, loop_conv)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(n, b, *in_shape, generator=gen)
     y = torch.randint(0, V, (n, b), generator=gen)
@@ -217,9 +217,10 @@ def test_batched_clients_equal_a_loop_over_the_same_modules(spec, in_shape, trai
                 torch.testing.assert_close(group.buffers[k][i], v, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("loop_conv", [True, False])
 @pytest.mark.parametrize("spec", ["resnet:8", "cnn:4-8"])
-def test_module_trunk_shared_input_equals_the_same_rows_for_every_client(spec):
-    group, _ = _build(spec, 3, (1, 8, 8))
+def test_module_trunk_shared_input_equals_the_same_rows_for_every_client(spec, loop_conv):
+    group, _ = _build(spec, 3, (1, 8, 8), loop_conv)
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     shared, _ = models.forward_group(group, x, shared=True, num_heads=H1, train=False)
     each, _ = models.forward_group(group, x.expand(3, *x.shape), shared=False, num_heads=H1,

@@ -1,6 +1,7 @@
 """The round: the batched simulator against the per-client loop, every method, the exchange
 options, determinism and resumption."""
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -310,6 +311,28 @@ def test_resume_across_rounds_not_measured_reaches_the_same_metrics(tmp_path, mo
     resumed = train.run(cfg, resume=True)
     full["config"].pop("out"), resumed["config"].pop("out")
     assert _final(resumed) == _final(full)
+
+
+@pytest.mark.parametrize("model", ["cnn:4-8", "resnet:8:bn"])
+def test_looped_and_grouped_convolutions_train_alike_and_a_run_resumes_across_them(
+        tmp_path, monkeypatch, model):
+    kw = dict(model=[model], clients=4, steps_per_round=2)
+    sims = {mode: simulation.setup(small(conv=mode, **kw)) for mode in ("loop", "grouped")}
+    assert [g.loop_conv for s in sims.values() for g in s.groups] == [True, False]
+    assert simulation.setup(small(**kw)).groups[0].loop_conv  # auto: N calls on the CPU
+    for s in sims.values():
+        train.train_round(s, 0)
+    for k, p in sims["loop"].groups[0].params.items():
+        torch.testing.assert_close(p, sims["grouped"].groups[0].params[k], rtol=1e-4, atol=1e-5)
+    # conv changes rounding only, so a run may resume with the other kind
+    full = train.run(small(tmp_path, rounds=3, conv="loop", **kw))
+    cfg = small(tmp_path, rounds=3, conv="loop", out=str(tmp_path / "cut"), **kw)
+    run_killed_in_round(cfg, monkeypatch, 1)
+    resumed = train.run(dataclasses.replace(cfg, conv="grouped"), resume=True)
+    assert resumed["status"] == "finished" and resumed["config"]["conv"] == "grouped"
+    for a, b in zip(M.measured(full["rounds"]), M.measured(resumed["rounds"])):
+        for h, acc in a["shared_acc"].items():
+            assert abs(acc - b["shared_acc"][h]) <= 0.02, (a["round"], h)
 
 
 def test_a_round_that_goes_non_finite_stops_the_run_and_keeps_the_last_finite_state(
