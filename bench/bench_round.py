@@ -11,9 +11,10 @@
         --clients 16,64 --rounds 2 --memory-clients '' --csv bench/results/round_models_cpu.csv
     python bench/bench_round.py --clock cpu --threads 1 --flops ...   # a loaded machine
 
-A case is MODEL@DATASET[@STEPS] (steps per round, default 5); ``module-mlp:W1xW2`` is the same
-MLP as ``mlp:W1xW2`` built as an nn.Sequential and run by the module path (vmap; digits'
-64 inputs).
+A case is MODEL@DATASET[@STEPS][@KEY=VALUE...] (steps per round, default 5; KEY=VALUE sets
+any other option: ``@conv=grouped`` times the grouped convolution, ``@client_chunk=64`` 64
+clients without chunks); ``module-mlp:W1xW2`` is the same MLP as ``mlp:W1xW2`` built as an
+nn.Sequential and run by the module path (vmap; digits' 64 inputs).
 
 Both implementations start from the same weights and draw the same batches; the ratio is
 loop / batched from one run, each figure the median over ``--rounds`` timed rounds after one
@@ -79,9 +80,24 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+def _value(text: str):
+    """An option's value from a case: an int, a float, true / false, or the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text, text)
+
+
 def parse_case(text: str) -> dict:
-    """MODEL@DATASET[@STEPS] -> the Config keys of the case."""
+    """MODEL@DATASET[@STEPS][@KEY=VALUE...] -> the Config keys of the case (KEY=VALUE: any
+    other option, e.g. conv=grouped or client_chunk=64)."""
     parts = text.split("@")
+    options = {}
+    while len(parts) > 1 and "=" in parts[-1]:
+        key, value = parts.pop().split("=", 1)
+        options[key] = _value(value)
     model, dataset = parts[0], parts[1] if len(parts) > 1 else "digits"
     steps = int(parts[2]) if len(parts) > 2 else BASE["steps_per_round"]
     if model.startswith("module-mlp:"):
@@ -90,26 +106,26 @@ def parse_case(text: str) -> dict:
             return MLP(widths)
         module_mlp.__qualname__ = f"module_mlp_{'x'.join(map(str, widths))}"
         model = module_mlp
-    return {"model": [model], "dataset": dataset, "steps_per_round": steps}
+    return {"model": [model], "dataset": dataset, "steps_per_round": steps, **options}
 
 
-# time.perf_counter, or time.process_time (--clock cpu): CPU seconds of this process, which
-# the load of other jobs on a shared machine changes far less than wall time
-CLOCK = [time.perf_counter]
+# The clocks of --clock: wall time, or this process's CPU seconds, which the load of other
+# jobs on a shared machine changes far less than wall time
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+def matmul_gflops(clock=time.perf_counter, n: int = 2048, reps: int = 5) -> float:
     """The machine's fp32 matmul rate: the best of ``reps`` n^3 products."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    best = min(_timed(lambda: torch.mm(a, b), clock) for _ in range(reps))
     return 2 * n ** 3 / best / 1e9
 
 
-def _timed(fn) -> float:
-    t0 = CLOCK[0]()
+def _timed(fn, clock) -> float:
+    t0 = clock()
     fn()
-    return CLOCK[0]() - t0
+    return clock() - t0
 
 
 def step_flops(sim) -> float:
@@ -131,33 +147,34 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_rounds(fn, rounds: int, device: str) -> list[float]:
+def time_rounds(fn, rounds: int, device: str, clock=time.perf_counter) -> list[float]:
     fn(0)  # warm-up: first-touch allocations and lazy initialisation stay out of the figures
     _sync(device)
     times = []
     for r in range(1, rounds + 1):
-        t0 = CLOCK[0]()
+        t0 = clock()
         fn(r)
         _sync(device)
-        times.append(CLOCK[0]() - t0)
+        times.append(clock() - t0)
     return times
 
 
 def bench_speed(clients: int, rounds: int, device: str, with_loop: bool, case: str = "",
-                flops: bool = False, **extra) -> list[dict]:
+                flops: bool = False, clock=time.perf_counter, **extra) -> list[dict]:
     _peak_gpu_reset(device)
     cfg = make_config(clients, device, **{**extra, **(parse_case(case) if case else {})})
     sim = simulation.setup(cfg)
     twin = copy.deepcopy(sim) if with_loop else None
     step = step_flops(sim) if flops else None
     rows = []
-    batched = time_rounds(lambda r: train.train_round(sim, r), rounds, device)
+    batched = time_rounds(lambda r: train.train_round(sim, r), rounds, device, clock)
     rows.append(_row(cfg, case, "batched", batched, step))
     if with_loop:
         del sim
         _peak_gpu_reset(device)
         clients_state = loop_round.from_simulation(twin)
-        loop = time_rounds(lambda r: loop_round.loop_round(twin, clients_state, r), rounds, device)
+        loop = time_rounds(lambda r: loop_round.loop_round(twin, clients_state, r), rounds, device,
+                           clock)
         rows.append(_row(cfg, case, "per-client loop", loop, step))
         rows[-1]["speedup"] = rows[-1]["s_per_round"] / rows[0]["s_per_round"]
     rows[0]["speedup"] = 1.0
@@ -234,10 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.memory_child is not None:
         memory_child(a.memory_child, a.device, json.loads(a.extra))
         return 0
-    if a.clock == "cpu":
-        if a.device != "cpu":
-            p.error("--clock cpu times CPU work; a GPU's is not in it")
-        CLOCK[0] = time.process_time
+    if a.clock == "cpu" and a.device != "cpu":
+        p.error("--clock cpu times CPU work; a GPU's is not in it")
+    clock = CLOCKS[a.clock]
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     data = {**({"num_classes": a.num_classes} if a.num_classes else {}),
@@ -255,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
           f"says), {BASE['heads']} aux heads, private batch {BASE['batch_size']}, public batch "
           f"{BASE['public_batch_size']}, complete graph")
     rows = []
-    peak = matmul_gflops() if a.flops else None
+    peak = matmul_gflops(clock) if a.flops else None
     if peak is not None:
         print(f"# fp32 matmul 2048^3: {peak:.1f} GFLOP/s")
     gpu = a.device.startswith("cuda")
@@ -264,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     for case in cases:
         for n in counts:
-            new = bench_speed(n, a.rounds, a.device, n in loop_counts, case, a.flops, **data)
+            new = bench_speed(n, a.rounds, a.device, n in loop_counts, case, a.flops, clock, **data)
             for r in new:
                 if peak is not None:
                     r["matmul_gflops"] = peak
