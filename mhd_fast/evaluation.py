@@ -13,6 +13,11 @@ from . import metrics as M
 from . import models
 from .simulation import Simulation
 
+# Floats (~128 MB) that one activation of a measurement may hold: evaluate's test rows, and
+# measure_gap's clients and rows, go in chunks that keep each tensor under it.
+CHUNK_FLOATS = 2**25
+
+
 @torch.no_grad()
 def evaluate(sim: Simulation, chunk: int | None = None) -> tuple[Tensor | None, Tensor | None, float]:
     """Private [N, H1] and shared [N, H1] accuracy of every client and head on the test set,
@@ -24,7 +29,7 @@ def evaluate(sim: Simulation, chunk: int | None = None) -> tuple[Tensor | None, 
     v = sim.data.num_classes
     per_row = sum(g.size * models.activation_floats(g.arch, sim.data.input_shape, sim.num_heads * v)
                   for g in sim.groups)
-    chunk = chunk or max(1, min(len(y_test), 2**25 // per_row))  # ~128 MB per activation
+    chunk = chunk or max(1, min(len(y_test), CHUNK_FLOATS // per_row))
     correct = []
     votes = torch.zeros(len(y_test), v, dtype=torch.float64, device=sim.device)
     for start in range(0, len(y_test), chunk):
@@ -59,13 +64,13 @@ def measure_gap(sim: Simulation, r: int) -> dict:
     ranks; every rank returns the record."""
     rows = sim.public_rows[:GAP_ROWS]
     y = sim.data.y_train[rows]
-    # clients in chunks, as evaluate's test rows: ~128 MB per activation of a chunk
+    # clients in chunks, as evaluate's test rows
     widest = max(models.activation_floats(g.arch, sim.data.input_shape,
                                           sim.num_heads * sim.data.num_classes) for g in sim.groups)
     # eval mode, as evaluate: a measurement updates no BatchNorm statistics, draws no dropout
     logits, _ = models.forward_groups(sim.groups, sim.data.x_train[rows], shared=True,
                                       num_heads=sim.num_heads, train=False,
-                                      chunk=max(1, 2**25 // (len(rows) * widest)))  # [n, H1, B, V]
+                                      chunk=max(1, CHUNK_FLOATS // (len(rows) * widest)))  # [n, H1, B, V]
     votes = logits[:, 0].float().softmax(-1).sum(0, dtype=torch.float64)
     D.all_sum(votes, sim.shard, "the ensemble's votes on public rows")
     ens = votes.argmax(-1)
@@ -81,8 +86,8 @@ def measure_gap(sim: Simulation, r: int) -> dict:
             seen = sim.ema_seen[:len(rows)][:, None]
             got.teacher = torch.where(seen, sim.cfg.tau * sim.ema[:, :, :len(rows)].log(),
                                       got.teacher)
-        # rows in chunks: the reference holds [M, M, G, rows] tensors (~128 MB each at most)
-        step = max(1, 2**25 // (got.adj.shape[0] ** 2 * g))
+        # rows in chunks: the reference holds [M, M, G, rows] tensors
+        step = max(1, CHUNK_FLOATS // (got.adj.shape[0] ** 2 * g))
         parts = [M.teacher_hits(got.teacher[:, :-1, s:s + step], got.adj, y[s:s + step],
                                 tau=sim.cfg.tau, include_self=sim.cfg.include_self,
                                 aggregate=sim.cfg.aggregate) for s in range(0, len(y), step)]

@@ -215,6 +215,17 @@ def test_each_round_records_the_gap_to_the_ensemble(tmp_path):
         "public_acc", "ensemble_public_acc", "ensemble_agreement"}
 
 
+def test_measurements_do_not_depend_on_their_chunk_bound(monkeypatch):
+    sim = simulation.setup(small(clients=4))
+    train.train_round(sim, 0)
+    whole = evaluation.evaluate(sim), evaluation.measure_gap(sim, 0)
+    # 2,000 floats: test rows a few at a time, one client at a time, gap rows in chunks
+    monkeypatch.setattr(evaluation, "CHUNK_FLOATS", 2000)
+    private, shared, ens = evaluation.evaluate(sim)
+    torch.testing.assert_close(private, whole[0][0]), torch.testing.assert_close(shared, whole[0][1])
+    assert ens == whole[0][2] and evaluation.measure_gap(sim, 0) == whole[1]
+
+
 def test_measuring_the_gap_changes_no_model_state():
     # BatchNorm statistics: a measurement in train mode would update them on public rows
     sim = simulation.setup(small(clients=3, model=["resnet:8:bn"]))
