@@ -31,10 +31,11 @@ from .outdir import atomic_write
 FILENAME = "checkpoint.pt"
 VERSION = 3
 # Options that may change between a run and its resumption: they do not change the numbers
-# (device, backend and conv agree up to rounding; eval_every picks the rounds measured, and
-# measuring draws nothing from training). ``rounds`` may not: it sets the lr schedule.
-RESUMABLE_CHANGES = ("progress", "checkpoint", "device", "backend", "conv", "dist_timeout",
-                     "tensorboard", "eval_every")
+# (device, backend, conv and client_chunk agree up to rounding, though random layers draw
+# other masks after a change; eval_every picks the rounds measured, and measuring draws
+# nothing from training). ``rounds`` may not: it sets the lr schedule.
+RESUMABLE_CHANGES = ("progress", "checkpoint", "device", "backend", "conv", "client_chunk",
+                     "dist_timeout", "tensorboard", "eval_every")
 
 
 # ---- this process's part -------------------------------------------------------------------

@@ -335,11 +335,11 @@ def test_looped_and_grouped_convolutions_train_alike_and_a_run_resumes_across_th
         train.train_round(s, 0)
     for k, p in sims["loop"].groups[0].params.items():
         torch.testing.assert_close(p, sims["grouped"].groups[0].params[k], rtol=1e-4, atol=1e-5)
-    # conv changes rounding only, so a run may resume with the other kind
+    # conv and client_chunk change rounding only, so a run may resume with others
     full = train.run(small(tmp_path, rounds=3, conv="loop", **kw))
     cfg = small(tmp_path, rounds=3, conv="loop", out=str(tmp_path / "cut"), **kw)
     run_killed_in_round(cfg, monkeypatch, 1)
-    resumed = train.run(dataclasses.replace(cfg, conv="grouped"), resume=True)
+    resumed = train.run(dataclasses.replace(cfg, conv="grouped", client_chunk=3), resume=True)
     assert resumed["status"] == "finished" and resumed["config"]["conv"] == "grouped"
     for a, b in zip(M.measured(full["rounds"]), M.measured(resumed["rounds"])):
         for h, acc in a["shared_acc"].items():
