@@ -74,7 +74,7 @@ class Config:
     train_seed: int | None = None    # batches
     device: str = "cpu"              # cpu | cuda | cuda:N
     backend: str = "auto"            # fused-op backend: auto | torch | cpp | triton
-    conv: str = "auto"               # how a group's per-client convolutions run: loop (N calls) | grouped (one convolution, groups = N) | auto (loop on CPU, grouped on GPU); bench/bench_conv.py measures both
+    conv: str = "auto"               # how a group's convolutional clients run: loop (one client's trunk at a time) | grouped (all at once, each convolution grouped, groups = N) | auto (loop on CPU, grouped on GPU); bench/bench_conv.py measures both
     client_chunk: int = 0            # clients whose activations a step keeps at once, the others recomputed in the backward (less memory, more compute); 0 = automatic: all, unless their activations exceed 1 GiB (CPU) or a quarter of the GPU's memory
     compile: bool = False            # torch.compile a step's forward, exchange and losses (CUDA graphs on CUDA when exchange_every = 1)
     name: str | None = None          # run name; None = DATASET-METHOD-sSEED
