@@ -168,7 +168,7 @@ class Group:
     """Clients [start, stop) share architecture ``arch``; params[name] is [N_g, ...]. A module
     trunk also has ``net`` (one client's module on the meta device: the code that
     functional_call runs) and its stacked buffers (BatchNorm's running statistics).
-    loop_conv: the clients' convolutions run as N calls, not one grouped convolution."""
+    loop_conv: the clients run one at a time, not as one batch (``looped``)."""
 
     arch: Arch | ModuleArch
     start: int
@@ -344,6 +344,15 @@ def trunk_info(arch: ModuleArch, in_shape: tuple[int, ...]) -> TrunkInfo:
                          f"{', '.join(map(str, in_shape))}] to an embedding [B, E], got {got} for B = 2")
     return TrunkInfo(sum(p.numel() for p in net.parameters()), out.shape[1],
                      max([math.prod(in_shape), out.shape[1], *outs]), sum(outs))
+
+
+def looped(arch: Arch | ModuleArch, net: nn.Module | None, loop: bool) -> bool:
+    """Whether a group runs one client at a time: where ``conv.loop_conv`` says so (``loop``)
+    and its trunk has convolutions (an MLP stays one batched matmul a layer)."""
+    if isinstance(arch, Arch):
+        return loop and arch.kind == "cnn"
+    return loop and net is not None and any(isinstance(m, nn.modules.conv._ConvNd)
+                                            for m in net.modules())
 
 
 def _batched_net(net: nn.Module, loop: bool) -> nn.Module:

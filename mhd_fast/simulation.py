@@ -313,7 +313,7 @@ def setup(cfg: Config, shard: D.Shard | None = None) -> Simulation:
             continue
         params = {k: p.to(device).requires_grad_() for k, p in params.items()}
         groups.append(models.Group(arch, keep.start - mine.start, keep.stop - mine.start, params,
-                                   buffers, net, loop))
+                                   buffers, net, models.looped(arch, net, loop)))
     params = models.parameters(groups)
     # Both are elementwise, so the state of stacked weights is per client; the fused kernels
     # update all of a tensor in one pass (~10x faster than the per-op loop on CPU).

@@ -330,7 +330,10 @@ def test_looped_and_grouped_convolutions_train_alike_and_a_run_resumes_across_th
     kw = dict(model=[model], clients=4, steps_per_round=2)
     sims = {mode: simulation.setup(small(conv=mode, **kw)) for mode in ("loop", "grouped")}
     assert [g.loop_conv for s in sims.values() for g in s.groups] == [True, False]
-    assert simulation.setup(small(**kw)).groups[0].loop_conv  # auto: N calls on the CPU
+    assert simulation.setup(small(**kw)).groups[0].loop_conv  # auto: one client at a time on the CPU
+    # trunks without convolutions stay one batch
+    assert not any(g.loop_conv for g in simulation.setup(
+        small(conv="loop", model=["mlp:16x8", dropout_trunk], clients=4)).groups)
     for s in sims.values():
         train.train_round(s, 0)
     for k, p in sims["loop"].groups[0].params.items():
