@@ -355,14 +355,15 @@ def looped(arch: Arch | ModuleArch, net: nn.Module | None, loop: bool) -> bool:
                                             for m in net.modules())
 
 
-def _batched_net(net: nn.Module, loop: bool) -> nn.Module:
+def _batched_net(net: nn.Module, loop: bool, builtin: bool) -> nn.Module:
     """The module functional_call runs for all clients: on the meta device (the stacked
-    weights replace its own). Run one client at a time (``loop``), its plain Conv2d layers
-    give channels-last outputs (``ChannelsLastConv2d``), unless it has a GroupNorm: per
-    client of resnet:8 on 28x28 (fwd + bwd, 96 rows, CPU) channels-last took 0.66x the time
-    with BatchNorm, but GroupNorm's CPU kernels are ~5x slower in it."""
+    weights replace its own). A built-in net run one client at a time (``loop``) has its
+    Conv2d layers give channels-last outputs (``ChannelsLastConv2d``), unless it has a
+    GroupNorm: per client of resnet:8 on 28x28 (fwd + bwd, 96 rows, CPU) channels-last took
+    0.66x the time with BatchNorm, but GroupNorm's CPU kernels are ~5x slower in it. A
+    user's module runs in its own layout (its ``view`` calls may need contiguous tensors)."""
     net = copy.deepcopy(net).to("meta")
-    if loop and not any(isinstance(m, nn.GroupNorm) for m in net.modules()):
+    if loop and builtin and not any(isinstance(m, nn.GroupNorm) for m in net.modules()):
         for m in net.modules():
             if type(m) is nn.Conv2d:
                 m.__class__ = ChannelsLastConv2d
@@ -377,8 +378,8 @@ def init_module(arch: ModuleArch, n: int, in_shape: tuple[int, ...], num_classes
     ``generator`` (all n seeds are drawn, then the heads as ``init_params`` draws them), so
     its weights do not depend on which rows are kept. Returns (net, params, buffers): params
     'trunk.NAME' [R, ...] and 'heads.weight' [R, E, H1·V], 'heads.bias' [R, H1·V]; buffers
-    NAME [R, ...]; net = _batched_net (None when no row is kept), its Conv2d layers looped
-    over clients when ``loop_conv``."""
+    NAME [R, ...]; net = _batched_net (None when no row is kept), made for running one client
+    at a time when ``loop_conv``."""
     rows = range(n) if rows is None else rows
     info = trunk_info(arch, in_shape)
     seeds = torch.randint(0, 2**63 - 1, (n,), generator=generator).tolist()
@@ -395,7 +396,7 @@ def init_module(arch: ModuleArch, n: int, in_shape: tuple[int, ...], num_classes
     params = {f"trunk.{k}": p.detach().to(device) for k, p in params.items()}
     params.update({k: p.to(device) for k, p in heads.items()})
     buffers = {k: b.to(device) for k, b in buffers.items()}
-    return _batched_net(trunks[0], loop_conv), params, buffers
+    return _batched_net(trunks[0], loop_conv, arch.builtin), params, buffers
 
 
 def _module_trunk(g: Group, x: Tensor, shared: bool, train: bool, seed: int) -> Tensor:

@@ -134,15 +134,22 @@ class DropoutNet(torch.nn.Module):
 
 USER_FILE = """
 import torch
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3, padding=1)
+        self.fc = torch.nn.Linear(3 * 8 * 8, 10)
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.shape[0], -1))  # view: needs the layout the conv made
 def make():
-    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(),
-                               torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    return Net()
 """
 
 
 def _build(spec, n, in_shape, loop_conv=False):
     """The batched group and, for each client, its own copy: (module or None, params).
-    loop_conv: the group's convolutions run as N calls, else one grouped convolution."""
+    loop_conv: the clients run one at a time, else as one batch."""
     arch = models.parse_arch(spec)
     gen = torch.Generator().manual_seed(0)
     if isinstance(arch, models.ModuleArch):
