@@ -581,6 +581,16 @@ def activation_floats(arch: Arch | ModuleArch, in_shape: tuple[int, ...], out_fe
     return widest
 
 
+def forward_floats(g: Group, in_shape: tuple[int, ...], out_features: int) -> int:
+    """Floats per input row that a forward of group g without autograd holds at once: every
+    client's widest activation when its clients run as one batch; when they run one at a
+    time (g.loop_conv), one client's, plus the outputs (embedding and heads) of all."""
+    widest = activation_floats(g.arch, in_shape, out_features)
+    if g.loop_conv:
+        return widest + g.size * (emb_dim(g.arch, in_shape) + out_features)
+    return g.size * widest
+
+
 def num_params(arch: Arch | ModuleArch, in_shape: tuple[int, ...], num_classes: int,
                num_heads: int) -> int:
     """The weights of one client of ``arch`` (what init_params / init_module draw), counted

@@ -226,6 +226,25 @@ def test_measurements_do_not_depend_on_their_chunk_bound(monkeypatch):
     assert ens == whole[0][2] and evaluation.measure_gap(sim, 0) == whole[1]
 
 
+def test_clients_run_one_at_a_time_are_evaluated_in_batches_of_cache_size(monkeypatch):
+    sims = {mode: simulation.setup(small(clients=4, model=["cnn:4-8"], conv=mode))
+            for mode in ("loop", "grouped")}
+    # the memory bound: one client's activations at a time, not all 4 clients'
+    floats = {mode: models.forward_floats(s.groups[0], s.data.input_shape, 3 * 10)
+              for mode, s in sims.items()}
+    assert floats["grouped"] == 4 * 4 * 8 * 8
+    assert floats["loop"] == 4 * 8 * 8 + 4 * (8 + 3 * 10)
+    rows = {}
+    real = models.forward_groups
+    for mode, sim in sims.items():
+        monkeypatch.setattr(models, "forward_groups", lambda groups, x, mode=mode, **kw: (
+            rows.setdefault(mode, []).append(len(x)), real(groups, x, **kw))[1])
+        evaluation.evaluate(sim)
+    test_rows = len(sims["loop"].data.y_test)
+    assert max(rows["loop"]) == evaluation.LOOPED_ROWS < test_rows == sum(rows["loop"])
+    assert rows["grouped"] == [test_rows]
+
+
 def test_measuring_the_gap_changes_no_model_state():
     # BatchNorm statistics: a measurement in train mode would update them on public rows
     sim = simulation.setup(small(clients=3, model=["resnet:8:bn"]))
