@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU run of mhd_fast in one call, about 8 minutes on one card:
+# The GPU run of mhd_fast in one call, at most about 9 minutes on one card:
 #   1. the GPU tests (pytest -m gpu);
 #   2. bench_ops.py on S3 and S4: triton against torch.compile and eager, GB/s against the
 #      card's peak (its data sheet, else the measured copy);
 #   3. bench_round.py: 1,024 clients mlp and cnn, batched against the per-client loop, and
-#      16,384 mlp clients batched (synthetic data: digits has too few rows for them);
+#      16,384 mlp clients batched (synthetic data: digits has too few rows for them); 256 cnn
+#      clients with --conv grouped (the GPU default) and loop side by side;
 #   4. one table of the targets beside the figures (bench/gpu_summary.py).
 # CSV files go to bench/results/gpu_*.csv (and are copied to $OUT when it is set). Each step has
 # its own time limit, so that one slow step cannot take the others' time; a step that fails or
@@ -26,19 +27,20 @@ SMOKE=0
 if [ "$SMOKE" = 1 ]; then
   DEV=cpu; PREFIX=smoke; RES=${TMPDIR:-/tmp}/mhd_fast_gpu_smoke  # figures of no interest: not kept
   OPS_ARGS="--shapes S1 --modes fwd,fwd_bwd --impls eager,fused --reps 1"
-  SMALL=4; BIG=8; LOOP_ROUNDS=1; BIG_ROUNDS=1
-  T_TEST=60; T_OPS=120; T_SMALL=300; T_BIG=120
+  SMALL=4; BIG=8; CONV=4; LOOP_ROUNDS=1; BIG_ROUNDS=1
+  T_TEST=60; T_OPS=120; T_SMALL=300; T_BIG=120; T_CONV=120
 else
   DEV=cuda; PREFIX=gpu
   OPS_ARGS="--shapes S3,S4 --modes fwd,fwd_bwd --impls eager,compile,fused --reps 20"
-  SMALL=1024; BIG=16384; LOOP_ROUNDS=2; BIG_ROUNDS=3
-  T_TEST=110; T_OPS=190; T_SMALL=100; T_BIG=60  # 460 s in all
+  SMALL=1024; BIG=16384; CONV=256; LOOP_ROUNDS=2; BIG_ROUNDS=3
+  T_TEST=110; T_OPS=190; T_SMALL=100; T_BIG=60; T_CONV=40  # 500 s in all
 fi
 mkdir -p "$RES"
 OPS_CSV=$RES/${PREFIX}_ops.csv
 ROUND_SMALL_CSV=$RES/${PREFIX}_round_${SMALL}.csv
 ROUND_BIG_CSV=$RES/${PREFIX}_round_${BIG}.csv
-rm -f "$OPS_CSV" "$ROUND_SMALL_CSV" "$ROUND_BIG_CSV" "$RES/${PREFIX}_round_${BIG}_cnn.csv"
+ROUND_CONV_CSV=$RES/${PREFIX}_round_conv.csv
+rm -f "$OPS_CSV" "$ROUND_SMALL_CSV" "$ROUND_BIG_CSV" "$RES/${PREFIX}_round_${BIG}_cnn.csv" "$ROUND_CONV_CSV"
 STATUS=()
 
 step() {  # step NAME SECONDS COMMAND...: run it under a time limit, note how it ended
@@ -70,6 +72,10 @@ step "bench_round $SMALL" "$T_SMALL" "$PY" bench/bench_round.py --device "$DEV" 
 step "bench_round $BIG mlp" "$T_BIG" "$PY" bench/bench_round.py --device "$DEV" --clients "$BIG" \
   --models mlp --dataset synthetic --num-classes 100 --no-loop --rounds "$BIG_ROUNDS" --memory-clients "" \
   --csv "$ROUND_BIG_CSV"
+# whether the GPU default (grouped) is the faster way to run convolutional clients there
+step "bench_round $CONV conv" "$T_CONV" "$PY" bench/bench_round.py --device "$DEV" --clients "$CONV" \
+  --cases cnn:16x32-64@digits@5@conv=grouped,cnn:16x32-64@digits@5@conv=loop --no-loop \
+  --rounds "$BIG_ROUNDS" --memory-clients "" --csv "$ROUND_CONV_CSV"
 ROUND_CSVS=("$ROUND_SMALL_CSV" "$ROUND_BIG_CSV")
 if [ -n "${MHD_DATA_DIR:-}" ] && [ "$SMOKE" = 0 ]; then
   step "bench_round $BIG cnn" "$T_BIG" "$PY" bench/bench_round.py --device "$DEV" --clients "$BIG" \
