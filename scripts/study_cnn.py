@@ -24,6 +24,9 @@ import study as S  # scripts/study.py: the page helpers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join("configs", "study_cnn.toml")
 MARK = "## 9. "  # the section this script owns
+# Points of accuracy (shared and private) that a run may still move between its last two
+# measured rounds and count as converged
+CONVERGED_POINTS = 1.0
 
 
 # ---- numbers of the runs -------------------------------------------------------------------
@@ -151,8 +154,11 @@ def section(plan: sweep.Plan, rows: list[dict], sessions: list[dict], command: s
                 "clients) by round: " + ", ".join(f"{x['mean']:.3f}" for x in ce) + ".")
             sh, pr = c["shared head 0"], c["private head 0"]
             if len(sh) > 1:
+                moved = max(abs(sh[-1]["mean"] - sh[-2]["mean"]), abs(pr[-1]["mean"] - pr[-2]["mean"]))
+                state = ("has converged" if moved < CONVERGED_POINTS else
+                         f"has not converged (it moves by {CONVERGED_POINTS:g} point or more)")
                 findings.append(
-                    f"Isolated training has converged: from round {rounds[-2]} to round "
+                    f"Isolated training {state}: from round {rounds[-2]} to round "
                     f"{rounds[-1]} its shared accuracy moves by "
                     f"{S.signed(sh[-1]['mean'] - sh[-2]['mean'])} points "
                     f"({S.pct(sh[-2])}% → {S.pct(sh[-1])}%) and its private accuracy by "
