@@ -313,7 +313,7 @@ def section(plans: list[tuple[str, sweep.Plan]], summaries: list[list[dict]], co
         "the test set: there the gap is what the heads have not learnt of it.", "",
         "The larger scale (64 CNN clients on Fashion-MNIST) is section 9 "
         "(`python scripts/study_cnn.py`): there one evaluation of all clients on the 10,000 "
-        "test images costs as much as 50 to 200 local steps, so its runs measure the "
+        "test images costs as much as 50 to 130 local steps, so its runs measure the "
         "accuracies every few rounds (`--eval-every`).", ""]
     return lines, findings
 

@@ -171,7 +171,7 @@ def section(plan: sweep.Plan, rows: list[dict], sessions: list[dict], command: s
     axes[1].legend(fontsize=7)
     axes[2].set(title="private cross-entropy of head 0 (training)", xlabel="round",
                 ylabel="mean over steps and clients")
-    axes[2].set_xticks(range(1, base.rounds + 1))
+    axes[2].set_xticks(range(1, base.rounds + 1, -(-base.rounds // 16)))  # at most 16 ticks
     axes[2].grid(alpha=0.3)
     fig.suptitle(f"{base.clients} clients, {' + '.join(base.model)} on {study.dataset('')}")
     page.add("Accuracy at each measured round (1-based), the convergence of every method:", "")
@@ -198,7 +198,8 @@ def section(plan: sweep.Plan, rows: list[dict], sessions: list[dict], command: s
             f"points over its own head 0 and {S.signed(S.mean(mhd, 'best_aux_shared_acc') - S.mean(iso, 'shared_acc.head0'))} "
             f"points over isolated training (shared accuracy); its head 0 keeps a private accuracy of "
             f"{S.pct(S.stat(mhd, 'private_acc.head0'))}% against isolated's "
-            f"{S.pct(S.stat(iso, 'private_acc.head0'))}%.")
+            f"{S.pct(S.stat(iso, 'private_acc.head0'))}%. Its best aux head by seed: " + ", ".join(
+                f"{100 * v:.1f}%" for v in S.stat(mhd, "best_aux_shared_acc")["values"]) + ".")
 
     runs = sum(len(r["seeds"]) for r in rows)
     train_s = sum(S.mean(r, "train_time_s") * len(r["seeds"]) for r in rows)
