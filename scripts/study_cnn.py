@@ -80,6 +80,31 @@ def curves(plan: sweep.Plan, row: dict) -> tuple[list[int], dict[str, list[dict]
     return [rec["round"] + 1 for rec in runs[0]], out
 
 
+def teacher_finding(plan: sweep.Plan, row: dict) -> str:
+    """How often head 1's teachers are right on the measured public rows, against a client's
+    own head 0 and the ensemble's vote, at the first and the last measured round."""
+    runs = [M.measured(recs) for recs in round_records(plan, row)]
+    cases = []  # (round, [(teacher, head 0, ensemble) per seed])
+    for i in ((0, -1) if len(runs[0]) > 1 else (0,)):
+        cases.append((runs[0][i]["round"] + 1,
+                      [(rec["teacher_acc"]["head1"], rec["public_acc"]["head0"], rec["ensemble_public_acc"])
+                       for rec in (recs[i] for recs in runs)]))
+    every = [x for _, parts in cases for x in parts]
+    below_ens = sum(t < e for t, _, e in every)
+    below_own = sum(t < h for t, h, _ in every)
+
+    def pcts(parts, k):
+        return " / ".join(f"{100 * p[k]:.0f}" for p in parts) + "%"
+
+    shown = "; ".join(f"round {r}: teacher {pcts(p, 0)}, head 0 {pcts(p, 1)}, ensemble {pcts(p, 2)}"
+                      for r, p in cases)
+    return ("Head 1's teacher for a public row is the most confident of the neighbours' head 0. "
+            f"On the measured public rows it is right less often than the ensemble's vote in "
+            f"{below_ens} of {len(every)} (seed, round) cases and less often than the client's "
+            f"own head 0 in {below_own} (by seed; {shown}): the aux heads learn from teachers "
+            "far worse than the ensemble they could reach.")
+
+
 # ---- the section ---------------------------------------------------------------------------
 
 def section(plan: sweep.Plan, rows: list[dict], sessions: list[dict], command: str,
@@ -200,6 +225,9 @@ def section(plan: sweep.Plan, rows: list[dict], sessions: list[dict], command: s
             f"{S.pct(S.stat(mhd, 'private_acc.head0'))}% against isolated's "
             f"{S.pct(S.stat(iso, 'private_acc.head0'))}%. Its best aux head by seed: " + ", ".join(
                 f"{100 * v:.1f}%" for v in S.stat(mhd, "best_aux_shared_acc")["values"]) + ".")
+
+    if "mhd" in by:
+        findings.append(teacher_finding(plan, by["mhd"]))
 
     runs = sum(len(r["seeds"]) for r in rows)
     train_s = sum(S.mean(r, "train_time_s") * len(r["seeds"]) for r in rows)

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from mhd_fast.data import FASHION_MNIST_DIR
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("## Findings", "## 1. Number of aux heads", "## 2. Data heterogeneity",
             "## 3. Topology", "## 4. Model heterogeneity", "## 5. Communication",
@@ -135,3 +137,22 @@ def test_gap_study_adds_section_8_and_the_study_keeps_it(quick):
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = page.read_text()
     assert "## 7. Teacher aggregation" in again and again.count("## 8. The gap") == 1
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
+                    reason="needs Fashion-MNIST (Debian's dataset-fashion-mnist)")
+def test_the_cnn_study_writes_section_9_with_findings_from_its_runs(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "study_cnn.py"), "--quick",
+                           "--no-progress", "--out", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "runs" / "RESULTS.md").read_text()
+    assert "## 9. Baselines at a larger scale: 8 clients, cnn:8x16-32 on Fashion-MNIST" in text
+    final = tables(text)[0]
+    assert [row[0] for row in final[1:]] == ["mhd", "mean_distill", "fedavg", "isolated", "centralized"]
+    assert all(CELL.match(c) for row in final[1:] for c in row[1:3])
+    # one seed, one measured round (the quick runs measure after their last round only)
+    m = re.search(r"less often than the ensemble's vote in (\d) of (\d) \(seed, round\) cases", text)
+    assert m and int(m[1]) <= int(m[2]) == 1
+    assert re.search(r"Isolated training has (not )?converged|MHD's best aux head", text)
+
