@@ -26,7 +26,6 @@ dimension, so the exchange sees one [N, ...] tensor whatever the mix.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import importlib
@@ -44,7 +43,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.checkpoint import checkpoint
 
 from . import nets
-from .conv import ChannelsLastConv2d
+from .conv import batched_net, conv_trunk
 from .config import factory_spec
 
 KINDS = ("mlp", "cnn", "resnet", "module")
@@ -355,21 +354,6 @@ def looped(arch: Arch | ModuleArch, net: nn.Module | None, loop: bool) -> bool:
                                             for m in net.modules())
 
 
-def _batched_net(net: nn.Module, loop: bool, builtin: bool) -> nn.Module:
-    """The module functional_call runs for all clients: on the meta device (the stacked
-    weights replace its own). A built-in net run one client at a time (``loop``) has its
-    Conv2d layers give channels-last outputs (``ChannelsLastConv2d``), unless it has a
-    GroupNorm: per client of resnet:8 on 28x28 (fwd + bwd, 96 rows, CPU) channels-last took
-    0.66x the time with BatchNorm, but GroupNorm's CPU kernels are ~5x slower in it. A
-    user's module runs in its own layout (its ``view`` calls may need contiguous tensors)."""
-    net = copy.deepcopy(net).to("meta")
-    if loop and builtin and not any(isinstance(m, nn.GroupNorm) for m in net.modules()):
-        for m in net.modules():
-            if type(m) is nn.Conv2d:
-                m.__class__ = ChannelsLastConv2d
-    return net
-
-
 def init_module(arch: ModuleArch, n: int, in_shape: tuple[int, ...], num_classes: int,
                 num_heads: int, generator: torch.Generator, rows: range | None = None,
                 device: torch.device = torch.device("cpu"), loop_conv: bool = False):
@@ -378,7 +362,7 @@ def init_module(arch: ModuleArch, n: int, in_shape: tuple[int, ...], num_classes
     ``generator`` (all n seeds are drawn, then the heads as ``init_params`` draws them), so
     its weights do not depend on which rows are kept. Returns (net, params, buffers): params
     'trunk.NAME' [R, ...] and 'heads.weight' [R, E, H1·V], 'heads.bias' [R, H1·V]; buffers
-    NAME [R, ...]; net = _batched_net (None when no row is kept), made for running one client
+    NAME [R, ...]; net = conv.batched_net (None when no row is kept), made for running one client
     at a time when ``loop_conv``."""
     rows = range(n) if rows is None else rows
     info = trunk_info(arch, in_shape)
@@ -396,7 +380,7 @@ def init_module(arch: ModuleArch, n: int, in_shape: tuple[int, ...], num_classes
     params = {f"trunk.{k}": p.detach().to(device) for k, p in params.items()}
     params.update({k: p.to(device) for k, p in heads.items()})
     buffers = {k: b.to(device) for k, b in buffers.items()}
-    return _batched_net(trunks[0], loop_conv, arch.builtin), params, buffers
+    return batched_net(trunks[0], loop_conv, arch.builtin), params, buffers
 
 
 def _module_trunk(g: Group, x: Tensor, shared: bool, train: bool, seed: int) -> Tensor:
@@ -432,39 +416,6 @@ def _looped_trunk(net: nn.Module, params: dict[str, Tensor], buffers: dict[str, 
 
 # ---- the batched forward -------------------------------------------------------------------
 
-def _conv_trunk(arch: Arch, params: dict[str, Tensor], x: Tensor, shared: bool,
-                loop: bool) -> Tensor:
-    """x [N, B, C, H, W] (shared: [B, C, H, W]) -> features [N, B, F].
-
-    loop: each client's conv blocks run as its own chain of small tensors, which stay in
-    cache, in channels-last (measured 1.7-1.9x faster than NCHW for cnn:16x32 on 28x28). Else one grouped convolution per layer: the activations stay [B, N·C, H, W], its
-    layout (client i's channels at i·C ..), so no layer copies them to another and back."""
-    n = params["conv0.weight"].shape[0]
-    layers = [(params[f"conv{l}.weight"], params[f"conv{l}.bias"]) for l in range(len(arch.channels))]
-    # relu(max) = max(relu), gradients too: the relu runs on the pooled, 4x smaller tensor
-    if loop:
-        feats = []
-        for i in range(n):
-            h = x if shared else x[i]
-            for l, (w, b) in enumerate(layers):
-                h = F.conv2d(h, w[i], b[i], padding=1)
-                if l == 0:  # channels-last from here on: the CPU's max-pool is 4-8x faster in it
-                    h = h.contiguous(memory_format=torch.channels_last)
-                h = F.relu(F.max_pool2d(h, 2))
-            feats.append(h.flatten(1))
-        return torch.stack(feats)
-    (w0, b0), h = layers[0], x
-    if shared:  # the same rows for all: one convolution with every client's filters
-        h = F.conv2d(x, w0.flatten(0, 1), b0.flatten(), padding=1)
-    else:
-        h = F.conv2d(x.transpose(0, 1).flatten(1, 2), w0.flatten(0, 1), b0.flatten(), padding=1,
-                     groups=n)
-    h = F.relu(F.max_pool2d(h, 2))
-    for w, b in layers[1:]:
-        h = F.relu(F.max_pool2d(F.conv2d(h, w.flatten(0, 1), b.flatten(), padding=1, groups=n), 2))
-    return h.unflatten(1, (n, -1)).flatten(2).transpose(0, 1)  # [N, B, C·H·W]
-
-
 def _heads(params: dict[str, Tensor], emb: Tensor, num_heads: int) -> Tensor:
     out = torch.baddbmm(params["heads.bias"].unsqueeze(1), emb, params["heads.weight"])  # [N, B, H1·V]
     return out.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # [N, H1, B, V], a view
@@ -482,7 +433,7 @@ def forward(arch: Arch, params: dict[str, Tensor], x: Tensor, *, shared: bool,
     """
     n = params["heads.weight"].shape[0]
     if arch.kind == "cnn":
-        h = _conv_trunk(arch, params, x, shared, loop_conv)
+        h = conv_trunk(len(arch.channels), params, x, shared, loop_conv)
     elif shared:
         h = x.flatten(1).unsqueeze(0).expand(n, -1, -1)  # [N, B, D], a view
     else:
