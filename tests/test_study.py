@@ -149,10 +149,14 @@ def test_the_cnn_study_writes_section_9_with_findings_from_its_runs(tmp_path):
     text = (tmp_path / "runs" / "RESULTS.md").read_text()
     assert "## 9. Baselines at a larger scale: 8 clients, cnn:8x16-32 on Fashion-MNIST" in text
     final = tables(text)[0]
-    assert [row[0] for row in final[1:]] == ["mhd", "mean_distill", "fedavg", "isolated", "centralized"]
+    assert [row[0] for row in final[1:]] == ["mhd", "mean_distill", "fedavg", "isolated", "centralized",
+                                             "mhd, aggregate mean"]
     assert all(CELL.match(c) for row in final[1:] for c in row[1:3])
     # one seed, one measured round (the quick runs measure after their last round only)
-    m = re.search(r"less often than the ensemble's vote in (\d) of (\d) \(seed, round\) cases", text)
-    assert m and int(m[1]) <= int(m[2]) == 1
+    counts = re.findall(r"- (mhd[^:]*): head 1's teacher .* less often than the ensemble's vote in "
+                        r"(\d) of (\d) \(seed, round\) cases", text)
+    assert [c[0] for c in counts] == ["mhd", "mhd, aggregate mean"]
+    assert all(int(c[1]) <= int(c[2]) == 1 for c in counts)
+    assert "With the neighbours' mean as the teacher (`--aggregate mean`)" in text
     assert re.search(r"Isolated training has (not )?converged|MHD's best aux head", text)
 
