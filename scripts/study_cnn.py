@@ -164,7 +164,7 @@ def section(plan: sweep.Plan, rows: list[dict], sessions: list[dict], command: s
     page.table(["method", "private head 0", "shared head 0", "shared best aux", "ensemble shared",
                 "bytes sent", "train s", "seeds"], body)
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 3.8))
     conv_body, changes = [], []
     rounds = []
     for i, r in enumerate(rows):
@@ -206,7 +206,7 @@ def section(plan: sweep.Plan, rows: list[dict], sessions: list[dict], command: s
         ax.set(title=title, xlabel="round (accuracies measured)", ylabel="accuracy (%)")
         ax.set_xticks(rounds)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside: no curve hidden
     axes[2].set(title="private cross-entropy of head 0 (training)", xlabel="round",
                 ylabel="mean over steps and clients")
     axes[2].set_xticks(range(1, base.rounds + 1, -(-base.rounds // 16)))  # at most 16 ticks
