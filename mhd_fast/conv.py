@@ -11,17 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import CONV_MODES
-
 
 def loop_conv(mode: str, device: torch.device) -> bool:
     """Whether a group's convolutional clients run one client at a time (True) or as one
     grouped convolution per layer (False). mode: the ``conv`` option; auto loops on the CPU,
     where N calls measured 1.4-2.7x faster than the grouped kernel for every layer of
     ``bench/bench_conv.py`` (fwd + bwd, 64 clients x 96 rows, 1 and 2 threads,
-    bench/results/conv_cpu.csv), and runs the grouped kernel on GPUs (one launch, not N)."""
-    if mode not in CONV_MODES:
-        raise ValueError(f"conv must be one of {', '.join(CONV_MODES)}, got {mode!r}")
+    bench/results/conv_cpu.csv), and runs the grouped kernel on GPUs (one launch, not N).
+    mode is one of config.CONV_MODES (``config.validate`` checks it)."""
     return device.type == "cpu" if mode == "auto" else mode == "loop"
 
 
@@ -64,17 +61,20 @@ def conv_trunk(blocks: int, params: dict[str, Tensor], x: Tensor, shared: bool,
     layers = [(params[f"conv{l}.weight"], params[f"conv{l}.bias"]) for l in range(blocks)]
     # relu(max) = max(relu), gradients too: the relu runs on the pooled, 4x smaller tensor
     if loop:
+        # unbind: one backward node per weight, not a zero-filled full-size gradient per client
+        each = [(w.unbind(0), b.unbind(0)) for w, b in layers]
+        xs = [x] * n if shared else x.unbind(0)
         feats = []
         for i in range(n):
-            h = x if shared else x[i]
-            for l, (w, b) in enumerate(layers):
+            h = xs[i]
+            for l, (w, b) in enumerate(each):
                 h = F.conv2d(h, w[i], b[i], padding=1)
                 if l == 0:  # channels-last from here on: the CPU's max-pool is 4-8x faster in it
                     h = h.contiguous(memory_format=torch.channels_last)
                 h = F.relu(F.max_pool2d(h, 2))
             feats.append(h.flatten(1))
         return torch.stack(feats)
-    (w0, b0), h = layers[0], x
+    w0, b0 = layers[0]
     if shared:  # the same rows for all: one convolution with every client's filters
         h = F.conv2d(x, w0.flatten(0, 1), b0.flatten(), padding=1)
     else:
